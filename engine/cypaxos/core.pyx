@@ -1,0 +1,1256 @@
+# cython: language_level=3
+"""The pure Multi-Paxos replica.
+
+Theory of operation
+-------------------
+A `Replica` is one member of a cluster of 2f+1.  It never touches a clock, a socket,
+a file or a global random generator: inputs are `step(message)`, `propose(batch)`,
+`read(read_id)`, `tick()` and `persisted(persist_id)`; every output is gathered into
+a `Ready` that the caller takes with `ready()`.
+
+Every replica plays all three Paxos roles over one slot-indexed log:
+
+* acceptor: keeps `promised` and, per slot, the accepted (ballot, value).  It promises
+  (PREPARE -> PROMISE) and accepts (ACCEPT -> ACCEPTED) only through records handed to
+  the caller, and its answers go in `messages_after_persist`, so they leave only once
+  what they vouch for is durable.
+* proposer: a follower that hears nothing from a leader for a randomized election
+  timeout picks a ballot `(round, replica_id)` higher than any it has seen, persists
+  it, and runs phase 1 once for the whole suffix of the log after its commit index.
+  With promises from a quorum it adopts, for every slot past the highest commit index
+  reported, the value accepted with the highest ballot, fills holes with no-ops, and
+  from then on runs only phase 2: client batches are cut into slots (by bytes, by a
+  window of slots in flight, optionally by ticks) and pipelined.
+* learner: the leader counts ACCEPTED votes per slot (its own vote counts only once
+  its own record is durable); followers learn the commit index piggybacked on
+  ACCEPT and HEARTBEAT and mark chosen the slots they accepted in the leader's ballot.
+  A replica missing chosen values pulls them (CATCHUP_REQ -> CHOSEN) from a peer.
+
+Chosen slots are applied strictly in order to the state machine, through the session
+table that makes client commands exactly-once.  Linearizable reads use a read index:
+the leader confirms with a quorum of heartbeat acknowledgements sent after the read
+arrived that it still leads, then serves once applied up to the commit index it saw
+(or at once under an enabled lease).
+
+Ballots are int64 `round << 16 | replica_id`; `CHOSEN_BALLOT` marks a slot known to
+be chosen.  See docs/internals.md for the message and record formats.
+"""
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+from collections import OrderedDict
+
+from cypaxos.statemachine cimport (
+    RESULT_RETRY, RESULT_SESSION_EXPIRED, ResultWriter, StateMachine,
+)
+
+# Message types.
+cdef enum:
+    PREPARE = 1
+    PROMISE = 2
+    NACK = 3
+    ACCEPT = 4
+    ACCEPTED = 5
+    HEARTBEAT = 6
+    HEARTBEAT_ACK = 7
+    CATCHUP_REQ = 8
+    CHOSEN = 9
+
+# Record types.
+cdef enum:
+    REC_PROMISE = 1
+    REC_ACCEPT = 2
+    REC_COMMIT = 3
+
+# Actions that wait for the caller's persisted().
+cdef enum:
+    SELF_VOTE = 1
+    SELF_PROMISE = 2
+
+# Test-only faults that deliberately break the protocol, to prove the simulator
+# notices (tests/test_simulator_faults.py).  Never set in production.
+FAULT_REPLY_BEFORE_PERSIST = 1
+FAULT_SKIP_ADOPTION = 2
+FAULT_COMMIT_WITHOUT_QUORUM = 4
+
+cdef int64_t CHOSEN_BALLOT_C = 0x7fffffffffffffff
+CHOSEN_BALLOT = CHOSEN_BALLOT_C
+cdef int BALLOT_ID_BITS = 16
+cdef int CLIENT_BATCH_HEADER = 32
+
+PROPOSED = 0
+NOT_LEADER = 1
+BUSY = 2
+
+MESSAGE_NAMES = {
+    PREPARE: "PREPARE", PROMISE: "PROMISE", NACK: "NACK", ACCEPT: "ACCEPT",
+    ACCEPTED: "ACCEPTED", HEARTBEAT: "HEARTBEAT", HEARTBEAT_ACK: "HEARTBEAT_ACK",
+    CATCHUP_REQ: "CATCHUP_REQ", CHOSEN: "CHOSEN",
+}
+ROLE_NAMES = ("follower", "candidate", "leader")
+
+
+class MessageError(ValueError):
+    """A peer message that is malformed or inconsistent; the sender should be dropped."""
+
+
+class BatchError(ValueError):
+    """A client batch that does not follow the documented layout."""
+
+
+def make_ballot(round_, replica_id):
+    """The ballot `(round, replica_id)` as the int64 the core compares."""
+    return (round_ << BALLOT_ID_BITS) | replica_id
+
+
+def ballot_round(ballot):
+    """The round of a ballot."""
+    return ballot >> BALLOT_ID_BITS
+
+
+def ballot_owner(ballot):
+    """The replica that owns a ballot."""
+    return ballot & 0xffff
+
+
+cdef inline int owner_of(int64_t ballot) noexcept:
+    return <int>(ballot & 0xffff)
+
+
+cdef inline uint64_t load_u64(const char* p) noexcept nogil:
+    cdef uint64_t v
+    memcpy(&v, p, 8)
+    return v
+
+
+cdef inline uint32_t load_u32(const char* p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+
+cdef inline int popcount(uint64_t x) noexcept:
+    cdef int n = 0
+    while x:
+        x &= x - 1
+        n += 1
+    return n
+
+
+def validate_client_batch(bytes batch):
+    """Check a client batch's layout; return (session_id, first_seq, count) or raise BatchError."""
+    cdef const char* p = PyBytes_AS_STRING(batch)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(batch)
+    cdef Py_ssize_t pos
+    cdef uint32_t count, i, plen
+    cdef uint64_t first
+    if n < CLIENT_BATCH_HEADER:
+        raise BatchError("client batch shorter than its header")
+    first = load_u64(p + 8)
+    count = load_u32(p + 24)
+    plen = load_u32(p + 28)
+    if count == 0 or first == 0:
+        raise BatchError("client batch with no commands or sequence number 0")
+    if first + count > (<uint64_t>1 << 62):
+        raise BatchError("client batch sequence numbers out of range")
+    if <Py_ssize_t>plen != n - CLIENT_BATCH_HEADER:
+        raise BatchError("client batch payload length does not match")
+    pos = CLIENT_BATCH_HEADER
+    for i in range(count):
+        if pos + 4 > n:
+            raise BatchError("client batch truncated")
+        pos += 4 + load_u32(p + pos)
+        if pos > n:
+            raise BatchError("client batch command overruns the batch")
+    if pos != n:
+        raise BatchError("client batch has trailing bytes")
+    return load_u64(p), first, count
+
+
+@cython.final
+cdef class Config:
+    """Tunables of one replica, in ticks, slots and bytes.
+
+    heartbeat_ticks: how often a leader sends heartbeats (and retransmits).
+    election_ticks: the minimum election timeout; each timeout is drawn uniformly
+        from [election_ticks, 2 * election_ticks).
+    window_slots: how many proposed slots may be unchosen at once (pipelining).
+    batch_bytes_max: a slot is cut once its client batches reach this many bytes.
+    batch_delay_ticks: with a free window, wait up to this many ticks for a fuller slot.
+    message_bytes_max: ACCEPT / CHOSEN messages are split to stay under this.
+    resend_ticks: an unchosen slot is sent again to silent acceptors after this.
+    pending_bytes_max: propose() answers BUSY past this many queued bytes.
+    max_sessions: the session table keeps this many clients (least recently used go).
+    accept_ahead_max: slots further than this past the commit index are ignored
+        (a far-behind replica catches up first instead of allocating a huge log).
+    lease_ticks: 0 disables leases; otherwise a leader serves reads without a quorum
+        round for this long after a quorum acknowledged a heartbeat, and followers
+        refuse to promise another proposer for election_ticks after hearing the
+        leader.  Requires lease_ticks + clock_drift_ticks <= election_ticks.
+    clock_drift_ticks: the bound on how far replicas' tick rates may disagree over
+        one lease.
+    check_quorum: a leader that hears from no quorum for an election timeout steps down.
+    check_invariants: assert the documented invariants after every input (slow).
+    """
+
+    def __init__(self, *, heartbeat_ticks=2, election_ticks=10, window_slots=64,
+                 batch_bytes_max=1 << 20, batch_delay_ticks=0,
+                 message_bytes_max=4 << 20, resend_ticks=4,
+                 pending_bytes_max=64 << 20, max_sessions=100000,
+                 accept_ahead_max=1 << 16, lease_ticks=0, clock_drift_ticks=0,
+                 check_quorum=True, check_invariants=False, fault=0):
+        self.heartbeat_ticks = heartbeat_ticks
+        self.election_ticks = election_ticks
+        self.window_slots = window_slots
+        self.batch_bytes_max = batch_bytes_max
+        self.batch_delay_ticks = batch_delay_ticks
+        self.message_bytes_max = message_bytes_max
+        self.resend_ticks = resend_ticks
+        self.pending_bytes_max = pending_bytes_max
+        self.max_sessions = max_sessions
+        self.accept_ahead_max = accept_ahead_max
+        self.lease_ticks = lease_ticks
+        self.clock_drift_ticks = clock_drift_ticks
+        self.check_quorum = check_quorum
+        self.check_invariants = check_invariants
+        self.fault = fault
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError if the settings cannot work together."""
+        if self.heartbeat_ticks < 1 or self.election_ticks <= self.heartbeat_ticks:
+            raise ValueError("need 1 <= heartbeat_ticks < election_ticks")
+        if self.window_slots < 1 or self.batch_bytes_max < 1 or self.message_bytes_max < 1:
+            raise ValueError("window_slots, batch_bytes_max and message_bytes_max must be positive")
+        if self.resend_ticks < 1 or self.max_sessions < 1:
+            raise ValueError("resend_ticks and max_sessions must be positive")
+        if self.accept_ahead_max <= self.window_slots:
+            raise ValueError("accept_ahead_max must exceed window_slots")
+        if self.lease_ticks < 0 or self.clock_drift_ticks < 0:
+            raise ValueError("lease_ticks and clock_drift_ticks must be >= 0")
+        if self.lease_ticks and self.lease_ticks + self.clock_drift_ticks > self.election_ticks:
+            raise ValueError("a lease needs lease_ticks + clock_drift_ticks <= election_ticks")
+
+    def as_dict(self):
+        """The settings as a plain dict."""
+        return {name: getattr(self, name) for name in (
+            "heartbeat_ticks", "election_ticks", "window_slots", "batch_bytes_max",
+            "batch_delay_ticks", "message_bytes_max", "resend_ticks", "pending_bytes_max",
+            "max_sessions", "accept_ahead_max", "lease_ticks", "clock_drift_ticks",
+            "check_quorum", "check_invariants", "fault")}
+
+
+@cython.final
+cdef class Ready:
+    """What one batch of inputs asks the caller to do; see docs/internals.md.
+
+    Order: append `records` to the WAL; send `messages` at once; once every record
+    handed out so far is durable, send `messages_after_persist` and call
+    `persisted(persist_id)`.  `results` answer client batches, `reads` name reads
+    that may now be served from the state machine, `reads_failed` name reads that
+    must be retried elsewhere; `lost_leadership` says pending client batches should
+    be retried at the new leader.
+    """
+
+    def __repr__(self):
+        return (f"Ready(records={len(self.records)}, messages={len(self.messages)}, "
+                f"after={len(self.messages_after_persist)}, results={len(self.results)}, "
+                f"reads={len(self.reads)}, persist_id={self.persist_id})")
+
+
+@cython.final
+cdef class Session:
+    """One client's exactly-once state: the next sequence number and unacknowledged results."""
+
+    def __init__(self, int64_t next_seq):
+        self.next_seq = next_seq
+        self.cache = []
+
+
+@cython.final
+cdef class Replica:
+    """One Multi-Paxos replica; pure and deterministic (see the module docstring)."""
+
+    def __init__(self, int replica_id, replica_ids, StateMachine state_machine,
+                 Config config=None, uint64_t seed=0):
+        members = tuple(sorted(set(int(i) for i in replica_ids)))
+        if replica_id not in members:
+            raise ValueError(f"replica {replica_id} is not among {members}")
+        if len(members) > 63 or min(members) < 1 or max(members) > 0xffff:
+            raise ValueError("replica ids must be 1..65535, at most 63 of them")
+        self.replica_id = replica_id
+        self.members = members
+        self.peers = [i for i in members if i != replica_id]
+        self.member_bit = {m: 1 << k for k, m in enumerate(members)}
+        self.quorum = len(members) // 2 + 1
+        self.config = config if config is not None else Config()
+        self.config.validate()
+        self.state_machine = state_machine
+        # xorshift64* state; never zero.
+        self.rng_state = (seed * 0x9e3779b97f4a7c15ULL) ^ (<uint64_t>replica_id * 0xbf58476d1ce4e5b9ULL) or 1
+        self.now = 0
+        self.promised = 0
+        self.round_seen = 0
+        self.log_base = 1
+        self.values = []
+        self.ballots = []
+        self.commit_index = 0
+        self.applied_index = 0
+        self.role_ = FOLLOWER
+        self.leader_id = 0
+        self.promises = {}
+        self.votes = {}
+        self.sent_tick = {}
+        self.pending = []
+        self.pending_bytes_ = 0
+        self.heard = set()
+        self.peer_ctx = {}
+        self.ctx_tick = {}
+        self.reads_unsent = []
+        self.reads_inflight = []
+        self.reads_confirmed = []
+        self.sessions = OrderedDict()
+        self.writer = ResultWriter()
+        self.out_records = []
+        self.out_messages = []
+        self.out_after = []
+        self.out_results = []
+        self.out_reads = []
+        self.out_reads_failed = []
+        self.pending_self = []
+        self.awaiting = []
+        self.stats = {"elections": 0, "became_leader": 0, "slots_proposed": 0,
+                      "slots_applied": 0, "catchup_requests": 0, "retransmits": 0,
+                      "reads_served": 0, "duplicates": 0}
+        # A (re)started replica acts as if it just heard from a leader, so that a
+        # lease granted before a crash is still respected.
+        self.leader_heard_tick = 0
+        self.reset_election_timer()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def role(self):
+        """"leader", "follower" or "candidate"."""
+        return ROLE_NAMES[self.role_]
+
+    @property
+    def ballot(self):
+        """The highest ballot this replica has promised (its own when it leads)."""
+        return self.promised
+
+    @property
+    def members(self):
+        """Every replica id of the cluster."""
+        return self.members
+
+    @property
+    def pending_bytes(self):
+        """Bytes of client batches queued at this leader and not yet in a slot."""
+        return self.pending_bytes_
+
+    @property
+    def log_start(self):
+        """The first slot still held in memory."""
+        return self.log_base
+
+    @property
+    def last_slot(self):
+        """The highest slot this replica holds anything for."""
+        return self.log_base + len(self.values) - 1
+
+    def statistics(self):
+        """Counters and positions, for status pages and tests."""
+        d = dict(self.stats)
+        d.update(replica_id=self.replica_id, role=self.role, ballot=self.promised,
+                 leader_id=self.leader_id, commit_index=self.commit_index,
+                 applied_index=self.applied_index, log_start=self.log_base,
+                 last_slot=self.log_base + len(self.values) - 1,
+                 pending_bytes=self.pending_bytes_, sessions=len(self.sessions),
+                 tick=self.now, known_commit=self.known_commit, catchup_peer=self.catchup_peer)
+        return d
+
+    def entry(self, int64_t slot):
+        """(ballot, value) held for a slot, or None (tests and tools)."""
+        if slot < self.log_base or slot >= self.log_base + len(self.values):
+            return None
+        i = slot - self.log_base
+        if self.values[i] is None:
+            return None
+        return self.ballots[i], self.values[i]
+
+    def chosen_value(self, int64_t slot):
+        """The chosen value of a committed slot still in memory, else None."""
+        if slot > self.commit_index or slot < self.log_base:
+            return None
+        return self.values[slot - self.log_base]
+
+    def recover(self, records):
+        """Rebuild acceptor state from the WAL's records, in order, before any other input.
+
+        The promised ballot is the highest ballot in any record; a slot's value is the
+        last one recorded (a chosen one always wins); COMMIT records say which prefix
+        is chosen, and that prefix is applied to the (fresh) state machine.
+        """
+        cdef int64_t ballot, first, commit = 0, i
+        cdef int kind
+        for rec in records:
+            kind = rec[0]
+            if kind == REC_PROMISE:
+                ballot = rec[1]
+                if ballot > self.promised:
+                    self.promised = ballot
+            elif kind == REC_ACCEPT:
+                first = rec[1]
+                ballot = rec[2]
+                if ballot != CHOSEN_BALLOT_C and ballot > self.promised:
+                    self.promised = ballot
+                for i, value in enumerate(rec[3]):
+                    if first + i < self.log_base:
+                        continue
+                    if self.ballot_at(first + i) != CHOSEN_BALLOT_C:
+                        self.set_entry(first + i, value, ballot)
+            elif kind == REC_COMMIT:
+                if rec[1] > commit:
+                    commit = rec[1]
+            else:
+                raise ValueError(f"unknown WAL record type {kind}")
+        self.round_seen = self.promised >> BALLOT_ID_BITS
+        self.promise_recorded = self.promised
+        # Records are durable in order, so a durable COMMIT record implies that every
+        # slot up to it holds its chosen value.
+        commit = min(commit, self.log_base + len(self.values) - 1)
+        for i in range(self.commit_index + 1, commit + 1):
+            if self.values[i - self.log_base] is None:
+                raise ValueError(f"WAL says slot {i} is chosen but holds no value for it")
+            self.ballots[i - self.log_base] = CHOSEN_BALLOT_C
+        if commit > self.commit_index:
+            self.commit_index = commit
+        self.commit_recorded = self.commit_index
+        self.apply_committed()
+        self.out_results = []
+        if self.config.check_invariants:
+            self.check_invariants()
+
+    def entry_ballot(self, int64_t slot):
+        """The ballot recorded for a slot (0 if none)."""
+        return self.ballot_at(slot)
+
+    def tick(self):
+        """Advance logical time by one tick."""
+        self.now += 1
+        if self.role_ == LEADER:
+            self.heartbeat_elapsed += 1
+            if self.heartbeat_elapsed >= self.config.heartbeat_ticks:
+                self.broadcast_heartbeat()
+                self.retransmit()
+            if self.config.check_quorum:
+                self.quorum_check_elapsed += 1
+                if self.quorum_check_elapsed >= 2 * self.config.election_ticks:
+                    self.quorum_check_elapsed = 0
+                    if len(self.heard) + 1 < self.quorum:
+                        self.become_follower()
+                    self.heard = set()
+        else:
+            self.election_elapsed += 1
+            if self.election_elapsed >= self.election_timeout:
+                self.campaign()
+            elif self.role_ == CANDIDATE:
+                self.heartbeat_elapsed += 1
+                if self.heartbeat_elapsed >= self.config.heartbeat_ticks:
+                    self.heartbeat_elapsed = 0
+                    for p in self.peers:
+                        if p not in self.promises:
+                            self.send_after(p, (PREPARE, self.replica_id, self.promised,
+                                                self.commit_index + 1))
+        if self.catchup_inflight and self.now - self.catchup_sent_tick >= 2 * self.config.resend_ticks:
+            # No answer: that peer may be down or may have lost its commit index in a
+            # restart, so ask the next one.
+            self.catchup_inflight = False
+            k = self.peers.index(self.catchup_peer) if self.catchup_peer in self.peers else -1
+            self.catchup_peer = self.peers[(k + 1) % len(self.peers)]
+            self.want_catchup(self.catchup_peer, self.known_commit)
+        if self.config.check_invariants:
+            self.check_invariants()
+
+    def step(self, msg):
+        """Handle one message from a peer.  Raises MessageError if it is malformed."""
+        cdef int kind, src
+        cdef int64_t ballot
+        try:
+            kind = msg[0]
+            src = msg[1]
+            ballot = msg[2]
+        except (TypeError, IndexError, OverflowError) as exc:
+            raise MessageError(f"malformed message header: {exc}") from None
+        if src == self.replica_id or src not in self.member_bit:
+            raise MessageError(f"message from unknown replica {src}")
+        if ballot < 0:
+            raise MessageError("negative ballot")
+        if ballot != CHOSEN_BALLOT_C and (ballot >> BALLOT_ID_BITS) > self.round_seen:
+            self.round_seen = ballot >> BALLOT_ID_BITS
+        try:
+            if kind == ACCEPT:
+                self.on_accept(src, ballot, msg[3], msg[4], msg[5])
+            elif kind == ACCEPTED:
+                self.on_accepted(src, ballot, msg[3], msg[4], msg[5])
+            elif kind == HEARTBEAT:
+                self.on_heartbeat(src, ballot, msg[3], msg[4])
+            elif kind == HEARTBEAT_ACK:
+                self.on_heartbeat_ack(src, ballot, msg[3], msg[4])
+            elif kind == PREPARE:
+                self.on_prepare(src, ballot, msg[3])
+            elif kind == PROMISE:
+                self.on_promise(src, ballot, msg[3], msg[4])
+            elif kind == NACK:
+                self.on_nack(src, ballot)
+            elif kind == CATCHUP_REQ:
+                self.on_catchup_req(src, msg[3])
+            elif kind == CHOSEN:
+                self.on_chosen(src, msg[3], msg[4])
+            else:
+                raise MessageError(f"unknown message type {kind}")
+        except (TypeError, IndexError, OverflowError) as exc:
+            raise MessageError(f"malformed {MESSAGE_NAMES.get(kind, kind)} message: {exc}") from None
+        if self.config.check_invariants:
+            self.check_invariants()
+
+    def propose(self, bytes batch):
+        """Queue a client batch (docs/internals.md); PROPOSED, NOT_LEADER or BUSY.
+
+        Raises BatchError if the batch is malformed.
+        """
+        validate_client_batch(batch)
+        if self.role_ != LEADER:
+            return NOT_LEADER
+        if self.pending_bytes_ >= self.config.pending_bytes_max:
+            return BUSY
+        if not self.pending:
+            self.pending_since = self.now
+        self.pending.append(batch)
+        self.pending_bytes_ += PyBytes_GET_SIZE(batch)
+        return PROPOSED
+
+    def read(self, read_id):
+        """Register a linearizable read; True if this leader will confirm it, else False."""
+        if self.role_ != LEADER:
+            return False
+        if (self.config.lease_ticks and self.now < self.lease_until
+                and self.commit_index >= self.leader_barrier):
+            self.reads_confirmed.append((self.commit_index, read_id))
+            return True
+        self.reads_unsent.append(read_id)
+        if self.confirmed_ctx == self.read_ctx:
+            self.broadcast_heartbeat()
+        return True
+
+    def persisted(self, int64_t persist_id):
+        """Every record handed out up to `persist_id` is durable."""
+        cdef int64_t b, first, count, s
+        cdef uint64_t bit
+        if persist_id <= self.persisted_seq:
+            return
+        self.persisted_seq = persist_id
+        done = 0
+        for entry in self.awaiting:
+            if entry[0] > persist_id:
+                break
+            done += 1
+            if entry[1] == SELF_VOTE:
+                b = entry[2]
+                if self.role_ != LEADER or self.promised != b:
+                    continue
+                first = entry[3]
+                count = entry[4]
+                bit = self.member_bit[self.replica_id]
+                for s in range(max(first, self.commit_index + 1), first + count):
+                    m = self.votes.get(s)
+                    if m is not None:
+                        self.votes[s] = m | bit
+            elif entry[1] == SELF_PROMISE:
+                if self.role_ == CANDIDATE and self.promised == entry[2]:
+                    self.self_promised = True
+                    self.maybe_win()
+        del self.awaiting[:done]
+        if self.role_ == LEADER:
+            self.advance_commit()
+        if self.config.check_invariants:
+            self.check_invariants()
+
+    def ready(self):
+        """Take what the inputs so far ask of the caller, or None when there is nothing."""
+        cdef Ready r
+        self.cut_batches()
+        self.release_reads()
+        if self.out_records and self.commit_index > self.commit_recorded:
+            self.out_records.append((REC_COMMIT, self.commit_index))
+            self.commit_recorded = self.commit_index
+        if not (self.out_records or self.out_messages or self.out_after or self.out_results
+                or self.out_reads or self.out_reads_failed or self.out_lost_leadership):
+            return None
+        if self.out_records:
+            self.persist_seq += 1
+            for action in self.pending_self:
+                self.awaiting.append((self.persist_seq,) + action)
+            self.pending_self = []
+        r = Ready.__new__(Ready)
+        r.records = self.out_records
+        r.messages = self.out_messages
+        r.messages_after_persist = self.out_after
+        r.results = self.out_results
+        r.reads = self.out_reads
+        r.reads_failed = self.out_reads_failed
+        r.persist_id = self.persist_seq
+        r.lost_leadership = self.out_lost_leadership
+        self.out_records = []
+        self.out_messages = []
+        self.out_after = []
+        self.out_results = []
+        self.out_reads = []
+        self.out_reads_failed = []
+        self.out_lost_leadership = False
+        if self.config.check_invariants:
+            self.check_invariants()
+        return r
+
+    def compact(self, int64_t slot):
+        """Forget in-memory log entries up to `slot` (never past the applied index)."""
+        cdef int64_t upto = min(slot, self.applied_index)
+        cdef Py_ssize_t drop = upto - self.log_base + 1
+        if drop <= 0:
+            return
+        del self.values[:drop]
+        del self.ballots[:drop]
+        self.log_base = upto + 1
+
+    # ------------------------------------------------------------ internals
+
+    cdef uint64_t next_random(self):
+        cdef uint64_t x = self.rng_state
+        x ^= x >> 12
+        x ^= x << 25
+        x ^= x >> 27
+        self.rng_state = x
+        return x * 0x2545F4914F6CDD1DULL
+
+    cdef void reset_election_timer(self):
+        self.election_elapsed = 0
+        self.election_timeout = self.config.election_ticks + <int64_t>(
+            self.next_random() % <uint64_t>self.config.election_ticks)
+
+    cdef inline int64_t last_slot(self):
+        return self.log_base + len(self.values) - 1
+
+    cdef int64_t ballot_at(self, int64_t slot):
+        if slot < self.log_base or slot >= self.log_base + len(self.values):
+            return 0
+        return self.ballots[slot - self.log_base]
+
+    cdef int set_entry(self, int64_t slot, object value, int64_t ballot) except -1:
+        cdef Py_ssize_t i = slot - self.log_base
+        cdef Py_ssize_t n = len(self.values)
+        if i < 0:
+            return 0
+        if i == n:
+            self.values.append(value)
+            self.ballots.append(ballot)
+        elif i < n:
+            self.values[i] = value
+            self.ballots[i] = ballot
+        else:
+            self.values.extend([None] * (i - n))
+            self.ballots.extend([0] * (i - n))
+            self.values.append(value)
+            self.ballots.append(ballot)
+        return 0
+
+    cdef list entries_from(self, int64_t slot):
+        """Flat [slot, ballot, value, ...] for every held slot >= slot."""
+        cdef list out = []
+        cdef Py_ssize_t i
+        if slot < self.log_base:
+            slot = self.log_base
+        for i in range(slot - self.log_base, len(self.values)):
+            v = self.values[i]
+            if v is not None:
+                out.append(self.log_base + i)
+                out.append(self.ballots[i])
+                out.append(v)
+        return out
+
+    cdef int send(self, int to, tuple msg) except -1:
+        self.out_messages.append((to, msg))
+        return 0
+
+    cdef int send_after(self, int to, tuple msg) except -1:
+        if self.config.fault & FAULT_REPLY_BEFORE_PERSIST:
+            self.out_messages.append((to, msg))
+        else:
+            self.out_after.append((to, msg))
+        return 0
+
+    cdef int send_values(self, int to, int kind, int64_t first, list values) except -1:
+        """Send ACCEPT or CHOSEN for consecutive slots, split under message_bytes_max."""
+        cdef Py_ssize_t start = 0, i, size = 0, n = len(values)
+        for i in range(n):
+            size += PyBytes_GET_SIZE(values[i]) + 16
+            if size >= self.config.message_bytes_max or i == n - 1:
+                chunk = values[start:i + 1] if (start or i != n - 1) else values
+                if kind == ACCEPT:
+                    self.send(to, (ACCEPT, self.replica_id, self.promised, first + start,
+                                   chunk, self.commit_index))
+                else:
+                    self.send(to, (CHOSEN, self.replica_id, self.promised, first + start, chunk))
+                start = i + 1
+                size = 0
+        return 0
+
+    # Role transitions: the only places `role_` changes.
+
+    cdef int become_follower(self) except -1:
+        if self.role_ == LEADER:
+            self.out_lost_leadership = True
+            self.votes = {}
+            self.sent_tick = {}
+            self.pending = []
+            self.pending_bytes_ = 0
+            self.fail_reads()
+            self.lease_until = 0
+            self.leader_id = 0
+        self.role_ = FOLLOWER
+        self.promises = {}
+        self.self_promised = False
+        self.reset_election_timer()
+        return 0
+
+    cdef int campaign(self) except -1:
+        cdef int64_t round_ = max(self.round_seen, self.promised >> BALLOT_ID_BITS) + 1
+        if self.role_ == LEADER:
+            self.become_follower()
+        self.promised = (round_ << BALLOT_ID_BITS) | self.replica_id
+        self.round_seen = round_
+        self.role_ = CANDIDATE
+        self.leader_id = 0
+        self.promises = {}
+        self.self_promised = False
+        self.heartbeat_elapsed = 0
+        self.stats["elections"] += 1
+        self.reset_election_timer()
+        # The ballot is durable before any PREPARE carries it, so a restart never
+        # reuses it with different values.
+        self.promise_recorded = self.promised
+        self.out_records.append((REC_PROMISE, self.promised))
+        self.pending_self.append((SELF_PROMISE, self.promised))
+        for p in self.peers:
+            self.out_after.append((p, (PREPARE, self.replica_id, self.promised,
+                                       self.commit_index + 1)))
+        return 0
+
+    cdef int maybe_win(self) except -1:
+        if self.role_ == CANDIDATE and self.self_promised and len(self.promises) + 1 >= self.quorum:
+            self.become_leader()
+        return 0
+
+    cdef int become_leader(self) except -1:
+        cdef int64_t start = self.commit_index, end, slot, b, top_commit = self.commit_index
+        cdef int top_peer = 0
+        cdef dict best = {}
+        cdef Py_ssize_t i
+        for src, (commit, entries) in self.promises.items():
+            if commit > top_commit:
+                top_commit = commit
+                top_peer = src
+        start = top_commit + 1
+        own = self.entries_from(start)
+        for entries in [own] + [e for _, e in self.promises.values()]:
+            for i in range(0, len(entries), 3):
+                slot = entries[i]
+                b = entries[i + 1]
+                if slot >= start and (slot not in best or b > best[slot][0]):
+                    best[slot] = (b, entries[i + 2])
+        end = max(best) if best else start - 1
+        if self.config.fault & FAULT_SKIP_ADOPTION:
+            best = {}
+        self.role_ = LEADER
+        self.leader_id = self.replica_id
+        self.promises = {}
+        self.votes = {}
+        self.sent_tick = {}
+        self.heard = set()
+        self.peer_ctx = {}
+        self.ctx_tick = {}
+        self.read_ctx = 0
+        self.confirmed_ctx = 0
+        self.lease_until = 0
+        self.heartbeat_elapsed = 0
+        self.quorum_check_elapsed = 0
+        self.stats["became_leader"] += 1
+        self.next_slot = start
+        if end < start:
+            end = start
+        self.leader_barrier = end
+        self.propose_slots([best[s][1] if s in best else b"" for s in range(start, end + 1)])
+        if top_commit > self.commit_index:
+            self.want_catchup(top_peer, top_commit)
+        return 0
+
+    cdef int propose_slots(self, list values) except -1:
+        cdef int64_t first = self.next_slot, s
+        cdef Py_ssize_t k
+        for k in range(len(values)):
+            s = first + k
+            self.set_entry(s, values[k], self.promised)
+            self.votes[s] = 0
+            self.sent_tick[s] = self.now
+        self.next_slot = first + len(values)
+        self.stats["slots_proposed"] += len(values)
+        self.out_records.append((REC_ACCEPT, first, self.promised, values))
+        self.pending_self.append((SELF_VOTE, self.promised, first, len(values)))
+        for p in self.peers:
+            self.send_values(p, ACCEPT, first, values)
+        if self.config.fault & FAULT_COMMIT_WITHOUT_QUORUM:
+            for k in range(len(values)):
+                self.votes[first + k] = (1 << 62) - 1
+            self.advance_commit()
+        return 0
+
+    cdef int cut_batches(self) except -1:
+        cdef int64_t room
+        cdef Py_ssize_t size, k, n, start
+        cdef list slots
+        if self.role_ != LEADER or not self.pending:
+            return 0
+        room = self.config.window_slots - (self.next_slot - 1 - self.commit_index)
+        if room <= 0:
+            return 0
+        if (self.config.batch_delay_ticks and self.pending_bytes_ < self.config.batch_bytes_max
+                and self.now - self.pending_since < self.config.batch_delay_ticks):
+            return 0
+        slots = []
+        k = 0
+        n = len(self.pending)
+        while k < n and room > 0:
+            start = k
+            size = 0
+            while k < n and (k == start or size + PyBytes_GET_SIZE(self.pending[k]) <= self.config.batch_bytes_max):
+                size += PyBytes_GET_SIZE(self.pending[k])
+                k += 1
+            slots.append(self.pending[start] if k - start == 1 else b"".join(self.pending[start:k]))
+            self.pending_bytes_ -= size
+            room -= 1
+        del self.pending[:k]
+        self.pending_since = self.now
+        self.propose_slots(slots)
+        return 0
+
+    cdef int note_leader(self, int src, int64_t ballot) except -1:
+        if owner_of(ballot) != src:
+            raise MessageError(f"replica {src} speaks for ballot {ballot:#x} it does not own")
+        self.leader_id = src
+        self.leader_heard_tick = self.now
+        self.election_elapsed = 0
+        return 0
+
+    cdef int learn_commit(self, int src, int64_t ballot, int64_t commit) except -1:
+        """A leader of `ballot` says slots up to `commit` are chosen."""
+        cdef int64_t s
+        cdef Py_ssize_t i, n = len(self.values)
+        if commit <= self.commit_index:
+            return 0
+        s = self.commit_index + 1
+        while s <= commit:
+            i = s - self.log_base
+            if i >= n or self.values[i] is None:
+                break
+            b = self.ballots[i]
+            if b != ballot and b != CHOSEN_BALLOT_C:
+                break
+            self.ballots[i] = CHOSEN_BALLOT_C
+            s += 1
+        self.commit_index = s - 1
+        self.apply_committed()
+        if self.commit_index < commit:
+            self.want_catchup(src, commit)
+        return 0
+
+    cdef int want_catchup(self, int src, int64_t commit) except -1:
+        if commit > self.known_commit:
+            self.known_commit = commit
+            self.catchup_peer = src
+        if self.commit_index >= self.known_commit or self.catchup_inflight:
+            return 0
+        self.catchup_inflight = True
+        self.catchup_sent_tick = self.now
+        self.stats["catchup_requests"] += 1
+        self.send(self.catchup_peer, (CATCHUP_REQ, self.replica_id, self.promised,
+                                      self.commit_index + 1))
+        return 0
+
+    cdef int advance_commit(self) except -1:
+        """Extend commit_index over slots known chosen or (as leader) voted by a quorum."""
+        cdef int64_t s
+        cdef Py_ssize_t i, n = len(self.values)
+        cdef bint is_leader = self.role_ == LEADER
+        s = self.commit_index + 1
+        while True:
+            i = s - self.log_base
+            if i >= n or self.values[i] is None:
+                break
+            if self.ballots[i] != CHOSEN_BALLOT_C:
+                if not is_leader:
+                    break
+                m = self.votes.get(s)
+                if m is None or popcount(m) < self.quorum:
+                    break
+                del self.votes[s]
+                del self.sent_tick[s]
+                self.ballots[i] = CHOSEN_BALLOT_C
+            s += 1
+        if s - 1 > self.commit_index:
+            self.commit_index = s - 1
+            self.apply_committed()
+        return 0
+
+    cdef int apply_committed(self) except -1:
+        cdef int64_t start = self.applied_index
+        while self.applied_index < self.commit_index:
+            value = self.values[self.applied_index + 1 - self.log_base]
+            if PyBytes_GET_SIZE(value):
+                self.apply_value(value)
+            self.applied_index += 1
+        self.stats["slots_applied"] += self.applied_index - start
+        return 0
+
+    cdef int apply_value(self, bytes value) except -1:
+        """Apply every client batch of a chosen slot through the session table."""
+        cdef const char* p = PyBytes_AS_STRING(value)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(value)
+        cdef Py_ssize_t pos = 0, q, end
+        cdef uint64_t sid, first, acked
+        cdef uint32_t count, plen, k, clen
+        cdef Session sess
+        cdef StateMachine sm = self.state_machine
+        cdef ResultWriter writer = self.writer
+        sessions = self.sessions
+        while pos + CLIENT_BATCH_HEADER <= n:
+            sid = load_u64(p + pos)
+            first = load_u64(p + pos + 8)
+            acked = load_u64(p + pos + 16)
+            count = load_u32(p + pos + 24)
+            plen = load_u32(p + pos + 28)
+            end = pos + CLIENT_BATCH_HEADER + plen
+            if end > n:
+                break  # cannot happen: batches are validated before they are proposed
+            sess = sessions.get(sid)
+            if sess is None:
+                if first == 1 or acked + 1 >= first:
+                    sess = Session(first)
+                    sessions[sid] = sess
+                    if len(sessions) > self.config.max_sessions:
+                        sessions.popitem(last=False)
+                else:
+                    # Earlier commands of this session are not here yet (or the session
+                    # was evicted): the client must resend them first.
+                    self.emit_status(sid, first, count, RESULT_RETRY)
+                    pos = end
+                    continue
+            else:
+                sessions.move_to_end(sid)
+            while sess.cache and sess.cache[0][0] + sess.cache[0][1] - 1 <= <int64_t>acked:
+                del sess.cache[0]
+            if <int64_t>first == sess.next_seq:
+                q = pos + CLIENT_BATCH_HEADER
+                for k in range(count):
+                    clen = load_u32(p + q)
+                    sm.apply_command(p + q + 4, clen, writer)
+                    q += 4 + clen
+                results = writer.take()
+                sess.cache.append((first, count, results))
+                sess.next_seq = first + count
+                self.out_results.append((sid, first, results))
+            elif <int64_t>(first + count) <= sess.next_seq:
+                self.stats["duplicates"] += 1
+                for entry in sess.cache:
+                    if entry[0] == first and entry[1] == count:
+                        self.out_results.append((sid, first, entry[2]))
+                        break
+                else:
+                    self.emit_status(sid, first, count, RESULT_SESSION_EXPIRED)
+            else:
+                self.emit_status(sid, first, count, RESULT_RETRY)
+            pos = end
+        return 0
+
+    cdef int emit_status(self, uint64_t session_id, uint64_t first_seq, int count, int status) except -1:
+        cdef int k
+        for k in range(count):
+            self.writer.write(<unsigned char>status, NULL, 0)
+        self.out_results.append((session_id, first_seq, self.writer.take()))
+        return 0
+
+    # Reads.
+
+    cdef int broadcast_heartbeat(self) except -1:
+        self.heartbeat_elapsed = 0
+        self.read_ctx += 1
+        self.ctx_tick[self.read_ctx] = self.now
+        if self.reads_unsent:
+            for rid in self.reads_unsent:
+                self.reads_inflight.append((self.read_ctx, max(self.commit_index, self.leader_barrier), rid))
+            self.reads_unsent = []
+        for p in self.peers:
+            self.send(p, (HEARTBEAT, self.replica_id, self.promised, self.commit_index, self.read_ctx))
+        self.update_confirmed()
+        return 0
+
+    cdef int update_confirmed(self) except -1:
+        acked = sorted([self.peer_ctx.get(p, 0) for p in self.peers] + [self.read_ctx], reverse=True)
+        cdef int64_t confirmed = acked[self.quorum - 1]
+        cdef Py_ssize_t k = 0
+        if confirmed <= self.confirmed_ctx:
+            return 0
+        self.confirmed_ctx = confirmed
+        if self.config.lease_ticks:
+            self.lease_until = self.ctx_tick[confirmed] + self.config.lease_ticks
+        for c in [c for c in self.ctx_tick if c <= confirmed]:
+            del self.ctx_tick[c]
+        while k < len(self.reads_inflight) and self.reads_inflight[k][0] <= confirmed:
+            entry = self.reads_inflight[k]
+            self.reads_confirmed.append((entry[1], entry[2]))
+            k += 1
+        del self.reads_inflight[:k]
+        if self.reads_unsent:
+            self.broadcast_heartbeat()
+        return 0
+
+    cdef int release_reads(self) except -1:
+        cdef Py_ssize_t k = 0, n = len(self.reads_confirmed)
+        if not n:
+            return 0
+        # reads_confirmed is ordered by read index, which only grows.
+        while k < n and self.reads_confirmed[k][0] <= self.applied_index:
+            self.out_reads.append(self.reads_confirmed[k][1])
+            k += 1
+        if k:
+            del self.reads_confirmed[:k]
+            self.stats["reads_served"] += k
+        return 0
+
+    cdef int fail_reads(self) except -1:
+        self.out_reads_failed.extend(self.reads_unsent)
+        self.out_reads_failed.extend([e[2] for e in self.reads_inflight])
+        self.out_reads_failed.extend([e[1] for e in self.reads_confirmed])
+        self.reads_unsent = []
+        self.reads_inflight = []
+        self.reads_confirmed = []
+        return 0
+
+    cdef int retransmit(self) except -1:
+        """Send unchosen slots again to acceptors that have not voted for them."""
+        cdef int64_t s, run_start
+        cdef uint64_t bit
+        cdef list run
+        if not self.votes:
+            return 0
+        for p in self.peers:
+            bit = self.member_bit[p]
+            run = []
+            run_start = 0
+            for s in range(self.commit_index + 1, self.next_slot):
+                m = self.votes.get(s)
+                if m is not None and not (m & bit) and self.now - self.sent_tick[s] >= self.config.resend_ticks:
+                    if not run:
+                        run_start = s
+                    run.append(self.values[s - self.log_base])
+                elif run:
+                    self.send_values(p, ACCEPT, run_start, run)
+                    self.stats["retransmits"] += len(run)
+                    run = []
+            if run:
+                self.send_values(p, ACCEPT, run_start, run)
+                self.stats["retransmits"] += len(run)
+        for s in range(self.commit_index + 1, self.next_slot):
+            if s in self.sent_tick and self.now - self.sent_tick[s] >= self.config.resend_ticks:
+                self.sent_tick[s] = self.now
+        return 0
+
+    # Message handlers.
+
+    cdef int on_prepare(self, int src, int64_t ballot, int64_t from_slot) except -1:
+        if from_slot < 1:
+            raise MessageError("PREPARE from slot 0")
+        if owner_of(ballot) != src:
+            raise MessageError(f"replica {src} prepares ballot {ballot:#x} it does not own")
+        if ballot < self.promised:
+            self.send(src, (NACK, self.replica_id, self.promised))
+            return 0
+        if (self.config.lease_ticks and self.leader_id != src
+                and (self.role_ == LEADER
+                     or self.now - self.leader_heard_tick < self.config.election_ticks)):
+            return 0  # a lease may still be held: do not help depose its leader
+        if ballot > self.promised and self.role_ != FOLLOWER:
+            self.become_follower()
+        self.promised = ballot
+        if ballot > self.promise_recorded:
+            # `promised` may have been raised in memory only (by a NACK or heartbeat);
+            # a PROMISE must never leave before a record of it is durable.
+            self.promise_recorded = ballot
+            self.out_records.append((REC_PROMISE, ballot))
+        self.leader_id = 0
+        self.reset_election_timer()
+        self.send_after(src, (PROMISE, self.replica_id, ballot, self.commit_index,
+                              self.entries_from(max(from_slot, self.commit_index + 1))))
+        return 0
+
+    cdef int on_promise(self, int src, int64_t ballot, int64_t commit, list entries) except -1:
+        if len(entries) % 3:
+            raise MessageError("PROMISE entries are not (slot, ballot, value) triples")
+        if self.role_ != CANDIDATE or ballot != self.promised:
+            return 0
+        self.promises[src] = (commit, entries)
+        self.maybe_win()
+        return 0
+
+    cdef int on_nack(self, int src, int64_t ballot) except -1:
+        if ballot > self.promised:
+            self.promised = ballot
+            if self.role_ != FOLLOWER:
+                self.become_follower()
+        return 0
+
+    cdef int on_accept(self, int src, int64_t ballot, int64_t first, list values, int64_t commit) except -1:
+        cdef Py_ssize_t k
+        cdef int64_t s
+        if first < 1:
+            raise MessageError("ACCEPT for slot 0")
+        if ballot < self.promised:
+            self.send(src, (NACK, self.replica_id, self.promised))
+            return 0
+        self.note_leader(src, ballot)
+        if self.role_ != FOLLOWER:
+            self.become_follower()
+        self.promised = ballot
+        if first + len(values) - 1 > max(self.commit_index, commit) + self.config.accept_ahead_max:
+            self.learn_commit(src, ballot, commit)
+            return 0
+        for k in range(len(values)):
+            s = first + k
+            v = values[k]
+            if type(v) is not bytes:
+                raise MessageError("ACCEPT value is not bytes")
+            if s >= self.log_base and self.ballot_at(s) != CHOSEN_BALLOT_C:
+                self.set_entry(s, v, ballot)
+        if ballot > self.promise_recorded:
+            self.promise_recorded = ballot
+        self.out_records.append((REC_ACCEPT, first, ballot, values))
+        self.send_after(src, (ACCEPTED, self.replica_id, ballot, first, len(values), self.commit_index))
+        self.learn_commit(src, ballot, commit)
+        return 0
+
+    cdef int on_accepted(self, int src, int64_t ballot, int64_t first, int64_t count, int64_t commit) except -1:
+        cdef int64_t s
+        cdef uint64_t bit
+        if self.role_ != LEADER or ballot != self.promised:
+            if commit > self.commit_index:
+                self.want_catchup(src, commit)
+            return 0
+        self.heard.add(src)
+        bit = self.member_bit[src]
+        votes = self.votes
+        for s in range(max(first, self.commit_index + 1), min(first + count, self.next_slot)):
+            m = votes.get(s)
+            if m is not None:
+                votes[s] = m | bit
+        self.advance_commit()
+        return 0
+
+    cdef int on_heartbeat(self, int src, int64_t ballot, int64_t commit, int64_t ctx) except -1:
+        if ballot < self.promised:
+            self.send(src, (NACK, self.replica_id, self.promised))
+            return 0
+        self.note_leader(src, ballot)
+        if self.role_ != FOLLOWER:
+            self.become_follower()
+        # Not persisted: an acknowledgement only says "I promised nothing higher",
+        # and every promise that matters was persisted before it was given.
+        self.promised = ballot
+        self.send(src, (HEARTBEAT_ACK, self.replica_id, ballot, ctx, self.commit_index))
+        self.learn_commit(src, ballot, commit)
+        return 0
+
+    cdef int on_heartbeat_ack(self, int src, int64_t ballot, int64_t ctx, int64_t commit) except -1:
+        if self.role_ != LEADER or ballot != self.promised:
+            return 0
+        self.heard.add(src)
+        if ctx > self.read_ctx:
+            raise MessageError("HEARTBEAT_ACK for a heartbeat never sent")
+        if ctx > self.peer_ctx.get(src, 0):
+            self.peer_ctx[src] = ctx
+            self.update_confirmed()
+        return 0
+
+    cdef int on_catchup_req(self, int src, int64_t from_slot) except -1:
+        cdef list out = []
+        cdef Py_ssize_t size = 0
+        cdef int64_t s
+        if from_slot < 1:
+            raise MessageError("CATCHUP_REQ from slot 0")
+        if from_slot < self.log_base or from_slot > self.commit_index:
+            return 0
+        s = from_slot
+        while s <= self.commit_index and size < self.config.message_bytes_max:
+            v = self.values[s - self.log_base]
+            out.append(v)
+            size += PyBytes_GET_SIZE(v) + 16
+            s += 1
+        self.send(src, (CHOSEN, self.replica_id, self.promised, from_slot, out))
+        return 0
+
+    cdef int on_chosen(self, int src, int64_t first, list values) except -1:
+        cdef Py_ssize_t k
+        cdef int64_t s
+        cdef list fresh = []
+        cdef int64_t fresh_first = 0
+        if first < 1:
+            raise MessageError("CHOSEN for slot 0")
+        for k in range(len(values)):
+            s = first + k
+            v = values[k]
+            if type(v) is not bytes:
+                raise MessageError("CHOSEN value is not bytes")
+            if s <= self.commit_index or s < self.log_base:
+                continue
+            if s > self.commit_index + self.config.accept_ahead_max:
+                break
+            if not fresh:
+                fresh_first = s
+            fresh.append(v)
+            self.set_entry(s, v, CHOSEN_BALLOT_C)
+        if fresh:
+            self.out_records.append((REC_ACCEPT, fresh_first, CHOSEN_BALLOT_C, fresh))
+        self.catchup_inflight = False
+        self.advance_commit()
+        if self.commit_index < self.known_commit:
+            self.want_catchup(src, self.known_commit)
+        return 0
+
+    cdef int check_invariants(self) except -1:
+        cdef Py_ssize_t i
+        assert self.log_base <= self.applied_index + 1, "compacted past the applied index"
+        assert self.applied_index <= self.commit_index, "applied past the commit index"
+        assert self.commit_index <= self.log_base + len(self.values) - 1 or \
+            self.commit_index == self.log_base - 1, "commit index past the log"
+        assert len(self.values) == len(self.ballots)
+        for i in range(0, self.commit_index - self.log_base + 1):
+            assert self.values[i] is not None and self.ballots[i] == CHOSEN_BALLOT_C, \
+                f"slot {self.log_base + i} committed but not known chosen"
+        for b in self.ballots:
+            assert b == CHOSEN_BALLOT_C or b <= self.promised, "accepted above the promise"
+        if self.role_ != FOLLOWER:
+            assert owner_of(self.promised) == self.replica_id, "leading someone else's ballot"
+        if self.role_ == LEADER:
+            assert self.next_slot > self.commit_index, "leader's next slot is committed"
+            assert self.confirmed_ctx <= self.read_ctx
+        return 0

@@ -1,0 +1,1 @@
+"""cypaxos: a replicated state machine engine."""

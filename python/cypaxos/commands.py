@@ -1,0 +1,234 @@
+"""Byte formats of client batches, packed results and key-value commands.
+
+See docs/internals.md, "Slot values and client batches" and "Key-value commands".
+All integers are little-endian.  These are plain-Python helpers for clients, tests
+and tools; the core parses batches itself.  Malformed input raises ValueError.
+"""
+import struct
+from typing import NamedTuple
+
+__all__ = [
+    "RESULT_OK", "RESULT_ERROR", "RESULT_SESSION_EXPIRED", "RESULT_RETRY",
+    "BATCH_HEADER_BYTES", "SEQ_LIMIT", "ClientBatch", "pack_client_batch",
+    "unpack_client_batch", "unpack_client_batches", "pack_results", "unpack_results",
+    "encode_put", "encode_delete", "encode_cas", "encode_get", "decode_command",
+    "decode_get", "decode_bool",
+]
+
+RESULT_OK = 0
+"""Result status: the command was applied; the bytes are its result."""
+RESULT_ERROR = 1
+"""Result status: the state machine raised; the bytes are the error text (UTF-8)."""
+RESULT_SESSION_EXPIRED = 2
+"""Result status: the client's session is gone; its commands were not applied."""
+RESULT_RETRY = 3
+"""Result status used by the core (statemachine.pxd), not yet in docs/internals.md."""
+
+_BATCH_HEADER = struct.Struct("<QQQII")  # session_id, first_seq, acked_seq, count, payload_len
+_U32 = struct.Struct("<I")
+_RESULT_HEADER = struct.Struct("<BI")    # status, len
+_CAS_EXPECTED = struct.Struct("<BI")     # has_expected, elen
+
+BATCH_HEADER_BYTES = _BATCH_HEADER.size
+"""Bytes before a client batch's payload (32)."""
+
+SEQ_LIMIT = 2**62
+"""The core refuses a batch unless 1 <= first_seq and first_seq + count <= SEQ_LIMIT."""
+
+_U32_MAX = 0xFFFFFFFF
+_U64_MAX = 2**64 - 1
+
+
+class ClientBatch(NamedTuple):
+    """One client batch: its commands carry seq first_seq .. first_seq + len(commands) - 1."""
+
+    session_id: int
+    first_seq: int
+    acked_seq: int
+    commands: list
+
+
+def pack_client_batch(session_id, first_seq, acked_seq, commands):
+    """Return a client batch (bytes) holding `commands` (a non-empty list of bytes).
+
+    Refuses what the core would refuse (no commands, first_seq 0, sequence numbers
+    reaching SEQ_LIMIT) so a client learns about it before sending.
+    """
+    if not commands:
+        raise ValueError("a client batch needs at least one command")
+    if not (0 <= session_id <= _U64_MAX and 0 <= acked_seq <= _U64_MAX):
+        raise ValueError("session_id and acked_seq must be in [0, 2**64)")
+    if not 1 <= first_seq or first_seq + len(commands) > SEQ_LIMIT:
+        raise ValueError("sequence numbers must be in [1, 2**62)")
+    parts = [b""]  # the header goes here once payload_len is known
+    u32 = _U32.pack
+    for command in commands:
+        if type(command) is not bytes:
+            raise TypeError("commands must be bytes")
+        if len(command) > _U32_MAX:
+            raise ValueError("command longer than 2**32 - 1 bytes")
+        parts.append(u32(len(command)))
+        parts.append(command)
+    payload_len = 4 * len(commands) + sum(map(len, commands))
+    if payload_len > _U32_MAX:
+        raise ValueError("client batch payload longer than 2**32 - 1 bytes")
+    parts[0] = _BATCH_HEADER.pack(session_id, first_seq, acked_seq, len(commands), payload_len)
+    return b"".join(parts)
+
+
+def unpack_client_batch(data, offset=0):
+    """Parse the client batch at data[offset:]; return (ClientBatch, offset after it)."""
+    if len(data) - offset < BATCH_HEADER_BYTES:
+        raise ValueError("client batch shorter than its header")
+    session_id, first_seq, acked_seq, count, payload_len = \
+        _BATCH_HEADER.unpack_from(data, offset)
+    pos = offset + BATCH_HEADER_BYTES
+    end = pos + payload_len
+    if end > len(data):
+        raise ValueError("client batch payload is truncated")
+    # Each command needs 4 length bytes: refuse a huge count before looping on it.
+    if 4 * count > payload_len:
+        raise ValueError("client batch count does not fit its payload")
+    commands = []
+    for _ in range(count):
+        if pos + 4 > end:
+            raise ValueError("client batch command length is truncated")
+        length = _U32.unpack_from(data, pos)[0]
+        pos += 4
+        if pos + length > end:
+            raise ValueError("client batch command overruns the payload")
+        commands.append(bytes(data[pos:pos + length]))
+        pos += length
+    if pos != end:
+        raise ValueError("client batch payload has trailing bytes")
+    return ClientBatch(session_id, first_seq, acked_seq, commands), end
+
+
+def unpack_client_batches(value):
+    """Parse a slot value (b"" or concatenated client batches) into a list of ClientBatch."""
+    batches = []
+    offset = 0
+    while offset < len(value):
+        batch, offset = unpack_client_batch(value, offset)
+        batches.append(batch)
+    return batches
+
+
+def pack_results(results):
+    """Return packed results for an iterable of (status, bytes), as the core does."""
+    parts = []
+    header = _RESULT_HEADER.pack
+    for status, data in results:
+        parts.append(header(status, len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def unpack_results(packed):
+    """Parse packed results into a list of (status, bytes), one per command in order.
+
+    Unknown statuses are passed through: a newer core may add some.
+    """
+    results = []
+    pos = 0
+    end = len(packed)
+    header_size = _RESULT_HEADER.size
+    while pos < end:
+        if pos + header_size > end:
+            raise ValueError("packed results: truncated header")
+        status, length = _RESULT_HEADER.unpack_from(packed, pos)
+        pos += header_size
+        if pos + length > end:
+            raise ValueError("packed results: result overruns the buffer")
+        results.append((status, bytes(packed[pos:pos + length])))
+        pos += length
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Key-value commands (cypaxos.statemachine.KVStore)
+
+def _check_key(key):
+    if type(key) is not bytes:
+        raise TypeError("keys must be bytes")
+    if len(key) > _U32_MAX:
+        raise ValueError("key longer than 2**32 - 1 bytes")
+
+
+def encode_put(key, value):
+    """Command setting key to value; its result is b""."""
+    _check_key(key)
+    return b"".join((b"P", _U32.pack(len(key)), key, value))
+
+
+def encode_delete(key):
+    """Command removing key; decode its result with decode_bool (True: it existed)."""
+    _check_key(key)
+    return b"D" + key
+
+
+def encode_cas(key, expected, new):
+    """Command setting key to new only if its value is expected (None: only if absent).
+
+    Decode its result with decode_bool (True: swapped).
+    """
+    _check_key(key)
+    if expected is None:
+        guard = _CAS_EXPECTED.pack(0, 0)
+        expected = b""
+    else:
+        guard = _CAS_EXPECTED.pack(1, len(expected))
+    return b"".join((b"C", _U32.pack(len(key)), key, guard, expected, new))
+
+
+def encode_get(key):
+    """Query reading key; decode its result with decode_get."""
+    _check_key(key)
+    return b"G" + key
+
+
+def decode_command(command):
+    """Parse a key-value command or query into ("put", key, value), ("delete", key),
+    ("cas", key, expected_or_None, new) or ("get", key).
+    """
+    op = command[:1]
+    if op == b"D":
+        return ("delete", command[1:])
+    if op == b"G":
+        return ("get", command[1:])
+    if op == b"P" or op == b"C":
+        if len(command) < 5:
+            raise ValueError("command shorter than its key length")
+        key_end = 5 + _U32.unpack_from(command, 1)[0]
+        if key_end > len(command):
+            raise ValueError("command key overruns the command")
+        key = command[5:key_end]
+        if op == b"P":
+            return ("put", key, command[key_end:])
+        if key_end + 5 > len(command):
+            raise ValueError("cas command is truncated")
+        has_expected, expected_len = _CAS_EXPECTED.unpack_from(command, key_end)
+        new_start = key_end + 5 + expected_len
+        if has_expected > 1 or (has_expected == 0 and expected_len) or new_start > len(command):
+            raise ValueError("cas command has a bad expected value")
+        expected = command[key_end + 5:new_start] if has_expected else None
+        return ("cas", key, expected, command[new_start:])
+    raise ValueError("unknown key-value command")
+
+
+def decode_get(result):
+    """The value a get query returned, or None if the key was absent."""
+    if result[:1] == b"\x01":
+        return result[1:]
+    if result == b"\x00":
+        return None
+    raise ValueError("malformed get result")
+
+
+def decode_bool(result):
+    """The answer of a delete (key existed) or cas (swapped) command."""
+    if result == b"\x01":
+        return True
+    if result == b"\x00":
+        return False
+    raise ValueError("malformed boolean result")

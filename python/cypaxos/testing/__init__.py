@@ -1,0 +1,1 @@
+"""Test-support tools for cypaxos (history recording and linearizability checking)."""

@@ -1,0 +1,691 @@
+"""A seeded, deterministic simulator for a cluster of cypaxos cores.
+
+One seed decides everything: message loss, duplication, delay and reordering,
+partitions (one-way too), crashes that lose whatever was not yet durable (and may keep
+only part of a group commit), restarts from the durable records, and the clients'
+workload.  A run has a *safety phase* with faults, then a *liveness phase* with every
+fault healed, and checks:
+
+* agreement: no slot is ever chosen with two different values (checked on every
+  replica's every commit);
+* every replica applies a prefix of that one sequence, and replicas at equal applied
+  indexes have equal state digests;
+* the clients' history (put/get/cas/delete with retries through sessions) is
+  linearizable per key;
+* liveness: once faults stop, every submitted operation completes within a bound and
+  all replicas converge to the same commit index and state digest.
+
+Time is in simulated microseconds; each replica ticks on its own slightly skewed clock.
+`Simulation(seed).run()` returns a `SimResult`; `SimulationFailure` carries the seed.
+Run one seed from the command line: `python -m cypaxos.testing.sim --seed 42 -v`.
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import random
+import sys
+from dataclasses import dataclass, field
+
+from cypaxos.commands import (
+    decode_bool, decode_get, encode_cas, encode_delete, encode_get, encode_put,
+    pack_client_batch, unpack_results,
+)
+from cypaxos.core import NOT_LEADER, PROPOSED, Config, Replica
+from cypaxos.statemachine import KVStore
+from cypaxos.testing.linearizability import History, check
+
+MS = 1000  # microseconds per millisecond
+
+RESULT_OK, RESULT_ERROR, RESULT_EXPIRED, RESULT_RETRY = 0, 1, 2, 3
+
+
+class SimulationFailure(AssertionError):
+    """A safety or liveness check failed; the message starts with the seed."""
+
+
+@dataclass
+class Faults:
+    """How hostile a run is.  Probabilities are per message or per fault event."""
+
+    drop: float = 0.05
+    duplicate: float = 0.03
+    delay_us: tuple[int, int] = (100, 3 * MS)
+    long_delay: float = 0.03  # some messages are held long enough to be reordered
+    long_delay_us: int = 60 * MS
+    fault_interval_us: tuple[int, int] = (80 * MS, 400 * MS)
+    crash: bool = True
+    partition: bool = True
+    torn_writes: bool = True
+    disk_latency_us: tuple[int, int] = (50, 15 * MS)
+    clock_skew: float = 0.05  # each replica's tick period differs by up to this fraction
+
+    @classmethod
+    def none(cls) -> "Faults":
+        """A fault-free network and disk (used for the liveness phase)."""
+        return cls(drop=0.0, duplicate=0.0, long_delay=0.0, crash=False,
+                   partition=False, torn_writes=False)
+
+
+@dataclass
+class SimResult:
+    """What one run did, for reports and assertions."""
+
+    seed: int
+    ops_completed: int
+    ops_unknown: int
+    faults: dict
+    commit_index: int
+    elections: int
+    messages: int
+
+
+class Disk:
+    """A replica's disk: records become durable only when a sync covering them ends."""
+
+    def __init__(self) -> None:
+        self.durable: list = []
+        self.unsynced: list = []
+        self.sync_due: int | None = None  # when the sync in flight ends
+        self.sync_covers = 0  # len(durable + unsynced) the sync in flight covers
+
+    @property
+    def written(self) -> int:
+        """Records handed to the disk so far (durable or not)."""
+        return len(self.durable) + len(self.unsynced)
+
+    def crash(self, rng: random.Random, torn: bool) -> None:
+        """Lose what was not durable; a torn group commit may keep part of it, in order."""
+        keep = rng.randrange(len(self.unsynced) + 1) if torn and self.unsynced else 0
+        self.durable.extend(self.unsynced[:keep])
+        self.unsynced = []
+        self.sync_due = None
+        self.sync_covers = 0
+
+
+class Node:
+    """One replica process: its core, disk, clock and the shell's pending client work."""
+
+    def __init__(self, sim: "Simulation", rid: int) -> None:
+        self.sim = sim
+        self.rid = rid
+        self.disk = Disk()
+        self.up = True
+        self.incarnation = 0
+        skew = 1 + sim.rng.uniform(-sim.faults.clock_skew, sim.faults.clock_skew)
+        self.tick_us = int(sim.tick_us * skew)
+        self.core: Replica = None  # type: ignore[assignment]
+        self.after: list = []  # (records_written_required, persist_id, messages)
+        self.pending_batches: dict = {}  # (session, first_seq) -> client id
+        self.pending_reads: dict = {}  # read id -> (client id, query)
+        self.checked_commit = 0
+        self.start()
+
+    def start(self) -> None:
+        """Boot (or reboot) from whatever is durable."""
+        self.incarnation += 1
+        self.core = Replica(self.rid, self.sim.ids, KVStore(), self.sim.config,
+                            seed=self.sim.seed * 1000 + self.rid * 10 + self.incarnation)
+        self.core.recover(list(self.sim.decode_records(self.disk.durable)))
+        self.after = []
+        self.pending_batches = {}
+        self.pending_reads = {}
+        self.checked_commit = 0
+        self.up = True
+        self.sim.check_commits(self)
+
+    def crash(self) -> None:
+        """SIGKILL: everything in memory is gone, and so is the unsynced disk tail."""
+        self.up = False
+        self.disk.crash(self.sim.rng, self.sim.faults.torn_writes)
+        self.after = []
+
+    def process(self) -> None:
+        """Carry out what the core asks (the shell's loop body)."""
+        while self.up:
+            rd = self.core.ready()
+            if rd is None:
+                return
+            sim = self.sim
+            if rd.records:
+                self.disk.unsynced.extend(sim.encode_records(rd.records))
+                if self.disk.sync_due is None:
+                    self.disk.sync_due = sim.now + sim.rng.randint(*sim.faults.disk_latency_us)
+                    self.disk.sync_covers = self.disk.written
+                    sim.schedule(self.disk.sync_due, "sync", self.rid, self.incarnation)
+            for to, msg in rd.messages:
+                sim.send(self.rid, to, msg)
+            if rd.messages_after_persist or rd.records:
+                self.after.append((self.disk.written, rd.persist_id, rd.messages_after_persist))
+            for sid, first, packed in rd.results:
+                client = self.pending_batches.pop((sid, first), None)
+                if client is not None:
+                    sim.to_client(self.rid, client, ("result", sid, first, packed))
+            for rid in rd.reads:
+                client, query = self.pending_reads.pop(rid)
+                sim.to_client(self.rid, client, ("read", rid, self.core.state_machine.query(query)))
+            for rid in rd.reads_failed:
+                client, _ = self.pending_reads.pop(rid)
+                sim.to_client(self.rid, client, ("redirect", self.core.leader_id))
+            if rd.lost_leadership:
+                for (sid, first), client in self.pending_batches.items():
+                    sim.to_client(self.rid, client, ("redirect", self.core.leader_id))
+                self.pending_batches = {}
+            sim.check_commits(self)
+
+    def sync_done(self) -> None:
+        """The fsync in flight finished: release what waited for it."""
+        disk = self.disk
+        covered = disk.sync_covers
+        moved = covered - len(disk.durable)
+        disk.durable.extend(disk.unsynced[:moved])
+        del disk.unsynced[:moved]
+        disk.sync_due = None
+        ready_upto = 0
+        keep = []
+        for required, persist_id, msgs in self.after:
+            if required <= covered:
+                for to, msg in msgs:
+                    self.sim.send(self.rid, to, msg)
+                ready_upto = max(ready_upto, persist_id)
+            else:
+                keep.append((required, persist_id, msgs))
+        self.after = keep
+        if ready_upto:
+            self.core.persisted(ready_upto)
+        if disk.unsynced:
+            disk.sync_due = self.sim.now + self.sim.rng.randint(*self.sim.faults.disk_latency_us)
+            disk.sync_covers = disk.written
+            self.sim.schedule(disk.sync_due, "sync", self.rid, self.incarnation)
+        self.process()
+
+    def on_client(self, client: int, request: tuple) -> None:
+        """A client's request arrives (submit a batch, or a linearizable read)."""
+        if request[0] == "submit":
+            batch = request[1]
+            sid, first = request[2], request[3]
+            status = self.core.propose(batch)
+            if status == PROPOSED:
+                self.pending_batches[(sid, first)] = client
+            else:
+                self.sim.to_client(self.rid, client, ("redirect", self.core.leader_id))
+        else:
+            _, rid, query = request
+            if rid in self.pending_reads:
+                return  # a duplicated request; the shell hands the core unique read ids
+            if self.core.read(rid):
+                self.pending_reads[rid] = (client, query)
+            else:
+                self.sim.to_client(self.rid, client, ("redirect", self.core.leader_id))
+        self.process()
+
+
+class Client:
+    """A client with a session: numbered commands, retried until answered.
+
+    `depth` batches may be outstanding at once (pipelining); retries resend every
+    outstanding batch, in order, to the next replica.
+    """
+
+    def __init__(self, sim: "Simulation", cid: int, depth: int) -> None:
+        self.sim = sim
+        self.cid = cid
+        self.session = sim.rng.getrandbits(63) | 1
+        self.depth = depth
+        self.next_seq = 1
+        self.acked_seq = 0
+        self.done_seqs: set[int] = set()
+        self.outstanding: dict = {}  # first_seq -> (batch, op tokens, kinds)
+        self.read: tuple | None = None  # (read id, token, query, sent)
+        self.target = sim.rng.choice(sim.ids)
+        self.retry_at = 0
+        self.rotate = False
+        self.ops_done = 0
+        self.stopped = False
+
+    def busy(self) -> bool:
+        """Whether anything is still waiting for an answer."""
+        return bool(self.outstanding) or self.read is not None
+
+    def maybe_start(self) -> None:
+        """Issue new operations while there is room (only during the run)."""
+        sim = self.sim
+        while not self.stopped and self.read is None and len(self.outstanding) < self.depth:
+            key = sim.rng.choice(sim.keys)
+            roll = sim.rng.random()
+            if roll < 0.3 and not self.outstanding:
+                rid = sim.new_id()
+                token = sim.history.invoke(self.cid, "get", key, None, sim.now)
+                self.read = (rid, token, encode_get(key))
+                self.send_read()
+                return
+            ops = []
+            for _ in range(sim.rng.choice((1, 1, 1, 2, 3))):
+                r = sim.rng.random()
+                value = b"v%d" % sim.new_id()
+                if r < 0.55:
+                    ops.append(("put", key, value, encode_put(key, value)))
+                elif r < 0.85:
+                    expected = sim.rng.choice([None] + sim.written[key][-3:])
+                    ops.append(("cas", key, (expected, value), encode_cas(key, expected, value)))
+                else:
+                    ops.append(("delete", key, None, encode_delete(key)))
+                key = sim.rng.choice(sim.keys)
+            first = self.next_seq
+            self.next_seq += len(ops)
+            tokens = []
+            for kind, k, arg, _ in ops:
+                tokens.append(sim.history.invoke(self.cid, kind, k, arg, sim.now))
+                if kind == "put":
+                    sim.written[k].append(arg)
+                elif kind == "cas":
+                    sim.written[k].append(arg[1])
+            batch = pack_client_batch(self.session, first, self.acked_seq, [o[3] for o in ops])
+            self.outstanding[first] = (batch, tokens, [o[0] for o in ops], len(ops))
+            self.send_batch(first)
+
+    def send_batch(self, first: int) -> None:
+        batch = self.outstanding[first][0]
+        self.sim.to_replica(self.cid, self.target, ("submit", batch, self.session, first))
+        self.retry_at = self.sim.now + self.sim.client_timeout_us
+        self.rotate = True
+
+    def send_read(self) -> None:
+        rid, token, query = self.read
+        self.sim.to_replica(self.cid, self.target, ("read", rid, query))
+        self.retry_at = self.sim.now + self.sim.client_timeout_us
+        self.rotate = True
+
+    def retry(self, rotate: bool) -> None:
+        """Resend everything outstanding, to the next replica if `rotate`."""
+        sim = self.sim
+        if rotate:
+            self.target = sim.ids[(sim.ids.index(self.target) + 1) % len(sim.ids)]
+        if self.read is not None:
+            rid = sim.new_id()  # a fresh id: the old replica may still answer the old one
+            self.read = (rid,) + self.read[1:]
+            self.send_read()
+        for first in sorted(self.outstanding):
+            self.send_batch(first)
+
+    def on_reply(self, src: int, reply: tuple) -> None:
+        sim = self.sim
+        kind = reply[0]
+        if kind == "redirect":
+            # Follow the hint after a short pause; every outstanding request may
+            # bounce, and resending everything per bounce would snowball.
+            if self.busy() and src == self.target:
+                hint = reply[1]
+                self.target = hint if hint in sim.ids and hint != src else \
+                    sim.ids[(sim.ids.index(src) + 1) % len(sim.ids)]
+                self.retry_at = min(self.retry_at, sim.now + 10 * MS)
+                self.rotate = False
+            return
+        if kind == "read":
+            if self.read is None or reply[1] != self.read[0]:
+                return
+            _, token, query = self.read
+            sim.history.complete(token, "ok", decode_get(reply[2]), sim.now)
+            self.read = None
+            self.ops_done += 1
+        else:
+            _, sid, first, packed = reply
+            entry = self.outstanding.get(first)
+            if entry is None:
+                return  # an answer to a retry we already have
+            batch, tokens, kinds, count = entry
+            results = unpack_results(packed)
+            if len(results) != count:
+                raise SimulationFailure(f"seed {sim.seed}: {len(results)} results for {count} commands")
+            statuses = {status for status, _ in results}
+            if statuses == {RESULT_RETRY}:
+                self.retry_at = min(self.retry_at, sim.now + 10 * MS)
+                self.rotate = False
+                return  # resent on the next retry, after the earlier batches
+            if RESULT_RETRY in statuses or RESULT_EXPIRED in statuses or RESULT_ERROR in statuses:
+                raise SimulationFailure(f"seed {sim.seed}: unexpected result statuses {statuses}")
+            for token, k, (status, data) in zip(tokens, kinds, results):
+                if k == "put":
+                    result = None
+                else:
+                    result = decode_bool(data)
+                sim.history.complete(token, "ok", result, sim.now)
+            del self.outstanding[first]
+            self.done_seqs.update(range(first, first + count))
+            while self.acked_seq + 1 in self.done_seqs:
+                self.done_seqs.discard(self.acked_seq + 1)
+                self.acked_seq += 1
+            self.ops_done += count
+        self.maybe_start()
+
+
+class Simulation:
+    """One seeded run of a cluster under faults, with safety and liveness checks."""
+
+    def __init__(self, seed: int, replicas: int = 3, clients: int = 4,
+                 faults: Faults | None = None, config: Config | None = None,
+                 safety_us: int = 2_500 * MS, liveness_us: int = 6_000 * MS,
+                 keys: int = 4, verbose: bool = False) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.faults = faults if faults is not None else Faults()
+        self.config = config if config is not None else Config(
+            heartbeat_ticks=2, election_ticks=10, window_slots=8, resend_ticks=3,
+            batch_bytes_max=512, check_invariants=True)
+        self.tick_us = 10 * MS
+        self.client_timeout_us = 150 * MS
+        self.safety_us = safety_us
+        self.liveness_us = liveness_us
+        self.verbose = verbose
+        self.ids = list(range(1, replicas + 1))
+        self.keys = [b"k%d" % i for i in range(keys)]
+        self.written: dict = {k: [] for k in self.keys}
+        self.now = 0
+        self.events: list = []
+        self.seq = 0
+        self.ids_issued = 0
+        self.blocked: set[tuple[int, int]] = set()  # (src, dst) pairs that lose everything
+        self.chosen: dict[int, bytes] = {}
+        self.history = History()
+        self.fault_counts: dict[str, int] = {}
+        self.messages = 0
+        self.healing = False
+        self.nodes = {i: Node(self, i) for i in self.ids}
+        self.clients = [Client(self, 1000 + c, depth=1 + (c % 3)) for c in range(clients)]
+        self.client_by_id = {c.cid: c for c in self.clients}
+
+    # -- plumbing
+
+    def new_id(self) -> int:
+        self.ids_issued += 1
+        return self.ids_issued
+
+    def schedule(self, when: int, kind: str, *args) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (when, self.seq, kind, args))
+
+    def log(self, text: str) -> None:
+        if self.verbose:
+            print(f"{self.now / MS:10.3f}ms {text}", file=sys.stderr)
+
+    @staticmethod
+    def encode_records(records: list) -> list:
+        # Records stay tuples: the simulated disk is record-granular, and a torn
+        # write loses whole trailing records (the WAL's recovery guarantees that).
+        return records
+
+    @staticmethod
+    def decode_records(records: list):
+        return records
+
+    def delay(self) -> int:
+        f = self.faults
+        if not self.healing and self.rng.random() < f.long_delay:
+            return self.rng.randint(f.delay_us[1], f.long_delay_us)
+        return self.rng.randint(*f.delay_us)
+
+    def lossy(self, src: int, dst: int) -> tuple[bool, bool]:
+        """(deliver at all, deliver twice) for one message."""
+        if (src, dst) in self.blocked:
+            return False, False
+        if self.healing:
+            return True, False
+        return self.rng.random() >= self.faults.drop, self.rng.random() < self.faults.duplicate
+
+    def send(self, src: int, dst: int, msg: tuple) -> None:
+        self.messages += 1
+        deliver, twice = self.lossy(src, dst)
+        if deliver:
+            self.schedule(self.now + self.delay(), "deliver", src, dst, msg)
+            if twice:
+                self.schedule(self.now + self.delay(), "deliver", src, dst, msg)
+
+    def to_replica(self, cid: int, rid: int, request: tuple) -> None:
+        deliver, twice = self.lossy(cid, rid)
+        if deliver:
+            self.schedule(self.now + self.delay(), "client_request", cid, rid, request)
+            if twice:
+                self.schedule(self.now + self.delay(), "client_request", cid, rid, request)
+
+    def to_client(self, rid: int, cid: int, reply: tuple) -> None:
+        deliver, twice = self.lossy(rid, cid)
+        if deliver:
+            self.schedule(self.now + self.delay(), "client_reply", rid, cid, reply)
+            if twice:
+                self.schedule(self.now + self.delay(), "client_reply", rid, cid, reply)
+
+    # -- checks
+
+    def check_commits(self, node: Node) -> None:
+        """Agreement: every newly committed slot matches what any replica ever chose."""
+        core = node.core
+        for slot in range(max(node.checked_commit + 1, core.log_start), core.commit_index + 1):
+            value = core.chosen_value(slot)
+            seen = self.chosen.setdefault(slot, value)
+            if seen != value:
+                raise SimulationFailure(
+                    f"seed {self.seed}: slot {slot} chosen twice with different values "
+                    f"(replica {node.rid} has {value[:40]!r}, another had {seen[:40]!r})")
+        node.checked_commit = max(node.checked_commit, core.commit_index)
+
+    def check_digests(self) -> None:
+        by_index: dict[int, tuple[int, str]] = {}
+        for node in self.nodes.values():
+            if not node.up:
+                continue
+            core = node.core
+            digest = core.state_machine.state_digest()
+            other = by_index.setdefault(core.applied_index, (node.rid, digest))
+            if other[1] != digest:
+                raise SimulationFailure(
+                    f"seed {self.seed}: replicas {other[0]} and {node.rid} differ at applied "
+                    f"index {core.applied_index}: {other[1]} != {digest}")
+
+    # -- faults
+
+    def count(self, name: str) -> None:
+        self.fault_counts[name] = self.fault_counts.get(name, 0) + 1
+
+    def inject_fault(self) -> None:
+        f = self.faults
+        choices = []
+        if f.crash:
+            choices += ["crash", "crash_leader"]
+        if f.partition:
+            choices += ["isolate", "isolate_leader", "one_way", "split", "heal", "heal"]
+        if not choices:
+            return
+        kind = self.rng.choice(choices)
+        leader = next((n.rid for n in self.nodes.values() if n.up and n.core.role == "leader"), None)
+        if kind in ("crash", "crash_leader"):
+            up = [n for n in self.nodes.values() if n.up]
+            # Crashes that lose an unsynced tail are the interesting ones: prefer them.
+            dirty = [n for n in up if n.disk.unsynced]
+            pool = dirty if dirty and self.rng.random() < 0.7 else up
+            target = leader if kind == "crash_leader" and leader else (
+                self.rng.choice(pool).rid if pool else None)
+            if target is None or not self.nodes[target].up:
+                return
+            self.nodes[target].crash()
+            self.count("crash")
+            self.log(f"crash {target}")
+            self.schedule(self.now + self.rng.randint(20 * MS, 600 * MS), "restart", target)
+        elif kind in ("isolate", "isolate_leader"):
+            target = leader if kind == "isolate_leader" and leader else self.rng.choice(self.ids)
+            self.blocked |= {(target, o) for o in self.ids if o != target}
+            self.blocked |= {(o, target) for o in self.ids if o != target}
+            self.count("partition")
+            self.log(f"isolate {target}")
+        elif kind == "one_way":
+            a, b = self.rng.sample(self.ids, 2)
+            self.blocked.add((a, b))
+            self.count("partition")
+            self.log(f"one-way {a} -x-> {b}")
+        elif kind == "split":
+            shuffled = self.ids[:]
+            self.rng.shuffle(shuffled)
+            cut = self.rng.randint(1, len(shuffled) - 1)
+            left, right = shuffled[:cut], shuffled[cut:]
+            self.blocked |= {(a, b) for a in left for b in right}
+            self.blocked |= {(b, a) for a in left for b in right}
+            self.count("partition")
+            self.log(f"split {left} | {right}")
+        else:
+            self.blocked = set()
+            self.log("heal")
+
+    # -- the run
+
+    def run(self) -> SimResult:
+        """Run the safety phase, heal, run the liveness phase, and check everything."""
+        try:
+            return self._run()
+        except SimulationFailure:
+            raise
+        except Exception as exc:  # an invariant or a crash inside the core is a failure too
+            raise SimulationFailure(f"seed {self.seed}: {type(exc).__name__}: {exc}") from exc
+
+    def _run(self) -> SimResult:
+        for node in self.nodes.values():
+            self.schedule(self.rng.randint(0, node.tick_us), "tick", node.rid)
+        for c in self.clients:
+            self.schedule(self.rng.randint(0, 50 * MS), "client_start", c.cid)
+        self.schedule(self.rng.randint(*self.faults.fault_interval_us), "fault")
+        self.schedule(self.safety_us, "heal_all")
+        deadline = self.safety_us + self.liveness_us
+        while self.events:
+            when, _, kind, args = heapq.heappop(self.events)
+            if when > deadline:
+                break
+            self.now = when
+            getattr(self, "on_" + kind)(*args)
+            if self.healing and not any(c.busy() for c in self.clients) and self.converged():
+                break
+        return self.finish()
+
+    def converged(self) -> bool:
+        cores = [n.core for n in self.nodes.values() if n.up]
+        return (len(cores) == len(self.nodes)
+                and len({(c.commit_index, c.applied_index) for c in cores}) == 1
+                and any(c.role == "leader" for c in cores))
+
+    def on_tick(self, rid: int) -> None:
+        node = self.nodes[rid]
+        if node.up:
+            node.core.tick()
+            node.process()
+        self.schedule(self.now + node.tick_us, "tick", rid)
+
+    def on_deliver(self, src: int, dst: int, msg: tuple) -> None:
+        node = self.nodes[dst]
+        if node.up and (src, dst) not in self.blocked:
+            node.core.step(msg)
+            node.process()
+
+    def on_sync(self, rid: int, incarnation: int) -> None:
+        node = self.nodes[rid]
+        if node.up and node.incarnation == incarnation and node.disk.sync_due == self.now:
+            node.sync_done()
+
+    def on_restart(self, rid: int) -> None:
+        node = self.nodes[rid]
+        if not node.up:
+            node.start()
+            self.log(f"restart {rid}")
+            for other in self.nodes.values():
+                if other.up:
+                    self.check_commits(other)
+
+    def on_client_start(self, cid: int) -> None:
+        self.client_by_id[cid].maybe_start()
+        self.schedule(self.now + 5 * MS, "client_timer", cid)
+
+    def on_client_timer(self, cid: int) -> None:
+        client = self.client_by_id[cid]
+        if client.busy() and self.now >= client.retry_at:
+            client.retry(client.rotate)
+        client.maybe_start()
+        self.schedule(self.now + 5 * MS, "client_timer", cid)
+
+    def on_client_request(self, cid: int, rid: int, request: tuple) -> None:
+        node = self.nodes[rid]
+        if node.up and (cid, rid) not in self.blocked:
+            node.on_client(cid, request)
+
+    def on_client_reply(self, rid: int, cid: int, reply: tuple) -> None:
+        if (rid, cid) not in self.blocked:
+            self.client_by_id[cid].on_reply(rid, reply)
+
+    def on_fault(self) -> None:
+        if self.healing:
+            return
+        self.inject_fault()
+        self.schedule(self.now + self.rng.randint(*self.faults.fault_interval_us), "fault")
+
+    def on_heal_all(self) -> None:
+        """End of the safety phase: heal everything, stop new operations."""
+        self.healing = True
+        self.blocked = set()
+        for node in self.nodes.values():
+            if not node.up:
+                node.start()
+        for c in self.clients:
+            c.stopped = True
+        self.log("heal all; liveness phase")
+
+    def finish(self) -> SimResult:
+        stuck = [c.cid for c in self.clients if c.busy()]
+        if stuck:
+            raise SimulationFailure(
+                f"seed {self.seed}: liveness: clients {stuck} still waiting "
+                f"{self.liveness_us / MS:.0f}ms after faults stopped "
+                f"(roles {[n.core.role for n in self.nodes.values()]}, "
+                f"commits {[n.core.commit_index for n in self.nodes.values()]})")
+        if not self.converged():
+            raise SimulationFailure(
+                f"seed {self.seed}: liveness: replicas did not converge: "
+                f"{[(n.rid, n.core.role, n.core.commit_index, n.core.applied_index) for n in self.nodes.values()]}")
+        for node in self.nodes.values():
+            self.check_commits(node)
+        self.check_digests()
+        ops = self.history.ops()
+        result = check(ops)
+        if not result.ok:
+            raise SimulationFailure(f"seed {self.seed}: not linearizable: {result.message}")
+        return SimResult(
+            seed=self.seed,
+            ops_completed=sum(1 for o in ops if o.outcome == "ok"),
+            ops_unknown=sum(1 for o in ops if o.outcome == "unknown"),
+            faults=dict(self.fault_counts),
+            commit_index=max(n.core.commit_index for n in self.nodes.values()),
+            elections=sum(n.core.statistics()["elections"] for n in self.nodes.values()),
+            messages=self.messages,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one seed or a range of seeds and print what happened."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=None, help="run just this seed")
+    parser.add_argument("--seeds", type=int, default=100, help="run seeds 0..N-1")
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--fault", type=int, default=0, help="a core FAULT_* bitmask (tests only)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    seeds = [args.seed] if args.seed is not None else range(args.seeds)
+    failed = 0
+    for seed in seeds:
+        config = Config(heartbeat_ticks=2, election_ticks=10, window_slots=8, resend_ticks=3,
+                        batch_bytes_max=512, check_invariants=True, fault=args.fault)
+        try:
+            r = Simulation(seed, replicas=args.replicas, config=config, verbose=args.verbose).run()
+            print(f"seed {seed}: ok ops={r.ops_completed} unknown={r.ops_unknown} "
+                  f"commit={r.commit_index} elections={r.elections} faults={r.faults}")
+        except SimulationFailure as exc:
+            failed += 1
+            print(f"FAILED {exc}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

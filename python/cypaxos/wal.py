@@ -1,0 +1,958 @@
+"""The write-ahead log and the data dir's identity.
+
+A data dir holds::
+
+    identity.json          {"format": 1, "cluster_id": str, "replica_id": int}
+    wal/                   the write-ahead log
+        00000000000000000001.wal
+        00000000000000000734.wal
+        ...
+
+``identity.json`` is written once, atomically (tmp file, fsync, rename, fsync dir).
+It is the commit point of a data dir's creation: ``wal/`` is created before it, so a
+dir with an identity always has a ``wal/``.
+
+The WAL stores opaque, non-empty byte records numbered 1, 2, 3... across segments
+(the number is implicit: a segment's first record has the number in its file name,
+zero-padded to 20 digits). A segment file is::
+
+    header:  8s magic b"CYPXWAL1" | u32 version (1) | u64 first_seq
+    records: u32 length | u32 crc32c(payload) | payload      (repeated)
+
+All integers little-endian. ``length`` is never 0 (empty payloads are refused), so
+zero-filled space never parses as a record.
+
+Recovery (``Wal.open``) reads every segment and checks every record, then:
+
+* In a segment other than the last, any bad record (or bad header) raises
+  ``WalCorruptError``. This is unambiguous because a segment is fdatasync'ed before
+  the next one is created (not with the unsafe ``fsync=False``).
+* In the last segment, the *first bad record* (a short record header, a zero length,
+  a length running past the end of the file, or a crc mismatch) starts the **torn
+  tail** unless a valid record (an 8-byte header with ``length > 0``, a payload that
+  fits in the file, a matching crc) starts at some later byte offset of the file.
+  If one does, the damage is not at the tail and ``WalCorruptError`` names the file
+  and offset. Otherwise the file is truncated to the end of the last good record and
+  fsynced, and a warning saying how many bytes were cut is logged and kept in
+  ``Wal.warnings``.
+
+  The search for a later valid record is exhaustive for records that end where the
+  file's data ends (at the end of the file, or where its trailing zero bytes
+  begin): so damage inside any one record that has intact records after it is always
+  reported, however large. Records ending elsewhere (as when damage is followed by
+  intact records and then a torn one) are looked for at every offset until
+  ``RESYNC_HASH_BUDGET`` bytes of candidate payloads have been hashed, which keeps
+  recovery within about a second per 64 MiB of torn bytes; past that, the tail
+  counts as torn.
+
+  This accepts every way an interrupted append can end (a short header, a short
+  payload, a crc mismatch of a record running to the end of the file, trailing
+  zeros) and it still catches a flipped byte in any record but the very last one
+  (damage confined to the last record looks exactly like a torn append). It fails
+  stop, needing an operator, in two rare cases rather than guess: after a power cut
+  the kernel may have written a later page of an unsynced append but not an earlier
+  one; and a torn record's own payload may contain the bytes of a whole valid
+  record (a checksum over the length field, in a later format, would remove the
+  second).
+* A last segment whose header is short or partly zero (creation interrupted) and
+  that holds no valid record is reset to an empty segment, with a warning.
+* Segments must be contiguous: each starts right after the previous one ends.
+
+Writing: ``append`` only encodes into a memory buffer; ``flush`` hands the buffer to
+the OS with one ``os.write``; ``sync`` also fdatasyncs. ``sync_async`` is the group
+commit for Trio code: one fdatasync in a worker thread covers everything appended
+before it started, and callers arriving meanwhile share the next one.
+
+If a write or fsync fails, the ``Wal`` refuses all further use (after a failed fsync
+the kernel may have dropped the dirty pages, so a retry could "succeed" without the
+data): the process should restart and recover from the files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import struct
+import warnings
+from typing import Iterable, Iterator
+
+import trio
+
+from .errors import DataDirError, StorageError, WalCorruptError
+
+# The C implementation is ~100x faster; the pure Python fallback is still correct,
+# so use it without the import-time warning if the extension is missing.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import google_crc32c
+
+CRC32C_IS_C = google_crc32c.implementation == "c"
+_crc32c = google_crc32c.value  # the C version takes bytes only (not memoryview)
+
+__all__ = [
+    "DataDir",
+    "Wal",
+    "open_data_dir",
+    "segment_name",
+    "CRC32C_IS_C",
+    "IDENTITY_FILE",
+    "IDENTITY_FORMAT",
+    "WAL_DIR",
+    "SEGMENT_MAGIC",
+    "SEGMENT_VERSION",
+    "SEGMENT_HEADER_SIZE",
+    "RECORD_HEADER_SIZE",
+    "PAYLOAD_BYTES_MAX",
+    "SEGMENT_BYTES_MAX_DEFAULT",
+    "BUFFER_BYTES_MAX_DEFAULT",
+    "RESYNC_HASH_BUDGET",
+]
+
+log = logging.getLogger(__name__)
+
+IDENTITY_FILE = "identity.json"
+IDENTITY_FORMAT = 1
+WAL_DIR = "wal"
+_IDENTITY_TMP = IDENTITY_FILE + ".tmp"
+# Entries a data dir may hold before its identity exists: leftovers of an
+# interrupted creation, and the directory a fresh filesystem has at its root.
+_FRESH_DIR_ENTRIES = {_IDENTITY_TMP, WAL_DIR, "lost+found"}
+
+SEGMENT_MAGIC = b"CYPXWAL1"
+SEGMENT_VERSION = 1
+_SEGMENT_HEADER = struct.Struct("<8sIQ")
+SEGMENT_HEADER_SIZE = _SEGMENT_HEADER.size  # 20
+_RECORD_HEADER = struct.Struct("<II")
+RECORD_HEADER_SIZE = _RECORD_HEADER.size  # 8
+PAYLOAD_BYTES_MAX = 0xFFFFFFFF
+SEGMENT_BYTES_MAX_DEFAULT = 64 * 1024 * 1024
+BUFFER_BYTES_MAX_DEFAULT = 4 * 1024 * 1024
+# Bounds recovery time: how many bytes of candidate records the search for a valid
+# record after a bad one may hash, beyond records ending where the data ends.
+RESYNC_HASH_BUDGET = 256 * 1024 * 1024
+
+_SEGMENT_NAME = re.compile(r"^(\d{20})\.wal$")
+_NONZERO = re.compile(rb"[^\x00]")
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def segment_name(first_seq: int) -> str:
+    """The file name of the segment whose first record is ``first_seq``."""
+    return f"{first_seq:020d}.wal"
+
+
+def _segment_header(first_seq: int) -> bytes:
+    return _SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, first_seq)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, _O_DIR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _lock_dir(path: str) -> int | None:
+    """Open ``path`` and take an exclusive flock on it; None if someone holds it.
+
+    flock locks belong to the open file description, so this excludes other
+    processes and also a second opener in this process.
+    """
+    fd = os.open(path, _O_DIR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])  # short writes are legal: go on
+
+
+def _sync_fds(fd: int, dir_fd: int) -> None:
+    """fdatasync ``fd``, then fsync ``dir_fd`` unless it is -1 (a worker thread body)."""
+    os.fdatasync(fd)
+    if dir_fd >= 0:
+        os.fsync(dir_fd)
+
+
+# --------------------------------------------------------------------------- data dir
+
+
+class DataDir:
+    """An opened data dir whose identity matched; holds an exclusive lock on it.
+
+    Use ``open_data_dir`` to get one; ``close()`` (or ``with``) releases the lock.
+    """
+
+    def __init__(self, path: str, cluster_id: str, replica_id: int, lock_fd: int):
+        self.path = path  #: absolute path of the data dir
+        self.cluster_id = cluster_id  #: the cluster this dir belongs to
+        self.replica_id = replica_id  #: the replica this dir belongs to
+        self.wal_path = os.path.join(path, WAL_DIR)  #: the WAL directory
+        self._lock_fd = lock_fd  # -1 once closed; closing it drops the flock
+
+    def open_wal(self, **options) -> "Wal":
+        """Open this data dir's WAL: ``Wal.open(self.wal_path, **options)``."""
+        if self._lock_fd < 0:
+            raise ValueError(f"data dir {self.path} is closed")
+        return Wal.open(self.wal_path, **options)
+
+    def close(self) -> None:
+        """Release the data dir's lock. Idempotent."""
+        if self._lock_fd >= 0:
+            fd, self._lock_fd = self._lock_fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> "DataDir":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"DataDir({self.path!r}, cluster_id={self.cluster_id!r}, "
+            f"replica_id={self.replica_id})"
+        )
+
+
+def open_data_dir(
+    path: str | os.PathLike, cluster_id: str, replica_id: int, create: bool = True
+) -> DataDir:
+    """Open (creating it if missing or empty, when ``create``) and lock a data dir.
+
+    Raises ``DataDirError`` if the dir belongs to another cluster or replica, holds
+    files but no identity ("not a cypaxos data dir"), has an unreadable identity, is
+    locked by another opener, or is missing/uninitialized and ``create`` is false.
+    """
+    if not isinstance(cluster_id, str) or not cluster_id:
+        raise ValueError(f"cluster_id must be a non-empty str, not {cluster_id!r}")
+    if type(replica_id) is not int or not 1 <= replica_id <= 0xFFFF:
+        raise ValueError(f"replica_id must be an int in 1..65535, not {replica_id!r}")
+    path = os.path.abspath(os.fspath(path))
+
+    if not os.path.isdir(path):
+        if os.path.lexists(path):
+            raise DataDirError(f"data dir {path} is not a directory")
+        if not create:
+            raise DataDirError(f"data dir {path} does not exist")
+        os.makedirs(path, exist_ok=True)
+        _fsync_dir(os.path.dirname(path))  # make the new dir's entry durable
+
+    lock_fd = _lock_dir(path)
+    if lock_fd is None:
+        raise DataDirError(f"data dir {path} is in use (locked by another opener)")
+    try:
+        identity = _read_identity(path)
+        if identity is None:
+            _check_fresh(path)
+            if not create:
+                raise DataDirError(f"data dir {path} is not initialized")
+            _create_identity(path, cluster_id, replica_id)
+        else:
+            found_cluster, found_replica = identity
+            if (found_cluster, found_replica) != (cluster_id, replica_id):
+                raise DataDirError(
+                    f"data dir {path} belongs to cluster {found_cluster!r} replica "
+                    f"{found_replica}, not cluster {cluster_id!r} replica {replica_id}"
+                )
+            if not os.path.isdir(os.path.join(path, WAL_DIR)):
+                raise DataDirError(f"data dir {path} has an identity but no {WAL_DIR}/")
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return DataDir(path, cluster_id, replica_id, lock_fd)
+
+
+def _read_identity(path: str) -> tuple[str, int] | None:
+    """The (cluster_id, replica_id) in ``path``'s identity file; None if it has none."""
+    file = os.path.join(path, IDENTITY_FILE)
+    try:
+        with open(file, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        version = doc["format"]
+        if type(version) is not int:
+            raise ValueError(f"bad format {version!r}")
+        if version != IDENTITY_FORMAT:
+            raise DataDirError(
+                f"data dir {path} has identity format {version}, "
+                f"this version of cypaxos reads format {IDENTITY_FORMAT}"
+            )
+        cluster_id, replica_id = doc["cluster_id"], doc["replica_id"]
+        if not isinstance(cluster_id, str) or type(replica_id) is not int:
+            raise ValueError("bad cluster_id or replica_id")
+    except (ValueError, KeyError) as e:
+        raise DataDirError(f"data dir {path} has an unreadable {IDENTITY_FILE}: {e}") from e
+    return cluster_id, replica_id
+
+
+def _check_fresh(path: str) -> None:
+    """Raise unless ``path`` holds nothing but leftovers of an interrupted creation."""
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if name == WAL_DIR and os.path.isdir(full) and not os.listdir(full):
+            continue
+        if name in _FRESH_DIR_ENTRIES and name != WAL_DIR:
+            continue
+        raise DataDirError(
+            f"{path} is not a cypaxos data dir (it holds {name!r} but no {IDENTITY_FILE})"
+        )
+
+
+def _create_identity(path: str, cluster_id: str, replica_id: int) -> None:
+    # wal/ first: the identity is the commit point, so an identity implies a wal/.
+    os.makedirs(os.path.join(path, WAL_DIR), exist_ok=True)
+    _fsync_dir(path)  # wal/ durable before the identity can be
+    doc = {"format": IDENTITY_FORMAT, "cluster_id": cluster_id, "replica_id": replica_id}
+    tmp = os.path.join(path, _IDENTITY_TMP)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        _write_all(fd, json.dumps(doc, sort_keys=True).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, os.path.join(path, IDENTITY_FILE))
+    _fsync_dir(path)  # the rename: the data dir now exists
+
+
+# ------------------------------------------------------------------------ record scan
+
+
+def _scan_records(data: bytes, off: int) -> tuple[int, int, str | None]:
+    """Walk the valid records of ``data`` from ``off``.
+
+    Returns ``(count, end, problem)``: ``end`` is the offset just past the last valid
+    record; ``problem`` is None if ``end == len(data)``, else what is wrong with the
+    bytes at ``end``.
+    """
+    n = len(data)
+    unpack = _RECORD_HEADER.unpack_from
+    crc32c = _crc32c
+    count = 0
+    while off < n:
+        if n - off < RECORD_HEADER_SIZE:
+            return count, off, f"short record header ({n - off} bytes)"
+        length, crc = unpack(data, off)
+        if length == 0:
+            return count, off, "zero record length"
+        end = off + RECORD_HEADER_SIZE + length
+        if end > n:
+            return count, off, f"record of {length} bytes runs {end - n} bytes past the end"
+        if crc32c(data[off + RECORD_HEADER_SIZE : end]) != crc:
+            return count, off, "crc mismatch"
+        count += 1
+        off = end
+    return count, off, None
+
+
+def _valid_record_after(data: bytes, start: int) -> int | None:
+    """An offset >= ``start`` where a valid record starts, searched as the tail rule
+    in the module docstring says; None if none was found."""
+    data_end = len(data.rstrip(b"\x00"))  # where trailing zeros (unwritten space) begin
+    for end in sorted({len(data), data_end}, reverse=True):
+        pos = _record_ending_at(data, start, end)
+        if pos is not None:
+            return pos
+    return _find_record(data, start, RESYNC_HASH_BUDGET)
+
+
+def _record_ending_at(data: bytes, start: int, end: int) -> int | None:
+    """The first offset ``pos >= start`` such that ``data[pos:end]`` is a valid record.
+
+    Linear and fast: a record at ``pos`` has length ``end - pos - 8``, whose upper three
+    bytes stay the same for runs of up to 256 consecutive ``pos``, so ``bytes.find``
+    looks for them over each run and only its hits are checked further.
+    """
+    last = end - RECORD_HEADER_SIZE - 1  # length >= 1
+    pos = max(start, end - RECORD_HEADER_SIZE - PAYLOAD_BYTES_MAX)
+    while pos <= last:
+        length = end - RECORD_HEADER_SIZE - pos
+        run_last = min(last, pos + (length & 0xFF))  # same length >> 8 up to here
+        upper = (length >> 8).to_bytes(3, "little")
+        hit = data.find(upper, pos + 1, run_last + 4)
+        while hit >= 0:
+            cand = hit - 1
+            cand_length, crc = _RECORD_HEADER.unpack_from(data, cand)
+            if (cand_length == end - RECORD_HEADER_SIZE - cand
+                    and _crc32c(data[cand + RECORD_HEADER_SIZE : end]) == crc):
+                return cand
+            hit = data.find(upper, hit + 1, run_last + 4)
+        pos = run_last + 1
+    return None
+
+
+def _find_record(data: bytes, start: int, hash_budget: int) -> int | None:
+    """The first offset >= ``start`` where a valid record starts, or None if there is
+    none or finding out would hash more than ``hash_budget`` bytes of candidates."""
+    n = len(data)
+    last = n - RECORD_HEADER_SIZE - 1  # the last offset where a record fits
+    if start > last:
+        return None
+    # A record's length field is non-zero, and its high byte is at most this (it
+    # fits in the file), so searching for both skips zeros and random bytes fast.
+    high_max = (n - start - RECORD_HEADER_SIZE) >> 24
+    high_ok = re.compile(rb"[\x00-\x%02x]" % high_max) if high_max < 0xFF else None
+    unpack = _RECORD_HEADER.unpack_from
+    pos = start
+    while pos <= last:
+        match = _NONZERO.search(data, pos, last + 4)
+        if match is None:
+            return None
+        pos = max(pos, match.start() - 3)
+        if high_ok is not None:
+            match = high_ok.search(data, pos + 3, last + 4)
+            if match is None:
+                return None
+            if match.start() - 3 > pos:
+                pos = match.start() - 3
+                continue  # check the non-zero condition again at the new pos
+        if pos > last:
+            return None
+        length, crc = unpack(data, pos)
+        end = pos + RECORD_HEADER_SIZE + length
+        if length and end <= n:
+            hash_budget -= length
+            if hash_budget < 0:
+                return None
+            if _crc32c(data[pos + RECORD_HEADER_SIZE : end]) == crc:
+                return pos
+        pos += 1
+    return None
+
+
+def _header_is_torn(head: bytes, expected: bytes) -> bool:
+    """True if ``head`` could be ``expected`` cut short or with unwritten (zero) bytes."""
+    return all(b in (0, e) for b, e in zip(head, expected))
+
+
+# ------------------------------------------------------------------------------ WAL
+
+
+class Wal:
+    """An append-only log of opaque byte records, numbered from 1, in segment files.
+
+    Get one with ``Wal.open``. Not thread-safe: use it from one thread (the Trio
+    thread); ``sync_async`` only sends the fsync itself to a worker thread.
+
+    Public attributes: ``path``, ``fsync``, ``segment_bytes_max``, ``durable_seq``,
+    ``fsync_count``, ``warnings``; properties ``first_seq``, ``last_seq``,
+    ``recovered_seq``.
+    """
+
+    def __init__(self, path: str, *, fsync: bool, segment_bytes_max: int,
+                 buffer_bytes_max: int, dir_fd: int):
+        """Private: use ``Wal.open``."""
+        self.path = path  #: the WAL directory
+        #: False: ``sync`` only hands data to the OS. UNSAFE: a power cut or kernel
+        #: crash can lose records the caller was told were durable. Tests, benchmarks.
+        self.fsync = fsync
+        self.segment_bytes_max = segment_bytes_max  #: rotate before a segment exceeds this
+        self._buffer_bytes_max = buffer_bytes_max  # auto-flush above this, bounding memory
+        self._dir_fd = dir_fd  # open and flock'ed for the Wal's lifetime; fsynced too
+        #: Highest seq known durable (fdatasync'ed, or just flushed if ``fsync`` is
+        #: False). Invariant: durable_seq <= _written_seq <= last_seq.
+        self.durable_seq = 0
+        self.fsync_count = 0  #: fdatasyncs of segment files by sync and rotation
+        self.warnings: list[str] = []  #: what recovery repaired (torn tails cut)
+        # First seqs of the segments, ascending; segment i holds seqs
+        # _segments[i] .. _segments[i+1]-1; the last one is the current segment.
+        self._segments: list[int] = []
+        self._fd = -1  # current segment, O_APPEND; every byte in it is validated/ours
+        self._seg_bytes = 0  # size of the current segment including self._buf
+        self._buf = bytearray()  # encoded records not yet written; all go to self._fd
+        self._next_seq = 1  # seq of the next append
+        self._written_seq = 0  # highest seq handed to the OS; those above are in _buf
+        self._recovered_seq = 0  # highest seq found by recovery; replay() ends there
+        self._dir_dirty = False  # a segment was created since the dir was last fsynced
+        # Set while a sync_async fsync runs in a worker thread; set() when it ends.
+        self._sync_event: trio.Event | None = None
+        # fds rotated away while a worker thread may still fsync them; closed when
+        # that fsync ends (closing earlier could let the number be reused under it).
+        self._retired_fds: list[int] = []
+        self._failed: BaseException | None = None  # a write/fsync failed: unusable
+        self._closed = False
+
+    # ---------------------------------------------------------------- open / recovery
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        segment_bytes_max: int = SEGMENT_BYTES_MAX_DEFAULT,
+        fsync: bool = True,
+        buffer_bytes_max: int = BUFFER_BYTES_MAX_DEFAULT,
+    ) -> "Wal":
+        """Open (creating if missing) and lock the WAL in directory ``path``, recover it.
+
+        Every segment is read and checked (one at a time); a torn tail of the last
+        segment is cut (see the module docstring). Raises ``WalCorruptError`` for
+        damage that is not a torn tail and ``StorageError`` if another ``Wal`` has the
+        directory open. Call ``replay()`` to read the recovered records.
+        ``fsync=False`` is UNSAFE (see the ``fsync`` attribute).
+        """
+        if segment_bytes_max < SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE + 1:
+            raise ValueError(f"segment_bytes_max {segment_bytes_max} is too small")
+        if buffer_bytes_max < 1:
+            raise ValueError(f"buffer_bytes_max must be positive, not {buffer_bytes_max}")
+        path = os.path.abspath(os.fspath(path))
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            pass
+        else:
+            _fsync_dir(os.path.dirname(path))
+        dir_fd = _lock_dir(path)
+        if dir_fd is None:
+            raise StorageError(f"wal {path} is in use (locked by another opener)")
+        wal = cls(path, fsync=fsync, segment_bytes_max=segment_bytes_max,
+                  buffer_bytes_max=buffer_bytes_max, dir_fd=dir_fd)
+        try:
+            wal._recover()
+        except BaseException:
+            wal._close_fds()
+            raise
+        return wal
+
+    def _segment_path(self, first_seq: int) -> str:
+        return os.path.join(self.path, segment_name(first_seq))
+
+    def _list_segments(self) -> list[int]:
+        firsts = []
+        for name in os.listdir(self.path):
+            if not name.endswith(".wal"):
+                continue  # not ours (an editor's backup, a copy being made...)
+            match = _SEGMENT_NAME.match(name)
+            if match is None or int(match.group(1)) == 0:
+                raise WalCorruptError(f"{self.path}: unexpected segment file name {name!r}")
+            firsts.append(int(match.group(1)))
+        firsts.sort()
+        return firsts
+
+    def _recover(self) -> None:
+        firsts = self._list_segments()
+        if not firsts:
+            self._segments = [1]
+            self._fd = self._create_segment(1)
+            self._seg_bytes = SEGMENT_HEADER_SIZE
+            self._sync_new_segment()
+            return
+        next_seq = firsts[0]
+        for i, first in enumerate(firsts):
+            file = self._segment_path(first)
+            if first != next_seq:
+                raise WalCorruptError(
+                    f"{file}: segment starts at seq {first} but the previous segment "
+                    f"ends at seq {next_seq - 1} (a segment is missing or extra)"
+                )
+            next_seq = first + self._recover_segment(file, first, last=i == len(firsts) - 1)
+        if self.fsync:
+            # What we found may sit only in the page cache (written by a process that
+            # died before its fsync); it counts as durable from now on, so make it so.
+            for first in firsts:
+                _fsync_path(self._segment_path(first))
+            os.fsync(self._dir_fd)
+        self._segments = firsts
+        self._next_seq = next_seq
+        self._written_seq = self._recovered_seq = self.durable_seq = next_seq - 1
+        current = self._segment_path(firsts[-1])
+        self._fd = os.open(current, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._seg_bytes = os.fstat(self._fd).st_size
+
+    def _recover_segment(self, file: str, first: int, last: bool) -> int:
+        """Check one segment (cutting a torn tail if ``last``); its record count."""
+        with open(file, "rb") as f:
+            data = f.read()
+        expected = _segment_header(first)
+        head = data[:SEGMENT_HEADER_SIZE]
+        if head != expected:
+            torn = last and _header_is_torn(head, expected)
+            if torn and _valid_record_after(data, 0) is None:
+                self._reset_segment(file, first, len(data))
+                return 0
+            raise WalCorruptError(f"{file}: bad segment header at offset 0: {head!r}")
+        count, end, problem = _scan_records(data, SEGMENT_HEADER_SIZE)
+        if problem is None:
+            return count
+        if not last:
+            raise WalCorruptError(
+                f"{file}: bad record at offset {end} ({problem}) in a segment that is "
+                f"not the last one"
+            )
+        after = _valid_record_after(data, end + 1)
+        if after is not None:
+            raise WalCorruptError(
+                f"{file}: bad record at offset {end} ({problem}) followed by a valid "
+                f"record at offset {after}"
+            )
+        cut = len(data) - end
+        os.truncate(file, end)
+        _fsync_path(file)  # always: a recovery action, cheap and rare
+        self._warn(f"{file}: cut {cut} bytes of torn tail at offset {end} ({problem})")
+        return count
+
+    def _reset_segment(self, file: str, first: int, size: int) -> None:
+        fd = os.open(file, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        try:
+            _write_all(fd, _segment_header(first))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._warn(f"{file}: reset a segment with a torn header ({size} bytes, no records)")
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        log.warning("%s", message)
+
+    # ------------------------------------------------------------------------ replay
+
+    def replay(self, start_seq: int = 1) -> Iterator[tuple[int, bytes]]:
+        """Yield ``(seq, payload)`` for the recovered records with seq >= ``start_seq``.
+
+        Covers what ``open`` found (up to ``recovered_seq``), reading one segment at
+        a time and skipping whole segments below ``start_seq``. Records are checked
+        again; a record that changed since ``open`` raises ``WalCorruptError``. Run it
+        before ``truncate_before``.
+        """
+        end_seq = self._recovered_seq
+        segments = list(self._segments)
+        for i, first in enumerate(segments):
+            if first > end_seq:
+                break
+            stop = end_seq + 1
+            if i + 1 < len(segments):
+                stop = min(stop, segments[i + 1])
+            if stop <= start_seq:
+                continue  # every record of this segment is below start_seq
+            yield from self._replay_segment(first, stop, start_seq)
+
+    def _replay_segment(self, first: int, stop: int, start_seq: int
+                        ) -> Iterator[tuple[int, bytes]]:
+        file = self._segment_path(first)
+        with open(file, "rb") as f:
+            data = f.read()
+        n = len(data)
+        unpack = _RECORD_HEADER.unpack_from
+        crc32c = _crc32c
+        off = SEGMENT_HEADER_SIZE
+        if data[:off] != _segment_header(first):
+            raise WalCorruptError(f"{file}: segment header changed since the wal opened")
+        for seq in range(first, stop):
+            if n - off < RECORD_HEADER_SIZE:
+                raise WalCorruptError(f"{file}: record at offset {off} missing since open")
+            length, crc = unpack(data, off)
+            end = off + RECORD_HEADER_SIZE + length
+            payload = data[off + RECORD_HEADER_SIZE : end]
+            if not length or end > n or crc32c(payload) != crc:
+                raise WalCorruptError(f"{file}: bad record at offset {off} since open")
+            if seq >= start_seq:
+                yield seq, payload
+            off = end
+
+    # ----------------------------------------------------------------------- appends
+
+    @property
+    def first_seq(self) -> int:
+        """The lowest seq still stored (grows with ``truncate_before``)."""
+        return self._segments[0]
+
+    @property
+    def last_seq(self) -> int:
+        """The highest seq appended (0 if none ever was)."""
+        return self._next_seq - 1
+
+    @property
+    def recovered_seq(self) -> int:
+        """The highest seq found when the WAL was opened; ``replay`` ends there."""
+        return self._recovered_seq
+
+    def append(self, payload: bytes) -> int:
+        """Buffer one non-empty record in memory; return its seq. No I/O (except an
+        automatic flush past ``buffer_bytes_max`` and segment rotation)."""
+        if type(payload) is not bytes:
+            payload = self._as_bytes(payload)
+        n = len(payload)
+        if not 0 < n <= PAYLOAD_BYTES_MAX:
+            raise ValueError(f"a wal record must have 1..{PAYLOAD_BYTES_MAX} bytes, "
+                             f"not {n}")
+        if self._closed or self._failed is not None:
+            self._check_usable()
+        size = RECORD_HEADER_SIZE + n
+        # Rotate unless the segment is empty: a record larger than a segment gets one.
+        seg_bytes = self._seg_bytes
+        if seg_bytes + size > self.segment_bytes_max and seg_bytes > SEGMENT_HEADER_SIZE:
+            self._rotate()
+        self._buf += _RECORD_HEADER.pack(n, _crc32c(payload)) + payload
+        self._seg_bytes += size
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        if len(self._buf) >= self._buffer_bytes_max:
+            self.flush()
+        return seq
+
+    def append_many(self, payloads: Iterable[bytes]) -> int:
+        """Append each payload in order; return the last seq (``last_seq`` if none)."""
+        # Same as calling append() in a loop, with the hot state kept in locals.
+        self._check_usable()
+        pack = _RECORD_HEADER.pack
+        crc32c = _crc32c
+        buf = self._buf
+        seg_max = self.segment_bytes_max
+        buf_max = self._buffer_bytes_max
+        seg_bytes = self._seg_bytes
+        seq = self._next_seq
+        try:
+            for payload in payloads:
+                if type(payload) is not bytes:
+                    payload = self._as_bytes(payload)
+                n = len(payload)
+                if not 0 < n <= PAYLOAD_BYTES_MAX:
+                    raise ValueError(
+                        f"a wal record must have 1..{PAYLOAD_BYTES_MAX} bytes, not {n}")
+                size = RECORD_HEADER_SIZE + n
+                if seg_bytes + size > seg_max and seg_bytes > SEGMENT_HEADER_SIZE:
+                    self._seg_bytes, self._next_seq = seg_bytes, seq
+                    self._rotate()
+                    seg_bytes = self._seg_bytes
+                buf += pack(n, crc32c(payload)) + payload
+                seg_bytes += size
+                seq += 1
+                if len(buf) >= buf_max:
+                    self._seg_bytes, self._next_seq = seg_bytes, seq
+                    self.flush()
+        finally:
+            # Records already encoded stay appended even if a later payload is bad.
+            self._seg_bytes, self._next_seq = seg_bytes, seq
+        return seq - 1
+
+    @staticmethod
+    def _as_bytes(payload) -> bytes:
+        # bytes(int) would silently make zeros: accept only real byte buffers.
+        if isinstance(payload, (bytearray, memoryview)):
+            return bytes(payload)
+        raise TypeError(f"a wal record must be bytes, not {type(payload).__name__}")
+
+    def flush(self) -> None:
+        """Hand every buffered record to the OS with one write (not durable yet)."""
+        self._check_usable()
+        buf = self._buf
+        if buf:
+            try:
+                _write_all(self._fd, buf)
+            except BaseException as e:
+                self._fail(e)  # part of buf may be in the file: appending on would tear it
+                raise
+            buf.clear()
+            self._written_seq = self._next_seq - 1
+
+    def _rotate(self) -> None:
+        """Finish the current segment (durably) and start a new one at ``_next_seq``."""
+        self.flush()
+        old = self._fd
+        if self.fsync:
+            # A segment is complete and durable before the next exists, so recovery
+            # may call any damage in a non-last segment corruption.
+            try:
+                os.fdatasync(old)
+            except BaseException as e:
+                self._fail(e)
+                raise
+            self.fsync_count += 1
+        first = self._next_seq
+        try:
+            self._fd = self._create_segment(first)
+        except BaseException as e:
+            self._fail(e)
+            raise
+        self._segments.append(first)
+        self._seg_bytes = SEGMENT_HEADER_SIZE
+        self._dir_dirty = True
+        if self._sync_event is not None:
+            self._retired_fds.append(old)
+        else:
+            os.close(old)
+
+    def _create_segment(self, first: int) -> int:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = os.open(self._segment_path(first), flags, 0o644)
+        try:
+            _write_all(fd, _segment_header(first))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _sync_new_segment(self) -> None:
+        if self.fsync:
+            os.fdatasync(self._fd)
+            os.fsync(self._dir_fd)
+
+    # ------------------------------------------------------------------------ syncing
+
+    def sync(self) -> int:
+        """Flush, then fdatasync the current segment (and fsync the dir if a segment
+        was created); return ``durable_seq``. Blocks: Trio code wants ``sync_async``.
+        With ``fsync=False`` it only flushes (UNSAFE)."""
+        self.flush()
+        target = self._written_seq
+        if self.fsync and (target > self.durable_seq or self._dir_dirty):
+            dir_fd = self._dir_fd if self._dir_dirty else -1
+            self._dir_dirty = False
+            try:
+                _sync_fds(self._fd, dir_fd)
+            except BaseException as e:
+                self._fail(e)
+                raise
+            self.fsync_count += 1
+        if target > self.durable_seq:
+            self.durable_seq = target
+        return self.durable_seq
+
+    async def sync_async(self) -> int:
+        """Make every record appended before this call durable; return ``durable_seq``.
+
+        Group commit: the flush runs here, the fdatasync in a worker thread, and it
+        covers everything flushed before it started. At most one fsync is in flight;
+        callers that arrive while one runs wait for it to end, then one of them starts
+        the next fsync, which covers them all (so at most one is queued).
+        """
+        self._check_usable()
+        target = self._next_seq - 1
+        if self.durable_seq >= target:
+            await trio.lowlevel.checkpoint()
+        while self.durable_seq < target:
+            self._check_usable()  # a failed fsync is final: never retry it
+            event = self._sync_event
+            if event is not None:
+                await event.wait()
+            else:
+                await self._sync_round()
+        return self.durable_seq
+
+    async def _sync_round(self) -> None:
+        self.flush()
+        target = self._written_seq
+        if not self.fsync:
+            self.durable_seq = max(self.durable_seq, target)
+            await trio.lowlevel.checkpoint()
+            return
+        fd = self._fd
+        dir_fd = self._dir_fd if self._dir_dirty else -1
+        self._dir_dirty = False
+        self._sync_event = event = trio.Event()
+        synced = False
+        try:
+            # Not abandoned on cancel: fd must stay open until the thread is done.
+            await trio.to_thread.run_sync(_sync_fds, fd, dir_fd)
+            synced = True
+            self.fsync_count += 1
+            if target > self.durable_seq:
+                self.durable_seq = target
+        except OSError as e:
+            self._fail(e)
+            raise
+        finally:
+            if not synced and dir_fd >= 0:
+                self._dir_dirty = True  # cancelled before the thread ran: still owed
+            self._sync_event = None
+            retired, self._retired_fds = self._retired_fds, []
+            for old in retired:
+                os.close(old)
+            if self._closed:
+                self._close_fds()  # close() ran while the thread had our fds
+            event.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failed is None:
+            self._failed = exc
+            log.error("wal %s is unusable after an I/O error: %r", self.path, exc)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ValueError(f"wal {self.path} is closed")
+        if self._failed is not None:
+            raise StorageError(
+                f"wal {self.path} is unusable after an I/O error: {self._failed!r}"
+            ) from self._failed
+
+    # ---------------------------------------------------------------- compaction, close
+
+    def truncate_before(self, seq: int) -> int:
+        """Delete the oldest segments all of whose records are < ``seq``; never the
+        current one. Returns how many were deleted. Blocks (fsyncs the dir per
+        segment, so the survivors are a contiguous run whatever a crash keeps)."""
+        self._check_usable()
+        deleted = 0
+        while len(self._segments) > 1 and self._segments[1] <= seq:
+            os.unlink(self._segment_path(self._segments[0]))
+            self._segments.pop(0)
+            deleted += 1
+            if self.fsync:
+                try:
+                    os.fsync(self._dir_fd)
+                except BaseException as e:
+                    self._fail(e)
+                    raise
+        return deleted
+
+    def close(self) -> None:
+        """Flush and sync what is buffered (unless a write failed), release the lock.
+
+        Idempotent. If a ``sync_async`` fsync is in flight, its thread's fds are
+        closed when it ends.
+        """
+        if self._closed:
+            return
+        try:
+            if self._failed is None:
+                self.sync()
+        finally:
+            self._closed = True
+            if self._sync_event is None:
+                self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in [self._fd, self._dir_fd, *self._retired_fds]:
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._dir_fd = -1
+        self._retired_fds = []
+
+    def __enter__(self) -> "Wal":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Wal {self.path} seqs {self.first_seq}..{self.last_seq} "
+            f"durable {self.durable_seq}{'' if self.fsync else ' fsync=False'}>"
+        )

@@ -1,0 +1,725 @@
+"""Tests of cypaxos.wal: real files, real fsync, no mocks."""
+
+import json
+import os
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from cypaxos.errors import DataDirError, Error, StorageError, WalCorruptError
+from cypaxos.wal import (
+    IDENTITY_FILE,
+    RECORD_HEADER_SIZE,
+    SEGMENT_HEADER_SIZE,
+    SEGMENT_MAGIC,
+    Wal,
+    open_data_dir,
+    segment_name,
+)
+
+
+def payloads(n, size=None):
+    """n distinct payloads of varied (or fixed) sizes."""
+    return [(b"%d:" % i) * (size or 1 + i % 7) for i in range(n)]
+
+
+def write_wal(path, records, **options):
+    with Wal.open(path, **options) as wal:
+        for record in records:
+            wal.append(record)
+        wal.sync()
+
+
+def read_wal(path, **options):
+    """(records, warnings) after recovering the WAL at path."""
+    with Wal.open(path, **options) as wal:
+        return [p for _, p in wal.replay()], wal.warnings
+
+
+def segment_files(path):
+    return sorted(name for name in os.listdir(path) if name.endswith(".wal"))
+
+
+def record_offsets(data):
+    """(start, end) of every record in one segment's bytes."""
+    spans, off = [], SEGMENT_HEADER_SIZE
+    while off < len(data):
+        (length,) = struct.unpack_from("<I", data, off)
+        spans.append((off, off + RECORD_HEADER_SIZE + length))
+        off += RECORD_HEADER_SIZE + length
+    return spans
+
+
+def flip(file, offset):
+    with open(file, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x5A]))
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_across_segments(tmp_path):
+    records = payloads(200) + [b"B" * 500] + payloads(20)  # one bigger than a segment
+    with Wal.open(tmp_path, segment_bytes_max=256) as wal:
+        assert (wal.first_seq, wal.last_seq, wal.durable_seq) == (1, 0, 0)
+        seqs = [wal.append(r) for r in records]
+        assert seqs == list(range(1, len(records) + 1))
+        assert wal.sync() == len(records) == wal.durable_seq
+    files = segment_files(tmp_path)
+    assert len(files) > 10
+    assert files[0] == segment_name(1) == "00000000000000000001.wal"
+    for name in files:
+        with open(tmp_path / name, "rb") as f:
+            header = f.read(SEGMENT_HEADER_SIZE)
+        assert header == struct.pack("<8sIQ", SEGMENT_MAGIC, 1, int(name[:20]))
+
+    with Wal.open(tmp_path, segment_bytes_max=256) as wal:
+        replayed = list(wal.replay())
+        assert replayed == list(enumerate(records, start=1))
+        assert wal.warnings == [] and wal.recovered_seq == wal.last_seq == len(records)
+        assert list(wal.replay(start_seq=150)) == replayed[149:]
+        assert wal.append(b"next") == len(records) + 1
+    assert read_wal(tmp_path)[0] == records + [b"next"]
+
+
+def test_segments_respect_the_size_limit(tmp_path):
+    write_wal(tmp_path, payloads(300, size=10), segment_bytes_max=300)
+    for name in segment_files(tmp_path):
+        assert os.path.getsize(tmp_path / name) <= 300
+
+
+def test_append_many_matches_append(tmp_path):
+    records = payloads(1000)
+    with Wal.open(tmp_path / "a", segment_bytes_max=1000, buffer_bytes_max=3000) as wal:
+        assert wal.append_many(records[:10]) == 10
+        assert wal.append_many([]) == 10
+        assert wal.append_many(iter(records[10:])) == 1000
+    with Wal.open(tmp_path / "b", segment_bytes_max=1000, buffer_bytes_max=3000) as wal:
+        for r in records:
+            wal.append(r)
+    for name in segment_files(tmp_path / "a"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert segment_files(tmp_path / "a") == segment_files(tmp_path / "b")
+
+
+def test_payload_types(tmp_path):
+    with Wal.open(tmp_path) as wal:
+        wal.append(bytearray(b"ba"))
+        wal.append(memoryview(b"mv"))
+        with pytest.raises(ValueError):
+            wal.append(b"")  # empty records are refused: zeros must never parse
+        with pytest.raises(ValueError):
+            wal.append_many([b"ok", b""])
+        with pytest.raises(TypeError):
+            wal.append("str")
+        with pytest.raises(TypeError):
+            wal.append(5)
+    assert read_wal(tmp_path)[0] == [b"ba", b"mv", b"ok"]
+
+
+def test_flush_without_sync_reaches_the_file(tmp_path):
+    with Wal.open(tmp_path) as wal:
+        wal.append(b"abc")
+        size = os.path.getsize(tmp_path / segment_name(1))
+        assert size == SEGMENT_HEADER_SIZE  # buffered only
+        wal.flush()
+        assert os.path.getsize(tmp_path / segment_name(1)) == size + RECORD_HEADER_SIZE + 3
+        assert wal.durable_seq == 0
+        assert wal.fsync_count == 0
+
+
+def test_close_syncs_and_blocks_further_use(tmp_path):
+    wal = Wal.open(tmp_path)
+    wal.append(b"x")
+    wal.close()
+    wal.close()  # idempotent
+    assert wal.durable_seq == 1
+    with pytest.raises(ValueError):
+        wal.append(b"y")
+    assert read_wal(tmp_path)[0] == [b"x"]
+
+
+def test_fsync_false_round_trips(tmp_path):
+    records = payloads(500)
+    with Wal.open(tmp_path, fsync=False, segment_bytes_max=512) as wal:
+        for r in records:
+            wal.append(r)
+        assert wal.sync() == 500
+        assert wal.fsync_count == 0
+    assert read_wal(tmp_path, fsync=False)[0] == records
+
+
+def test_a_wal_dir_has_one_opener(tmp_path):
+    with Wal.open(tmp_path):
+        with pytest.raises(StorageError, match="in use"):
+            Wal.open(tmp_path)
+    Wal.open(tmp_path).close()
+
+
+def test_a_failed_write_makes_the_wal_unusable(tmp_path):
+    wal = Wal.open(tmp_path)
+    wal.append(b"durable")
+    wal.sync()
+    # Swap the segment's fd for a read-only one: the next write fails like EIO would.
+    read_only = os.open(tmp_path / segment_name(1), os.O_RDONLY)
+    os.close(wal._fd)
+    wal._fd = read_only
+    wal.append(b"lost")
+    with pytest.raises(OSError):
+        wal.flush()
+    with pytest.raises(StorageError, match="unusable"):
+        wal.append(b"more")
+    with pytest.raises(StorageError):
+        wal.sync()
+    wal.close()  # does not try to write again
+    assert read_wal(tmp_path)[0] == [b"durable"]
+
+
+def test_append_and_sync_are_fast(tmp_path):
+    record = b"r" * 100
+    with Wal.open(tmp_path) as wal:
+        start = time.perf_counter()
+        for _ in range(100_000):
+            wal.append(record)
+        wal.sync()
+        elapsed = time.perf_counter() - start
+    # Typically ~0.1 s; the bound only catches per-record I/O or similar blunders.
+    assert elapsed < 3.0
+
+
+# ----------------------------------------------------------------------------- torn tails
+
+
+def _cut_short_header(data, spans):
+    return data[: spans[-1][0] + 3]
+
+
+def _cut_short_payload(data, spans):
+    return data[: spans[-1][1] - 5]
+
+
+def _cut_only_header(data, spans):
+    return data[: spans[-1][0] + RECORD_HEADER_SIZE]
+
+
+def _crc_mismatch_at_eof(data, spans):
+    b = bytearray(data)
+    b[spans[-1][1] - 1] ^= 0xFF
+    return bytes(b)
+
+
+def _bad_crc_field_at_eof(data, spans):
+    b = bytearray(data)
+    b[spans[-1][0] + 5] ^= 0x01
+    return bytes(b)
+
+
+def _length_past_eof(data, spans):
+    b = bytearray(data)
+    struct.pack_into("<I", b, spans[-1][0], 1 << 30)
+    return bytes(b)
+
+
+def _zeroed_last_record(data, spans):
+    start, end = spans[-1]
+    return data[:start] + bytes(end - start)
+
+
+def _trailing_zeros(data, spans):
+    return data + bytes(4096)
+
+
+def _partial_then_zeros(data, spans):
+    return data[: spans[-1][0] + 5] + bytes(4096)
+
+
+TORN = {
+    "short_header": (_cut_short_header, 1),
+    "short_payload": (_cut_short_payload, 1),
+    "header_only": (_cut_only_header, 1),
+    "crc_mismatch_at_eof": (_crc_mismatch_at_eof, 1),
+    "bad_crc_field_at_eof": (_bad_crc_field_at_eof, 1),
+    "length_past_eof": (_length_past_eof, 1),
+    "zeroed_last_record": (_zeroed_last_record, 1),
+    "trailing_zeros": (_trailing_zeros, 0),
+    "partial_then_zeros": (_partial_then_zeros, 1),
+}
+
+
+@pytest.mark.parametrize("segment_bytes_max", [1 << 20, 400])
+@pytest.mark.parametrize("kind", sorted(TORN))
+def test_torn_tail_is_cut_and_appends_continue(tmp_path, kind, segment_bytes_max):
+    tear, lost = TORN[kind]
+    records = payloads(60, size=4)
+    write_wal(tmp_path, records, segment_bytes_max=segment_bytes_max)
+    last = tmp_path / segment_files(tmp_path)[-1]
+    data = last.read_bytes()
+    spans = record_offsets(data)
+    good_end = spans[-1][0] if lost else spans[-1][1]
+    last.write_bytes(tear(data, spans))
+
+    with Wal.open(tmp_path, segment_bytes_max=segment_bytes_max) as wal:
+        assert [p for _, p in wal.replay()] == records[: len(records) - lost]
+        assert len(wal.warnings) == 1
+        cut = len(tear(data, spans)) - good_end
+        assert f"cut {cut} bytes" in wal.warnings[0] and last.name in wal.warnings[0]
+        assert os.path.getsize(last) == good_end
+        assert wal.append(b"after") == len(records) - lost + 1
+    recovered, warnings = read_wal(tmp_path, segment_bytes_max=segment_bytes_max)
+    assert recovered == records[: len(records) - lost] + [b"after"]
+    assert warnings == []
+
+
+@pytest.mark.parametrize("header", [b"", SEGMENT_MAGIC[:5], bytes(SEGMENT_HEADER_SIZE),
+                                    SEGMENT_MAGIC + bytes(12)])
+def test_torn_new_segment_header_is_reset(tmp_path, header):
+    records = payloads(30)
+    write_wal(tmp_path, records)
+    # A rotation that crashed right after creating the next segment.
+    (tmp_path / segment_name(31)).write_bytes(header + bytes(100))
+    with Wal.open(tmp_path) as wal:
+        assert [p for _, p in wal.replay()] == records
+        assert len(wal.warnings) == 1 and "torn header" in wal.warnings[0]
+        assert wal.append(b"x") == 31
+    assert read_wal(tmp_path)[0] == records + [b"x"]
+    assert segment_files(tmp_path) == [segment_name(1), segment_name(31)]
+
+
+def test_torn_header_of_the_only_segment(tmp_path):
+    (tmp_path / segment_name(1)).write_bytes(b"CYP")
+    assert read_wal(tmp_path)[0] == []
+    write_wal(tmp_path, [b"a"])
+    assert read_wal(tmp_path) == ([b"a"], [])
+
+
+# ----------------------------------------------------------------------------- corruption
+
+
+def _assert_corrupt(path, file, offset):
+    before = {name: (path / name).read_bytes() for name in segment_files(path)}
+    with pytest.raises(WalCorruptError) as info:
+        Wal.open(path, segment_bytes_max=400)
+    message = str(info.value)
+    assert str(file) in message and f"offset {offset}" in message
+    # Nothing was cut or rewritten.
+    assert {name: (path / name).read_bytes() for name in segment_files(path)} == before
+
+
+@pytest.mark.parametrize("where", ["payload", "crc", "length_low", "length_high"])
+def test_flipped_byte_in_a_middle_record_raises(tmp_path, where):
+    write_wal(tmp_path, payloads(40, size=3))
+    file = tmp_path / segment_name(1)
+    start, end = record_offsets(file.read_bytes())[20]
+    offset = {"payload": end - 2, "crc": start + 6, "length_low": start,
+              "length_high": start + 3}[where]
+    flip(file, offset)
+    _assert_corrupt(tmp_path, file, start)
+
+
+@pytest.mark.parametrize("which", ["first", "middle", "last"])
+def test_flipped_byte_in_a_non_last_segment_raises(tmp_path, which):
+    write_wal(tmp_path, payloads(100, size=4), segment_bytes_max=400)
+    files = segment_files(tmp_path)
+    assert len(files) >= 3
+    file = tmp_path / files[1]
+    spans = record_offsets(file.read_bytes())
+    start, end = {"first": spans[0], "middle": spans[len(spans) // 2],
+                  "last": spans[-1]}[which]
+    flip(file, end - 1)
+    _assert_corrupt(tmp_path, file, start)
+
+
+def test_truncated_non_last_segment_raises(tmp_path):
+    write_wal(tmp_path, payloads(100, size=4), segment_bytes_max=400)
+    file = tmp_path / segment_files(tmp_path)[1]
+    spans = record_offsets(file.read_bytes())
+    os.truncate(file, spans[-1][1] - 3)
+    _assert_corrupt(tmp_path, file, spans[-1][0])
+
+
+def test_bad_segment_header_raises(tmp_path):
+    write_wal(tmp_path, payloads(100, size=4), segment_bytes_max=400)
+    files = segment_files(tmp_path)
+    for index in (0, len(files) - 1):  # a record follows, so even the last is not torn
+        file = tmp_path / files[index]
+        flip(file, 2)
+        _assert_corrupt(tmp_path, file, 0)
+        flip(file, 2)
+
+
+def test_header_naming_another_seq_raises(tmp_path):
+    write_wal(tmp_path, payloads(10))
+    os.rename(tmp_path / segment_name(1), tmp_path / segment_name(2))
+    _assert_corrupt(tmp_path, tmp_path / segment_name(2), 0)
+
+
+def test_missing_middle_segment_raises(tmp_path):
+    write_wal(tmp_path, payloads(100, size=4), segment_bytes_max=400)
+    files = segment_files(tmp_path)
+    os.unlink(tmp_path / files[1])
+    with pytest.raises(WalCorruptError, match="missing or extra"):
+        Wal.open(tmp_path, segment_bytes_max=400)
+
+
+def test_odd_segment_name_raises(tmp_path):
+    write_wal(tmp_path, [b"a"])
+    (tmp_path / "1.wal").write_bytes(b"")
+    with pytest.raises(WalCorruptError, match="segment file name"):
+        Wal.open(tmp_path)
+
+
+def test_garbage_after_a_torn_record_is_not_cut(tmp_path):
+    # A bad record followed by a valid one is damage, even in the last segment.
+    write_wal(tmp_path, payloads(10, size=4))
+    file = tmp_path / segment_name(1)
+    data = file.read_bytes()
+    spans = record_offsets(data)
+    start, end = spans[5]
+    file.write_bytes(data[:start] + bytes(end - start) + data[end:])
+    _assert_corrupt(tmp_path, file, start)
+
+
+# ---------------------------------------------------------------------- truncate_before
+
+
+def test_truncate_before_removes_only_whole_old_segments(tmp_path):
+    records = payloads(100, size=4)
+    with Wal.open(tmp_path, segment_bytes_max=400) as wal:
+        wal.append_many(records)
+        wal.sync()
+        firsts = [int(name[:20]) for name in segment_files(tmp_path)]
+        assert len(firsts) >= 4
+        assert wal.truncate_before(firsts[1] - 1) == 0  # segment 0 holds firsts[1] - 1
+        assert wal.truncate_before(firsts[1]) == 1
+        assert wal.first_seq == firsts[1]
+        assert wal.truncate_before(firsts[2] + 1) == 1  # segment 2 holds firsts[2]
+        assert [int(n[:20]) for n in segment_files(tmp_path)] == firsts[2:]
+        assert wal.truncate_before(10**9) == len(firsts) - 3  # never the current one
+        assert segment_files(tmp_path) == [segment_name(firsts[-1])]
+        assert wal.append(b"new") == 101
+    with Wal.open(tmp_path, segment_bytes_max=400) as wal:
+        assert wal.first_seq == firsts[-1]
+        replayed = list(wal.replay())
+        assert replayed == [(s, r) for s, r in enumerate(records + [b"new"], 1)
+                            if s >= firsts[-1]]
+
+
+# ------------------------------------------------------------------------------ data dir
+
+
+def test_data_dir_created_and_reopened(tmp_path):
+    path = tmp_path / "d" / "e"
+    with open_data_dir(path, "abc", 2) as data_dir:
+        assert (data_dir.cluster_id, data_dir.replica_id) == ("abc", 2)
+        assert data_dir.wal_path == str(path / "wal")
+        with data_dir.open_wal() as wal:
+            wal.append(b"hello")
+    assert json.loads((path / IDENTITY_FILE).read_text()) == {
+        "format": 1, "cluster_id": "abc", "replica_id": 2}
+    assert sorted(os.listdir(path)) == [IDENTITY_FILE, "wal"]
+    with open_data_dir(path, "abc", 2, create=False) as data_dir:
+        with data_dir.open_wal() as wal:
+            assert list(wal.replay()) == [(1, b"hello")]
+
+
+@pytest.mark.parametrize("cluster_id, replica_id", [("def", 2), ("abc", 1), ("def", 1)])
+def test_data_dir_of_another_replica_raises(tmp_path, cluster_id, replica_id):
+    open_data_dir(tmp_path, "abc", 2).close()
+    with pytest.raises(DataDirError) as info:
+        open_data_dir(tmp_path, cluster_id, replica_id)
+    assert str(info.value) == (
+        f"data dir {tmp_path} belongs to cluster 'abc' replica 2, "
+        f"not cluster {cluster_id!r} replica {replica_id}")
+    assert isinstance(info.value, StorageError) and isinstance(info.value, Error)
+
+
+def test_foreign_dir_raises(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(DataDirError, match="not a cypaxos data dir"):
+        open_data_dir(tmp_path, "abc", 1)
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_dir_with_a_nonempty_wal_but_no_identity_raises(tmp_path):
+    write_wal(tmp_path / "wal", [b"x"])
+    with pytest.raises(DataDirError, match="not a cypaxos data dir"):
+        open_data_dir(tmp_path, "abc", 1)
+
+
+def test_leftovers_of_an_interrupted_creation_are_fine(tmp_path):
+    (tmp_path / "wal").mkdir()
+    (tmp_path / (IDENTITY_FILE + ".tmp")).write_text("{")
+    (tmp_path / "lost+found").mkdir()
+    open_data_dir(tmp_path, "abc", 1).close()
+    assert json.loads((tmp_path / IDENTITY_FILE).read_text())["cluster_id"] == "abc"
+    assert sorted(os.listdir(tmp_path)) == [IDENTITY_FILE, "lost+found", "wal"]
+
+
+def test_data_dir_errors(tmp_path):
+    with pytest.raises(DataDirError, match="does not exist"):
+        open_data_dir(tmp_path / "missing", "abc", 1, create=False)
+    with pytest.raises(DataDirError, match="not initialized"):
+        open_data_dir(tmp_path, "abc", 1, create=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataDirError, match="not a directory"):
+        open_data_dir(tmp_path / "file", "abc", 1)
+    with pytest.raises(ValueError):
+        open_data_dir(tmp_path / "x", "", 1)
+    with pytest.raises(ValueError):
+        open_data_dir(tmp_path / "x", "abc", 0)
+
+    good = tmp_path / "good"
+    with open_data_dir(good, "abc", 1):
+        with pytest.raises(DataDirError, match="in use"):
+            open_data_dir(good, "abc", 1)
+    (good / IDENTITY_FILE).write_text("not json")
+    with pytest.raises(DataDirError, match="unreadable"):
+        open_data_dir(good, "abc", 1)
+    (good / IDENTITY_FILE).write_text('{"format": 2, "cluster_id": "abc", "replica_id": 1}')
+    with pytest.raises(DataDirError, match="format 2"):
+        open_data_dir(good, "abc", 1)
+    (good / IDENTITY_FILE).write_text('{"format": 1, "cluster_id": "abc", "replica_id": 1}')
+    os.rmdir(good / "wal")
+    with pytest.raises(DataDirError, match="no wal/"):
+        open_data_dir(good, "abc", 1)
+
+
+# ------------------------------------------------------------------------ group commit
+
+
+async def test_concurrent_sync_async_callers_coalesce(tmp_path):
+    wal = Wal.open(tmp_path)
+    results = {}
+
+    async def writer(i):
+        seq = wal.append(b"w%d" % i)
+        results[i] = (seq, await wal.sync_async())
+
+    async with trio.open_nursery() as nursery:
+        for i in range(50):
+            nursery.start_soon(writer, i)
+    # The first caller's fsync runs alone; the 49 that arrive meanwhile share one.
+    assert wal.fsync_count == 2
+    assert all(durable >= seq for seq, durable in results.values())
+    assert wal.durable_seq == 50
+    wal.close()
+    assert sorted(read_wal(tmp_path)[0]) == sorted(b"w%d" % i for i in range(50))
+
+
+async def test_sync_async_with_nothing_new_does_not_fsync(tmp_path):
+    with Wal.open(tmp_path) as wal:
+        assert await wal.sync_async() == 0
+        wal.append(b"a")
+        assert await wal.sync_async() == 1
+        assert await wal.sync_async() == 1
+        assert wal.fsync_count == 1
+
+
+async def test_sync_async_fsync_false(tmp_path):
+    with Wal.open(tmp_path, fsync=False) as wal:
+        wal.append(b"a")
+        assert await wal.sync_async() == 1
+        assert wal.fsync_count == 0
+    assert read_wal(tmp_path)[0] == [b"a"]
+
+
+async def test_sync_async_under_rotation_and_concurrency(tmp_path):
+    wal = Wal.open(tmp_path, segment_bytes_max=300)
+
+    async def writer(i):
+        for j in range(40):
+            seq = wal.append(b"%d-%d" % (i, j))
+            if j % 3 == 0:
+                assert await wal.sync_async() >= seq
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            nursery.start_soon(writer, i)
+    assert wal.durable_seq == wal.last_seq == 8 * 40  # each writer ends with a sync
+    wal.close()
+    assert len(segment_files(tmp_path)) > 5
+    recovered, warnings = read_wal(tmp_path, segment_bytes_max=300)
+    assert warnings == []
+    expected = [b"%d-%d" % (i, j) for i in range(8) for j in range(40)]
+    assert sorted(recovered) == sorted(expected)
+
+
+async def test_cancelled_caller_leaves_a_consistent_state(tmp_path):
+    wal = Wal.open(tmp_path)
+    async with trio.open_nursery() as nursery:
+        wal.append(b"a")
+        nursery.start_soon(wal.sync_async)
+        await trio.testing.wait_all_tasks_blocked()  # its fsync is in a thread, or done
+        wal.append(b"b")
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await wal.sync_async()  # cancelled while waiting, or before its own fsync
+        assert scope.cancelled_caught
+    assert wal.durable_seq >= 1
+    assert await wal.sync_async() == 2
+    wal.close()
+    assert read_wal(tmp_path)[0] == [b"a", b"b"]
+
+
+# ------------------------------------------------------------------------------ hypothesis
+
+
+def _layout(path):
+    """Segments in order as (name, size, [global end of each record])."""
+    out, base = [], 0
+    for name in segment_files(path):
+        data = (path / name).read_bytes()
+        out.append((name, base, len(data), [base + end for _, end in record_offsets(data)]))
+        base += len(data)
+    return out, base
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    ops=st.lists(st.tuples(st.binary(min_size=1, max_size=60), st.booleans()), max_size=40),
+    segment_bytes_max=st.sampled_from([40, 120, 1 << 20]),
+    zero_fill=st.booleans(),
+    data=st.data(),
+)
+def test_crash_at_any_byte_recovers_a_prefix(tmp_path, ops, segment_bytes_max, zero_fill,
+                                             data):
+    path = Path(tempfile.mkdtemp(dir=tmp_path))
+    appended, synced = [], 0
+    with Wal.open(path, segment_bytes_max=segment_bytes_max) as wal:
+        for payload, sync in ops:
+            wal.append(payload)
+            appended.append(payload)
+            if sync:
+                synced = wal.sync()
+                assert synced == len(appended)
+    layout, total = _layout(path)
+    ends = [end for *_, segment_ends in layout for end in segment_ends]
+    synced_end = ends[synced - 1] if synced else 0
+
+    # Crash "earlier": the log is cut at global byte `cut`; the segment holding it
+    # becomes the last one (optionally with its lost bytes read back as zeros).
+    cut = data.draw(st.integers(0, total), label="cut")
+    for name, base, size, _ in layout:
+        if base + size <= cut and base + size != total:
+            continue
+        if base >= cut and base > 0:
+            os.unlink(path / name)
+            continue
+        os.truncate(path / name, cut - base)
+        if zero_fill:
+            with open(path / name, "ab") as f:
+                f.write(bytes(size - (cut - base)))
+
+    with Wal.open(path, segment_bytes_max=segment_bytes_max) as wal:
+        recovered = [p for _, p in wal.replay()]
+        expected_count = sum(1 for end in ends if end <= cut)
+        assert recovered == appended[:expected_count]
+        if cut >= synced_end:
+            assert len(recovered) >= synced
+        wal.append(b"after")
+    assert read_wal(path, segment_bytes_max=segment_bytes_max) == (
+        appended[:expected_count] + [b"after"], [])
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    records=st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=30),
+    segment_bytes_max=st.sampled_from([60, 200, 1 << 20]),
+    mask=st.integers(1, 255),
+    data=st.data(),
+)
+def test_a_flipped_byte_is_caught_or_only_the_last_record_is_lost(
+        tmp_path, records, segment_bytes_max, mask, data):
+    path = Path(tempfile.mkdtemp(dir=tmp_path))
+    write_wal(path, records, segment_bytes_max=segment_bytes_max)
+    layout, total = _layout(path)
+    offset = data.draw(st.integers(0, total - 1), label="offset")
+    name, base, size, ends = next(s for s in layout if s[1] <= offset < s[1] + s[2])
+    with open(path / name, "r+b") as f:
+        f.seek(offset - base)
+        byte = f.read(1)[0]
+        f.seek(offset - base)
+        f.write(bytes([byte ^ mask]))
+    in_last_record = name == layout[-1][0] and ends and offset >= (
+        ends[-2] if len(ends) > 1 else base + SEGMENT_HEADER_SIZE)
+    try:
+        recovered, warnings = read_wal(path, segment_bytes_max=segment_bytes_max)
+    except WalCorruptError:
+        event("corruption reported")
+        return
+    event("torn tail cut")
+    # Only damage confined to the very end may be taken for a torn tail.
+    assert in_last_record or (name == layout[-1][0] and not ends)
+    assert recovered == records[: len(records) - (1 if ends else 0)]
+    assert len(warnings) == 1
+
+
+# ------------------------------------------------------------- what counts as the tail
+
+
+def _spans_of(file):
+    return record_offsets(file.read_bytes())
+
+
+def test_damage_then_a_torn_record_is_reported(tmp_path):
+    # Two faults: a damaged middle record, then a crash in the middle of an append.
+    write_wal(tmp_path, payloads(20, size=5))
+    file = tmp_path / segment_name(1)
+    spans = _spans_of(file)
+    flip(file, spans[8][0] + 10)
+    os.truncate(file, spans[-1][1] - 4)
+    _assert_corrupt(tmp_path, file, spans[8][0])
+
+
+def test_damage_then_records_then_trailing_zeros_is_reported(tmp_path):
+    write_wal(tmp_path, payloads(20, size=5))
+    file = tmp_path / segment_name(1)
+    spans = _spans_of(file)
+    flip(file, spans[3][0] + 1)  # the length field: the record's end is lost too
+    with open(file, "ab") as f:
+        f.write(bytes(8192))
+    _assert_corrupt(tmp_path, file, spans[3][0])
+
+
+def test_a_large_damaged_record_followed_by_intact_ones_is_reported(tmp_path):
+    big = os.urandom(3 << 20)
+    write_wal(tmp_path, [b"a", big, b"b", b"c"])
+    file = tmp_path / segment_name(1)
+    spans = _spans_of(file)
+    flip(file, spans[1][0] + 3)  # the high byte of the big record's length
+    _assert_corrupt(tmp_path, file, spans[1][0])
+
+
+def test_a_large_torn_record_is_cut_quickly(tmp_path):
+    write_wal(tmp_path, [b"a", os.urandom(8 << 20)])
+    file = tmp_path / segment_name(1)
+    os.truncate(file, os.path.getsize(file) - 1000)
+    start = time.perf_counter()
+    recovered, warnings = read_wal(tmp_path)
+    assert recovered == [b"a"] and len(warnings) == 1
+    assert time.perf_counter() - start < 5.0  # ~0.1 s; guards against a cubic search
+
+
+def test_a_lost_page_before_written_ones_fails_stop(tmp_path):
+    # After a power cut an earlier page of an unsynced append may be missing while a
+    # later one made it: documented as reported, not guessed at.
+    write_wal(tmp_path, payloads(400, size=6))
+    file = tmp_path / segment_name(1)
+    data = bytearray(file.read_bytes())
+    data[4096:8192] = bytes(4096)
+    file.write_bytes(bytes(data))
+    with pytest.raises(WalCorruptError, match="followed by a valid record"):
+        Wal.open(tmp_path)
