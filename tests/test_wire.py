@@ -394,19 +394,19 @@ def test_fuzz_parsers(obj):
 # Hello and welcome
 
 def test_hello():
-    assert wire.parse_hello(wire.peer_hello(7, 3)) == ("peer", 7, 3)
+    assert wire.parse_hello(wire.peer_hello("c-7", 3)) == ("peer", "c-7", 3)
     assert wire.parse_hello(wire.client_hello()) == ("client",)
-    assert wire.parse_hello(["peer", 0, 65535]) == ("peer", 0, 65535)
+    assert wire.parse_hello(["peer", "x", 65535]) == ("peer", "x", 65535)
     decoder = wire.FrameDecoder()
-    decoder.feed(wire.encode_frame(wire.peer_hello(7, 3)))
-    assert wire.parse_hello(decoder.next_frame()) == ("peer", 7, 3)
+    decoder.feed(wire.encode_frame(wire.peer_hello("c-7", 3)))
+    assert wire.parse_hello(decoder.next_frame()) == ("peer", "c-7", 3)
 
 
 @pytest.mark.parametrize("obj", [
-    None, [], "peer", ["peer"], ["peer", 7], ["peer", 7, 3, 0], ["peer", 7, 0],
-    ["peer", 7, 65536], ["peer", 7, True], ["peer", True, 3], ["peer", -1, 3],
-    ["peer", 2**63, 3], ["peer", "7", 3], ["client", 1], ["CLIENT"], [b"client"],
-    ["welcome", 7, 3], [["peer"], 7, 3],
+    None, [], "peer", ["peer"], ["peer", "c"], ["peer", "c", 3, 0], ["peer", "c", 0],
+    ["peer", "c", 65536], ["peer", "c", True], ["peer", True, 3], ["peer", 7, 3],
+    ["peer", "", 3], ["peer", "x" * 129, 3], ["peer", b"c", 3], ["client", 1], ["CLIENT"],
+    [b"client"], ["welcome", "c", 3], [["peer"], "c", 3],
 ])
 def test_bad_hello(obj):
     with pytest.raises(ProtocolError):
@@ -414,9 +414,10 @@ def test_bad_hello(obj):
 
 
 def test_welcome():
-    assert wire.welcome(7, 3) == ["welcome", 7, 3]
-    assert wire.parse_welcome(wire.welcome(7, 3)) == (7, 3)
-    for bad in (["welcome", 7], ["welcome", 7, 0], ["peer", 7, 3], ["welcome", True, 3], None):
+    assert wire.welcome("c-7", 3) == ["welcome", "c-7", 3]
+    assert wire.parse_welcome(wire.welcome("c-7", 3)) == ("c-7", 3)
+    for bad in (["welcome", "c"], ["welcome", "c", 0], ["peer", "c", 3], ["welcome", True, 3],
+                ["welcome", 7, 3], None):
         with pytest.raises(ProtocolError):
             wire.parse_welcome(bad)
 

@@ -18,3 +18,55 @@ class WalCorruptError(StorageError):
 
     Recovery never drops such data silently: an operator has to look.
     """
+
+
+class ConfigError(Error):
+    """Command-line or configuration values that cannot work (a bad --cluster, say)."""
+
+
+class ClientError(Error):
+    """Base of the errors a client call raises.
+
+    `maybe_applied` says whether the command may have taken effect: False means it
+    certainly did not (it never left the client, or the cluster refused it); True means
+    it may have been applied (retrying it through the same client is still safe: the
+    session makes it exactly-once).
+    """
+
+    maybe_applied: bool = False
+
+    def __init__(self, message: str, *, maybe_applied: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
+
+
+class UnavailableError(ClientError):
+    """No replica of the cluster could be reached, or none leads, within the timeout."""
+
+
+class TimeoutError(ClientError):  # noqa: A001 - deliberately cypaxos.TimeoutError
+    """The call did not complete within its timeout; see `maybe_applied`."""
+
+
+class CommandError(ClientError):
+    """The state machine raised while applying the command (replicated identically).
+
+    The command *was* applied (as a failed command) on every replica.
+    """
+
+    maybe_applied = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, maybe_applied=True)
+
+
+class SessionExpiredError(ClientError):
+    """The cluster dropped this client's session state; the outcome is unknown."""
+
+
+class RequestError(ClientError):
+    """The cluster refused the request as malformed or too large; nothing was applied."""
+
+
+class ClosedError(ClientError):
+    """The client was closed while the call was pending."""

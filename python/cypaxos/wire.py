@@ -324,6 +324,13 @@ def _is_replica_id(value):
     return type(value) is int and 1 <= value <= REPLICA_ID_MAX
 
 
+CLUSTER_ID_CHARS_MAX = 128
+
+
+def _is_cluster_id(value):
+    return type(value) is str and 0 < len(value) <= CLUSTER_ID_CHARS_MAX
+
+
 def parse_hello(obj):
     """Check a connection's first frame: ("peer", cluster_id, replica_id) or ("client",).
 
@@ -331,7 +338,7 @@ def parse_hello(obj):
     """
     if type(obj) is list and obj:
         if obj[0] == "peer" and len(obj) == 3:
-            if _is_wire_int(obj[1]) and _is_replica_id(obj[2]):
+            if _is_cluster_id(obj[1]) and _is_replica_id(obj[2]):
                 return ("peer", obj[1], obj[2])
             raise ProtocolError("peer hello with a bad cluster id or replica id")
         if obj[0] == "client" and len(obj) == 1:
@@ -347,7 +354,7 @@ def welcome(cluster_id, replica_id):
 def parse_welcome(obj):
     """Check the reply to a hello; return (cluster_id, replica_id) of the replica."""
     if (type(obj) is list and len(obj) == 3 and obj[0] == "welcome"
-            and _is_wire_int(obj[1]) and _is_replica_id(obj[2])):
+            and _is_cluster_id(obj[1]) and _is_replica_id(obj[2])):
         return (obj[1], obj[2])
     raise ProtocolError("reply to hello is not ['welcome', cluster_id, replica_id]")
 

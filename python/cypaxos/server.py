@@ -1,0 +1,608 @@
+"""One replica process: the Trio shell around the pure core.
+
+The shell owns everything the core may not touch.  It turns real time into ticks,
+frames messages over TCP (one port serves peers and clients), writes the core's
+records to the write-ahead log with group commit (the fsync runs in a worker thread),
+and feeds everything back into the core:
+
+* every input (a peer message, a client batch, a read, a tick) is handed to the core
+  at once and the *driver* task is woken; by the time it runs, many inputs may have
+  accumulated, so one `ready()` covers them all;
+* the driver appends the Ready's records to the WAL, sends its `messages`, answers
+  clients, and queues `messages_after_persist` behind the WAL sequence number they
+  depend on;
+* the *syncer* task fsyncs whatever was appended (one fsync for everything written
+  since the last), then releases the queued messages and tells the core with
+  `persisted()`.
+
+Peer links: each replica dials every peer and sends on that connection only; it
+receives on the connections its peers dialled.  A link that is down or slow never
+blocks anyone: its queue is bounded and overflowing messages are dropped (the core
+resends what matters).  A peer or client that sends a malformed or oversized frame is
+disconnected with one log line.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import math
+import os
+import signal
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+
+import cbor2
+import trio
+
+from cypaxos import wire
+from cypaxos.core import BUSY, NOT_LEADER, PROPOSED, BatchError, Config, MessageError, Replica
+from cypaxos.errors import ConfigError, Error, WalCorruptError
+from cypaxos.statemachine import KVStore, PyStateMachine
+from cypaxos.wal import open_data_dir
+
+log = logging.getLogger("cypaxos.server")
+
+PEER_QUEUE_MAX = 4096  # messages waiting for one peer link before we drop
+CLIENT_QUEUE_MAX = 65536  # replies waiting for one client before it is cut off
+HELLO_TIMEOUT_S = 5.0
+RECEIVE_BYTES = 1 << 18
+_SESSION_HEADER = struct.Struct("<QQ")
+
+
+def parse_cluster(spec: str) -> dict[int, str]:
+    """Parse `1=host:port,2=host:port,...` into {replica_id: "host:port"}."""
+    cluster: dict[int, str] = {}
+    if not spec or not spec.strip():
+        raise ConfigError("--cluster is empty; expected 1=HOST:PORT,2=HOST:PORT,...")
+    for part in spec.split(","):
+        part = part.strip()
+        rid, sep, address = part.partition("=")
+        if not sep:
+            raise ConfigError(f"--cluster entry {part!r} is not ID=HOST:PORT")
+        try:
+            replica_id = int(rid)
+        except ValueError:
+            raise ConfigError(f"--cluster entry {part!r}: {rid!r} is not a replica id") from None
+        if not 1 <= replica_id <= 0xFFFF:
+            raise ConfigError(f"--cluster entry {part!r}: replica ids are 1..65535")
+        split_address(address)
+        if replica_id in cluster:
+            raise ConfigError(f"--cluster names replica {replica_id} twice")
+        cluster[replica_id] = address
+    if len(set(cluster.values())) != len(cluster):
+        raise ConfigError("--cluster gives two replicas the same address")
+    return cluster
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`host:port` -> (host, port), or ConfigError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"address {address!r} is not HOST:PORT")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"address {address!r}: {port!r} is not a port number") from None
+    if not 1 <= number <= 65535:
+        raise ConfigError(f"address {address!r}: port out of range")
+    return host.strip("[]"), number
+
+
+def default_cluster_id(cluster: dict[int, str]) -> str:
+    """A cluster id derived from the membership, so every replica computes the same one."""
+    text = ",".join(f"{i}={cluster[i]}" for i in sorted(cluster))
+    return "c-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def load_state_machine(spec: str | None):
+    """`package.module:Class` -> a core state machine (the key-value store when None)."""
+    if not spec:
+        return KVStore()
+    module_name, sep, class_name = spec.partition(":")
+    if not sep or not module_name or not class_name:
+        raise ConfigError(f"--state-machine {spec!r} is not package.module:Class")
+    try:
+        module = importlib.import_module(module_name)
+        cls = getattr(module, class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load state machine {spec!r}: {exc}") from None
+    try:
+        return PyStateMachine(cls())
+    except TypeError as exc:
+        raise ConfigError(f"state machine {spec!r}: {exc}") from None
+
+
+@dataclass
+class ServerOptions:
+    """How to run one replica (the `cypaxos serve` flags)."""
+
+    replica_id: int
+    cluster: dict[int, str]
+    data_dir: str
+    cluster_id: str | None = None
+    fsync: bool = True
+    state_machine: str | None = None
+    tick_ms: int = 10
+    frame_bytes_max: int = wire.FRAME_BYTES_MAX
+    core: dict = field(default_factory=dict)  # overrides of cypaxos.core.Config
+
+    def core_config(self) -> Config:
+        """The core's settings: ~30 ms heartbeats and 250-500 ms election timeouts."""
+        ticks_per_s = 1000 / self.tick_ms
+        settings = dict(heartbeat_ticks=max(1, math.ceil(0.03 * ticks_per_s)),
+                        election_ticks=max(3, math.ceil(0.25 * ticks_per_s)),
+                        resend_ticks=max(1, math.ceil(0.1 * ticks_per_s)),
+                        window_slots=64, batch_bytes_max=1 << 20)
+        settings.update(self.core)
+        return Config(**settings)
+
+
+class Conn:
+    """One accepted or dialled connection with a bounded outgoing queue and sender task."""
+
+    def __init__(self, stream: trio.SocketStream, name: str, queue_max: int) -> None:
+        self.stream = stream
+        self.name = name
+        self.send_channel, self.receive_channel = trio.open_memory_channel(queue_max)
+        self.closed = False
+
+    def send_nowait(self, frame: bytes) -> bool:
+        """Queue an encoded frame; False (and the caller decides) when the queue is full."""
+        if self.closed:
+            return False
+        try:
+            self.send_channel.send_nowait(frame)
+            return True
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+
+    async def sender(self) -> None:
+        """Write queued frames, coalescing whatever is waiting into one send."""
+        receive = self.receive_channel
+        try:
+            async for frame in receive:
+                chunks = [frame]
+                while True:
+                    try:
+                        chunks.append(receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                await self.stream.send_all(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self.closed = True
+
+    async def close(self) -> None:
+        self.closed = True
+        self.send_channel.close()
+        with trio.move_on_after(1):
+            await self.stream.aclose()
+
+
+async def read_frames(stream: trio.SocketStream, decoder: wire.FrameDecoder):
+    """Yield decoded frame bodies until EOF (ProtocolError on a bad frame)."""
+    while True:
+        # Frames that arrived with an earlier read (a hello and the first request in
+        # one packet, say) come out before we wait for more bytes.
+        while (frame := decoder.next_frame()) is not None:
+            yield frame
+        data = await stream.receive_some(RECEIVE_BYTES)
+        if not data:
+            if decoder.buffered:
+                raise wire.ProtocolError("connection closed in the middle of a frame")
+            return
+        decoder.feed(data)
+
+
+class ReplicaServer:
+    """A running replica: the core, its WAL and its network."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        if options.replica_id not in options.cluster:
+            raise ConfigError(f"--id {options.replica_id} is not in --cluster "
+                              f"({', '.join(str(i) for i in sorted(options.cluster))})")
+        self.options = options
+        self.replica_id = options.replica_id
+        self.cluster = dict(options.cluster)
+        self.address = self.cluster[self.replica_id]
+        self.cluster_id = options.cluster_id or default_cluster_id(self.cluster)
+        self.member_ids = frozenset(self.cluster)
+        self.state_machine = load_state_machine(options.state_machine)
+        self.data_dir = open_data_dir(options.data_dir, self.cluster_id, self.replica_id)
+        self.wal = None
+        try:
+            self.wal = self.data_dir.open_wal(fsync=options.fsync)
+            self.core = Replica(self.replica_id, sorted(self.cluster), self.state_machine,
+                                options.core_config(), seed=int.from_bytes(os.urandom(8), "little"))
+            self.core.recover(self._replayed_records())
+        except BaseException:
+            if self.wal is not None:
+                self.wal.close()
+            self.data_dir.close()
+            raise
+        self.peer_links: dict[int, Conn | None] = {p: None for p in self.cluster if p != self.replica_id}
+        self.peer_queues = {p: trio.open_memory_channel(PEER_QUEUE_MAX) for p in self.peer_links}
+        self.pending_submits: dict[tuple[int, int], tuple[Conn, int]] = {}
+        self.pending_reads: dict[int, tuple[Conn, int, list]] = {}
+        self.next_read_id = 1
+        self.after: deque = deque()  # (wal seq required, persist_id, messages)
+        self.wake = trio.Event()
+        self.sync_needed = trio.Event()
+        self.persisted_id = 0
+        self.stats = {"peer_drops": 0, "client_drops": 0, "bad_frames": 0, "fsyncs": 0}
+
+    def _replayed_records(self):
+        for seq, payload in self.wal.replay():
+            try:
+                yield cbor2.loads(payload)
+            except Exception as exc:
+                raise WalCorruptError(f"WAL record {seq} passed its checksum but does not "
+                                      f"decode: {exc}") from None
+
+    # -- the loop around the core
+
+    def kick(self) -> None:
+        """New input reached the core: make the driver run."""
+        self.wake.set()
+
+    async def driver(self) -> None:
+        core = self.core
+        while True:
+            await self.wake.wait()
+            self.wake = trio.Event()
+            while (rd := core.ready()) is not None:
+                self.handle_ready(rd)
+            await trio.lowlevel.checkpoint()
+
+    def handle_ready(self, rd) -> None:
+        wal = self.wal
+        if rd.records:
+            wal.append_many([cbor2.dumps(r) for r in rd.records])
+            self.sync_needed.set()
+        for to, msg in rd.messages:
+            self.send_peer(to, msg)
+        if rd.records or rd.messages_after_persist:
+            required = wal.last_seq
+            if wal.durable_seq >= required and not self.after:
+                for to, msg in rd.messages_after_persist:
+                    self.send_peer(to, msg)
+                self.mark_persisted(rd.persist_id)
+            else:
+                self.after.append((required, rd.persist_id, rd.messages_after_persist))
+        if rd.results:
+            pending = self.pending_submits
+            for sid, first, packed in rd.results:
+                waiter = pending.pop((sid, first), None)
+                if waiter is not None:
+                    self.reply(waiter[0], wire.ok(waiter[1], packed))
+        for read_id in rd.reads:
+            conn, request_id, queries = self.pending_reads.pop(read_id)
+            self.answer_read(conn, request_id, queries)
+        for read_id in rd.reads_failed:
+            conn, request_id, _ = self.pending_reads.pop(read_id)
+            self.reply(conn, wire.redirect(request_id, self.leader_address()))
+        if rd.lost_leadership:
+            leader = self.leader_address()
+            for conn, request_id in self.pending_submits.values():
+                self.reply(conn, wire.redirect(request_id, leader))
+            self.pending_submits.clear()
+
+    def mark_persisted(self, persist_id: int) -> None:
+        if persist_id > self.persisted_id:
+            self.persisted_id = persist_id
+            self.core.persisted(persist_id)
+            self.kick()
+
+    async def syncer(self) -> None:
+        """Group commit: one fsync covers everything appended before it started."""
+        wal = self.wal
+        while True:
+            await self.sync_needed.wait()
+            self.sync_needed = trio.Event()
+            durable = await wal.sync_async()
+            self.stats["fsyncs"] = wal.fsync_count
+            persist_id = 0
+            after = self.after
+            while after and after[0][0] <= durable:
+                _, pid, msgs = after.popleft()
+                for to, msg in msgs:
+                    self.send_peer(to, msg)
+                persist_id = max(persist_id, pid)
+            if persist_id:
+                self.mark_persisted(persist_id)
+            if after:
+                self.sync_needed.set()
+
+    async def ticker(self) -> None:
+        period = self.options.tick_ms / 1000
+        deadline = trio.current_time()
+        while True:
+            deadline += period
+            now = trio.current_time()
+            if deadline < now - 10 * period:
+                deadline = now  # we were stalled: do not fire a burst of catch-up ticks
+            await trio.sleep_until(deadline)
+            self.core.tick()
+            self.kick()
+
+    # -- peers
+
+    def send_peer(self, to: int, msg: tuple) -> None:
+        try:
+            self.peer_queues[to][0].send_nowait(msg)
+        except trio.WouldBlock:
+            self.stats["peer_drops"] += 1
+
+    async def peer_link(self, peer_id: int) -> None:
+        """Dial one peer forever (with backoff) and send it our messages."""
+        host, port = split_address(self.cluster[peer_id])
+        receive = self.peer_queues[peer_id][1]
+        backoff = 0.02
+        while True:
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except OSError:
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            try:
+                await stream.send_all(wire.encode_frame(wire.peer_hello(self.cluster_id, self.replica_id)))
+                decoder = wire.FrameDecoder(self.options.frame_bytes_max)
+                with trio.fail_after(HELLO_TIMEOUT_S):
+                    async for frame in read_frames(stream, decoder):
+                        cluster_id, replica_id = wire.parse_welcome(frame)
+                        if cluster_id != self.cluster_id or replica_id != peer_id:
+                            raise wire.ProtocolError(
+                                f"{self.cluster[peer_id]} is cluster {cluster_id!r} replica "
+                                f"{replica_id}, expected cluster {self.cluster_id!r} replica {peer_id}")
+                        break
+                    else:
+                        raise wire.ProtocolError("closed before welcome")
+                backoff = 0.02
+                log.info("connected to replica %d at %s", peer_id, self.cluster[peer_id])
+                async for msg in receive:
+                    msgs = [msg]
+                    while True:
+                        try:
+                            msgs.append(receive.receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                    await stream.send_all(b"".join([wire.encode_frame(m) for m in msgs]))
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError, wire.ProtocolError) as exc:
+                log.info("link to replica %d lost: %s", peer_id, exc or type(exc).__name__)
+            finally:
+                with trio.move_on_after(1) as scope:
+                    scope.shield = True
+                    await stream.aclose()
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def serve_peer(self, stream: trio.SocketStream, decoder: wire.FrameDecoder,
+                         peer_id: int, name: str) -> None:
+        core = self.core
+        cluster_ids = self.member_ids
+        me = self.replica_id
+        async for frame in read_frames(stream, decoder):
+            msg = wire.parse_peer_message(frame, cluster_ids, me, peer_id)
+            try:
+                core.step(msg)
+            except MessageError as exc:
+                raise wire.ProtocolError(str(exc)) from None
+            self.kick()
+
+    # -- clients
+
+    def reply(self, conn: Conn, obj) -> None:
+        if not conn.send_nowait(wire.encode_frame(obj)) and not conn.closed:
+            # A client that does not read its replies is cut off rather than let us
+            # buffer without bound.
+            self.stats["client_drops"] += 1
+            conn.closed = True
+            conn.send_channel.close()
+
+    def leader_address(self) -> str | None:
+        leader = self.core.leader_id
+        return self.cluster.get(leader) if leader else None
+
+    def answer_read(self, conn: Conn, request_id: int, queries: list) -> None:
+        try:
+            query = self.state_machine.query
+            results = [query(q) for q in queries]
+        except Exception as exc:
+            self.reply(conn, wire.error(request_id, "bad_request", f"query failed: {exc}"))
+            return
+        self.reply(conn, wire.ok(request_id, results))
+
+    def status(self) -> dict:
+        """This replica's status fields (DESIGN.md section 4) and counters."""
+        core = self.core
+        stats = core.statistics()
+        status = {
+            "id": self.replica_id,
+            "address": self.address,
+            "cluster_id": self.cluster_id,
+            "role": core.role,
+            "ballot": core.ballot,
+            "leader_id": core.leader_id,
+            "leader": self.leader_address(),
+            "commit_index": core.commit_index,
+            "applied_index": core.applied_index,
+            "state_digest": self.state_machine.state_digest(),
+            "wal_last_seq": self.wal.last_seq,
+            "wal_durable_seq": self.wal.durable_seq,
+            "fsync": self.options.fsync,
+        }
+        status["statistics"] = {k: v for k, v in stats.items() if k not in status}
+        status["statistics"].update(self.stats)
+        return status
+
+    def on_client_request(self, conn: Conn, request: tuple) -> None:
+        op = request[0]
+        request_id = request[1]
+        if op == "submit":
+            batch = request[2]
+            try:
+                code = self.core.propose(batch)
+            except BatchError as exc:
+                self.reply(conn, wire.error(request_id, "bad_request", str(exc)))
+                return
+            if code == PROPOSED:
+                self.pending_submits[_SESSION_HEADER.unpack_from(batch)] = (conn, request_id)
+                self.kick()
+            elif code == NOT_LEADER:
+                self.reply(conn, wire.redirect(request_id, self.leader_address()))
+            else:
+                self.reply(conn, wire.error(request_id, "busy", "the leader's queue is full"))
+        elif op == "read":
+            queries, stale = request[2], request[3]
+            if stale:
+                self.answer_read(conn, request_id, queries)
+                return
+            read_id = self.next_read_id
+            self.next_read_id += 1
+            if self.core.read(read_id):
+                self.pending_reads[read_id] = (conn, request_id, queries)
+                self.kick()
+            else:
+                self.reply(conn, wire.redirect(request_id, self.leader_address()))
+        elif op == "status":
+            self.reply(conn, wire.ok(request_id, self.status()))
+        else:  # snapshot
+            self.reply(conn, wire.error(request_id, "bad_request",
+                                        "on-demand snapshots are not supported by this version"))
+
+    async def serve_client(self, stream: trio.SocketStream, decoder: wire.FrameDecoder,
+                           name: str) -> None:
+        conn = Conn(stream, name, CLIENT_QUEUE_MAX)
+        failure = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.sender)
+            try:
+                await stream.send_all(wire.encode_frame(wire.welcome(self.cluster_id, self.replica_id)))
+                async for frame in read_frames(stream, decoder):
+                    if conn.closed:
+                        break
+                    self.on_client_request(conn, wire.parse_client_request(frame))
+            except (wire.ProtocolError, OSError, trio.BrokenResourceError) as exc:
+                # Raised after the nursery, so it is not wrapped in an exception group.
+                failure = exc
+            finally:
+                conn.closed = True
+                conn.send_channel.close()
+                nursery.cancel_scope.deadline = trio.current_time() + 1
+        if failure is not None:
+            raise failure
+
+    # -- accepting connections
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = stream.socket.getpeername()
+            name = f"{peer[0]}:{peer[1]}"
+        except OSError:
+            name = "?"
+        decoder = wire.FrameDecoder(self.options.frame_bytes_max)
+        try:
+            with trio.fail_after(HELLO_TIMEOUT_S):
+                frames = read_frames(stream, decoder)
+                hello = None
+                async for frame in frames:
+                    hello = wire.parse_hello(frame)
+                    break
+                await frames.aclose()
+            if hello is None:
+                return
+            if hello[0] == "peer":
+                _, cluster_id, peer_id = hello
+                if cluster_id != self.cluster_id:
+                    raise wire.ProtocolError(f"peer of another cluster {cluster_id!r}")
+                if peer_id not in self.peer_links:
+                    raise wire.ProtocolError(f"peer claims replica id {peer_id}, not another member")
+                await stream.send_all(wire.encode_frame(wire.welcome(self.cluster_id, self.replica_id)))
+                await self.serve_peer(stream, decoder, peer_id, name)
+            else:
+                await self.serve_client(stream, decoder, name)
+        except wire.ProtocolError as exc:
+            self.stats["bad_frames"] += 1
+            log.warning("dropped connection from %s: %s", name, exc)
+        except trio.TooSlowError:
+            log.warning("dropped connection from %s: no hello within %.0f s", name, HELLO_TIMEOUT_S)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        except Exception:
+            # One connection must never take the replica down.
+            log.exception("dropped connection from %s after an unexpected error", name)
+        finally:
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                await stream.aclose()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; then finish the fsync in flight and close the WAL."""
+        host, port = split_address(self.address)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {self.address}: {exc.strerror or exc}") from None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.driver)
+                nursery.start_soon(self.syncer)
+                nursery.start_soon(self.ticker)
+                for peer_id in self.peer_links:
+                    nursery.start_soon(self.peer_link, peer_id)
+                await nursery.start(trio.serve_listeners, self.handle_connection, listeners)
+                log.info("cypaxos replica %d serving on %s (cluster %s, data dir %s, fsync %s, "
+                         "recovered commit index %d)", self.replica_id, self.address, self.cluster_id,
+                         self.options.data_dir, "always" if self.options.fsync else "off",
+                         self.core.commit_index)
+                task_status.started(self)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Flush and sync the WAL, release the data dir."""
+        if self.wal is not None:
+            try:
+                self.wal.close()
+            except Exception as exc:  # the process is ending; say so, don't mask the cause
+                log.error("closing the WAL failed: %s", exc)
+            self.wal = None
+            self.data_dir.close()
+
+
+async def serve(options: ServerOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run one replica until cancelled, or until SIGTERM/SIGINT (then return normally)."""
+    server = ReplicaServer(options)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            async def stop_on_signal():
+                async for signum in signals:
+                    log.info("replica %d stopping on %s", options.replica_id,
+                             signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+            nursery.start_soon(stop_on_signal)
+            await nursery.start(server.run)
+            task_status.started(server)
+
+
+def run_server(options: ServerOptions) -> int:
+    """Run a replica in this process until SIGTERM/SIGINT; returns the exit code (0).
+
+    Expected failures (bad options, a foreign data dir, a corrupt WAL, a port in use)
+    raise `cypaxos.errors.Error` with a one-line message.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=os.environ.get("CYPAXOS_LOG_LEVEL", "INFO"),
+                            format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    try:
+        trio.run(serve, options)
+    except Error:
+        raise
+    except KeyboardInterrupt:
+        pass
+    return 0
