@@ -38,6 +38,7 @@ cdef class Ready:
     cdef readonly list reads_failed
     cdef readonly int64_t persist_id
     cdef readonly bint lost_leadership
+    cdef readonly list snapshot_to
 
 
 cdef class Session:
@@ -127,6 +128,7 @@ cdef class Replica:
     cdef list out_results
     cdef list out_reads
     cdef list out_reads_failed
+    cdef list out_snapshot_to
     cdef bint out_lost_leadership
     cdef list pending_self
     cdef list awaiting
@@ -173,4 +175,5 @@ cdef class Replica:
     cdef int on_heartbeat_ack(self, int src, int64_t ballot, int64_t ctx, int64_t commit) except -1
     cdef int on_catchup_req(self, int src, int64_t from_slot) except -1
     cdef int on_chosen(self, int src, int64_t first, list values) except -1
+    cdef int restate_log(self) except -1
     cdef int check_invariants(self) except -1

@@ -251,7 +251,8 @@ cdef class Ready:
     `persisted(persist_id)`.  `results` answer client batches, `reads` name reads
     that may now be served from the state machine, `reads_failed` name reads that
     must be retried elsewhere; `lost_leadership` says pending client batches should
-    be retried at the new leader.
+    be retried at the new leader; `snapshot_to` names peers that need slots this
+    replica has compacted away: send them the latest durable snapshot.
     """
 
     def __repr__(self):
@@ -319,6 +320,7 @@ cdef class Replica:
         self.out_results = []
         self.out_reads = []
         self.out_reads_failed = []
+        self.out_snapshot_to = []
         self.pending_self = []
         self.awaiting = []
         self.stats = {"elections": 0, "became_leader": 0, "slots_proposed": 0,
@@ -387,15 +389,21 @@ cdef class Replica:
             return None
         return self.values[slot - self.log_base]
 
-    def recover(self, records):
-        """Rebuild acceptor state from the WAL's records, in order, before any other input.
+    def recover(self, records, snapshot=None):
+        """Rebuild the replica from its latest snapshot and the WAL's records, in order.
 
-        The promised ballot is the highest ballot in any record; a slot's value is the
-        last one recorded (a chosen one always wins); COMMIT records say which prefix
-        is chosen, and that prefix is applied to the (fresh) state machine.
+        `snapshot` is None or `(index, promised, sessions, state)` as returned by
+        `snapshot()`.  The promised ballot is the highest ballot in the snapshot or any
+        record; a slot's value is the last one recorded (a chosen one always wins);
+        COMMIT records say which prefix is chosen, and that prefix is applied.
         """
         cdef int64_t ballot, first, commit = 0, i
         cdef int kind
+        if snapshot is not None:
+            index, promised, sessions, state = snapshot
+            self.restore_state(index, sessions, state)
+            if promised > self.promised:
+                self.promised = promised
         for rec in records:
             kind = rec[0]
             if kind == REC_PROMISE:
@@ -588,7 +596,8 @@ cdef class Replica:
             self.out_records.append((REC_COMMIT, self.commit_index))
             self.commit_recorded = self.commit_index
         if not (self.out_records or self.out_messages or self.out_after or self.out_results
-                or self.out_reads or self.out_reads_failed or self.out_lost_leadership):
+                or self.out_reads or self.out_reads_failed or self.out_lost_leadership
+                or self.out_snapshot_to):
             return None
         if self.out_records:
             self.persist_seq += 1
@@ -604,6 +613,8 @@ cdef class Replica:
         r.reads_failed = self.out_reads_failed
         r.persist_id = self.persist_seq
         r.lost_leadership = self.out_lost_leadership
+        r.snapshot_to = self.out_snapshot_to
+        self.out_snapshot_to = []
         self.out_records = []
         self.out_messages = []
         self.out_after = []
@@ -614,6 +625,104 @@ cdef class Replica:
         if self.config.check_invariants:
             self.check_invariants()
         return r
+
+    def snapshot(self):
+        """Capture the replicated state at the applied index.
+
+        Returns `(index, promised, sessions, state)`: the applied index, the promised
+        ballot, the session table (a list) and the state machine's `snapshot()` bytes.
+        It also hands out, in the next Ready, records that restate everything the WAL
+        must still say (the promise, every held slot after the index, the commit
+        index).  So once the snapshot is durable and that Ready's records are durable,
+        every WAL record written before that Ready is redundant and may be deleted.
+        """
+        cdef int64_t index = self.applied_index
+        state = self.state_machine.snapshot()
+        sessions = self.export_sessions()
+        self.restate_log()
+        return (index, self.promised, sessions, state)
+
+    def install_snapshot(self, int64_t index, sessions, bytes state):
+        """Adopt a peer's snapshot taken at `index` (all slots up to it are chosen).
+
+        The caller makes the snapshot durable first.  A snapshot no newer than the
+        commit index is stale and ignored (returns False).  Like `snapshot()`, this
+        hands out records restating the log after `index`.
+        """
+        if index <= self.commit_index:
+            return False
+        self.restore_state(index, sessions, state)
+        for s in [s for s in self.votes if s <= index]:
+            del self.votes[s]
+            self.sent_tick.pop(s, None)
+        self.restate_log()
+        self.advance_commit()
+        if self.commit_index < self.known_commit:
+            self.catchup_inflight = False
+            self.want_catchup(self.catchup_peer, self.known_commit)
+        if self.config.check_invariants:
+            self.check_invariants()
+        return True
+
+    def restore_state(self, int64_t index, sessions, bytes state):
+        """Replace the state machine, sessions and log prefix with a snapshot's."""
+        cdef Py_ssize_t drop
+        cdef Session sess
+        self.state_machine.restore(state)
+        table = OrderedDict()
+        for sid, next_seq, cache in sessions:
+            sess = Session(next_seq)
+            sess.cache = [(first, count, results) for first, count, results in cache]
+            table[sid] = sess
+        self.sessions = table
+        drop = index - self.log_base + 1
+        if drop >= len(self.values):
+            self.values = []
+            self.ballots = []
+        elif drop > 0:
+            del self.values[:drop]
+            del self.ballots[:drop]
+        self.log_base = index + 1
+        self.commit_index = index
+        self.applied_index = index
+        if self.commit_recorded < index:
+            self.commit_recorded = index
+
+    def export_sessions(self):
+        """The session table as plain lists, in eviction order."""
+        cdef Session sess
+        out = []
+        for sid, sess in self.sessions.items():
+            out.append([sid, sess.next_seq, [list(e) for e in sess.cache]])
+        return out
+
+    cdef int restate_log(self) except -1:
+        """Hand out records that say everything the WAL must about the log after the
+        applied index, so that earlier records become redundant."""
+        cdef Py_ssize_t i, n = len(self.values)
+        cdef int64_t b, run_ballot = 0, run_first = 0
+        cdef list run = []
+        self.out_records.append((REC_PROMISE, self.promised))
+        if self.promised > self.promise_recorded:
+            self.promise_recorded = self.promised
+        for i in range(max(0, self.applied_index + 1 - self.log_base), n):
+            v = self.values[i]
+            b = self.ballots[i]
+            if v is None or (run and b != run_ballot):
+                if run:
+                    self.out_records.append((REC_ACCEPT, run_first, run_ballot, run))
+                    run = []
+                if v is None:
+                    continue
+            if not run:
+                run_first = self.log_base + i
+                run_ballot = b
+            run.append(v)
+        if run:
+            self.out_records.append((REC_ACCEPT, run_first, run_ballot, run))
+        self.out_records.append((REC_COMMIT, self.commit_index))
+        self.commit_recorded = self.commit_index
+        return 0
 
     def compact(self, int64_t slot):
         """Forget in-memory log entries up to `slot` (never past the applied index)."""
@@ -1197,7 +1306,11 @@ cdef class Replica:
         cdef int64_t s
         if from_slot < 1:
             raise MessageError("CATCHUP_REQ from slot 0")
-        if from_slot < self.log_base or from_slot > self.commit_index:
+        if from_slot < self.log_base:
+            if src not in self.out_snapshot_to:
+                self.out_snapshot_to.append(src)
+            return 0
+        if from_slot > self.commit_index:
             return 0
         s = from_slot
         while s <= self.commit_index and size < self.config.message_bytes_max:

@@ -81,18 +81,35 @@ class SimResult:
 
 
 class Disk:
-    """A replica's disk: records become durable only when a sync covering them ends."""
+    """A replica's disk: records become durable only when a sync covering them ends.
+
+    Record positions count from the first record ever written; `base` records at the
+    front were deleted by log compaction.
+    """
 
     def __init__(self) -> None:
+        self.base = 0
         self.durable: list = []
         self.unsynced: list = []
         self.sync_due: int | None = None  # when the sync in flight ends
-        self.sync_covers = 0  # len(durable + unsynced) the sync in flight covers
+        self.sync_covers = 0  # position up to which the sync in flight makes records durable
+        self.snapshot = None  # the latest durable snapshot (index, promised, sessions, state)
 
     @property
     def written(self) -> int:
-        """Records handed to the disk so far (durable or not)."""
-        return len(self.durable) + len(self.unsynced)
+        """Position after the last record handed to the disk (durable or not)."""
+        return self.base + len(self.durable) + len(self.unsynced)
+
+    @property
+    def durable_end(self) -> int:
+        return self.base + len(self.durable)
+
+    def truncate_before(self, position: int) -> None:
+        """Delete durable records before `position` (they are covered by a snapshot)."""
+        drop = min(position, self.durable_end) - self.base
+        if drop > 0:
+            del self.durable[:drop]
+            self.base += drop
 
     def crash(self, rng: random.Random, torn: bool) -> None:
         """Lose what was not durable; a torn group commit may keep part of it, in order."""
@@ -119,20 +136,77 @@ class Node:
         self.pending_batches: dict = {}  # (session, first_seq) -> client id
         self.pending_reads: dict = {}  # read id -> (client id, query)
         self.checked_commit = 0
+        self.snapshot_every = sim.rng.randint(10, 60) if sim.snapshots else 0
         self.start()
 
     def start(self) -> None:
-        """Boot (or reboot) from whatever is durable."""
+        """Boot (or reboot) from whatever is durable: the latest snapshot and the log."""
         self.incarnation += 1
         self.core = Replica(self.rid, self.sim.ids, KVStore(), self.sim.config,
                             seed=self.sim.seed * 1000 + self.rid * 10 + self.incarnation)
-        self.core.recover(list(self.sim.decode_records(self.disk.durable)))
+        self.core.recover(list(self.sim.decode_records(self.disk.durable)), self.disk.snapshot)
         self.after = []
         self.pending_batches = {}
         self.pending_reads = {}
         self.checked_commit = 0
+        self.snapshot_writing = False  # a snapshot file is being written
+        self.restating = None  # (snapshot, cut): the next Ready restates the log
+        self.compaction = None  # (snapshot, cut, restate_end) waiting to become durable
+        self.sending_snapshot: set[int] = set()
         self.up = True
         self.sim.check_commits(self)
+
+    def maybe_snapshot(self) -> None:
+        """Take a snapshot every `snapshot_every` applied slots (one at a time)."""
+        core = self.core
+        last = self.disk.snapshot[0] if self.disk.snapshot else 0
+        if (self.snapshot_every and not self.snapshot_writing and self.compaction is None
+                and core.applied_index - last >= self.snapshot_every):
+            self.restating = (core.snapshot(), self.disk.written)
+            self.snapshot_writing = True
+            self.sim.count("snapshot")
+
+    def after_restatement(self, snapshot, cut: int, write_snapshot: bool) -> None:
+        """The Ready just handled restated the log: compaction may follow once durable."""
+        self.compaction = (snapshot, cut, self.disk.written)
+        if write_snapshot:
+            # Writing the snapshot file takes a while; a crash meanwhile loses it.
+            due = self.sim.now + 3 * self.sim.rng.randint(*self.sim.faults.disk_latency_us)
+            self.sim.schedule(due, "snapshot_written", self.rid, self.incarnation)
+        else:
+            self.maybe_compact()
+
+    def snapshot_written(self) -> None:
+        snapshot = self.compaction[0]
+        if self.disk.snapshot is None or snapshot[0] > self.disk.snapshot[0]:
+            self.disk.snapshot = snapshot
+        self.snapshot_writing = False
+        self.maybe_compact()
+
+    def maybe_compact(self) -> None:
+        """Delete covered log records once the snapshot and the restatement are durable."""
+        if self.compaction is None or self.snapshot_writing:
+            return
+        snapshot, cut, restate_end = self.compaction
+        if self.disk.durable_end < restate_end:
+            return
+        self.disk.truncate_before(cut)
+        # Keep a few slots in memory for slightly lagging peers; the rest go.
+        self.core.compact(snapshot[0] - self.sim.rng.randint(0, 5))
+        self.compaction = None
+        self.sim.count("compaction")
+
+    def install(self, snapshot) -> None:
+        """A peer's snapshot arrived and was written durably: adopt it if newer."""
+        if self.disk.snapshot is None or snapshot[0] > self.disk.snapshot[0]:
+            self.disk.snapshot = snapshot
+        index, _, sessions, state = snapshot
+        if self.compaction is None and not self.snapshot_writing:
+            if self.core.install_snapshot(index, sessions, state):
+                self.sim.count("snapshot_installed")
+                self.restating = (snapshot, self.disk.written)
+                self.process(written=True)
+                self.sim.check_commits(self)
 
     def crash(self) -> None:
         """SIGKILL: everything in memory is gone, and so is the unsynced disk tail."""
@@ -140,13 +214,22 @@ class Node:
         self.disk.crash(self.sim.rng, self.sim.faults.torn_writes)
         self.after = []
 
-    def process(self) -> None:
+    def process(self, written: bool = False) -> None:
         """Carry out what the core asks (the shell's loop body)."""
         while self.up:
+            if self.restating is None:
+                self.maybe_snapshot()
+            restating = self.restating
+            self.restating = None
             rd = self.core.ready()
             if rd is None:
                 return
             sim = self.sim
+            for peer in rd.snapshot_to:
+                if self.disk.snapshot is not None and peer not in self.sending_snapshot:
+                    self.sending_snapshot.add(peer)
+                    sim.send(self.rid, peer, ("SNAPSHOT", self.disk.snapshot))
+                    sim.schedule(sim.now + 200 * MS, "snapshot_sent", self.rid, peer)
             if rd.records:
                 self.disk.unsynced.extend(sim.encode_records(rd.records))
                 if self.disk.sync_due is None:
@@ -171,13 +254,16 @@ class Node:
                 for (sid, first), client in self.pending_batches.items():
                     sim.to_client(self.rid, client, ("redirect", self.core.leader_id))
                 self.pending_batches = {}
+            if restating is not None:
+                self.after_restatement(restating[0], restating[1], write_snapshot=not written)
+                written = False
             sim.check_commits(self)
 
     def sync_done(self) -> None:
         """The fsync in flight finished: release what waited for it."""
         disk = self.disk
         covered = disk.sync_covers
-        moved = covered - len(disk.durable)
+        moved = covered - disk.durable_end
         disk.durable.extend(disk.unsynced[:moved])
         del disk.unsynced[:moved]
         disk.sync_due = None
@@ -193,6 +279,7 @@ class Node:
         self.after = keep
         if ready_upto:
             self.core.persisted(ready_upto)
+        self.maybe_compact()
         if disk.unsynced:
             disk.sync_due = self.sim.now + self.sim.rng.randint(*self.sim.faults.disk_latency_us)
             disk.sync_covers = disk.written
@@ -365,8 +452,9 @@ class Simulation:
     def __init__(self, seed: int, replicas: int = 3, clients: int = 4,
                  faults: Faults | None = None, config: Config | None = None,
                  safety_us: int = 2_500 * MS, liveness_us: int = 6_000 * MS,
-                 keys: int = 4, verbose: bool = False) -> None:
+                 keys: int = 4, verbose: bool = False, snapshots: bool = True) -> None:
         self.seed = seed
+        self.snapshots = snapshots
         self.rng = random.Random(seed)
         self.faults = faults if faults is not None else Faults()
         self.config = config if config is not None else Config(
@@ -579,8 +667,26 @@ class Simulation:
     def on_deliver(self, src: int, dst: int, msg: tuple) -> None:
         node = self.nodes[dst]
         if node.up and (src, dst) not in self.blocked:
+            if msg[0] == "SNAPSHOT":
+                # The receiver writes it durably before installing; a crash meanwhile loses it.
+                due = self.now + 3 * self.rng.randint(*self.faults.disk_latency_us)
+                self.schedule(due, "snapshot_received", dst, node.incarnation, msg[1])
+                return
             node.core.step(msg)
             node.process()
+
+    def on_snapshot_received(self, rid: int, incarnation: int, snapshot) -> None:
+        node = self.nodes[rid]
+        if node.up and node.incarnation == incarnation:
+            node.install(snapshot)
+
+    def on_snapshot_written(self, rid: int, incarnation: int) -> None:
+        node = self.nodes[rid]
+        if node.up and node.incarnation == incarnation:
+            node.snapshot_written()
+
+    def on_snapshot_sent(self, rid: int, peer: int) -> None:
+        self.nodes[rid].sending_snapshot.discard(peer)
 
     def on_sync(self, rid: int, incarnation: int) -> None:
         node = self.nodes[rid]
