@@ -251,6 +251,8 @@ VALID = {
     wire.HEARTBEAT_ACK: [7, 2, 5, 44, 9],
     wire.CATCHUP_REQ: [8, 2, 5, 10],
     wire.CHOSEN: [9, 2, BIG, 10, [b"x" * 64] * 3],
+    wire.SNAPSHOT_CHUNK: [10, 2, 500, 0, 3, b"abc"],
+    wire.SNAPSHOT_ACK: [11, 2, 500, 3],
 }
 
 
@@ -285,7 +287,8 @@ def test_peer_message_wrong_arity(kind):
 def int_positions(kind):
     fields = {wire.PREPARE: (3,), wire.PROMISE: (3,), wire.NACK: (), wire.ACCEPT: (3, 5),
               wire.ACCEPTED: (3, 4, 5), wire.HEARTBEAT: (3, 4), wire.HEARTBEAT_ACK: (3, 4),
-              wire.CATCHUP_REQ: (3,), wire.CHOSEN: (3,)}[kind]
+              wire.CATCHUP_REQ: (3,), wire.CHOSEN: (3,), wire.SNAPSHOT_CHUNK: (3, 4),
+              wire.SNAPSHOT_ACK: (3,)}[kind]
     return (2,) + fields  # the ballot, then the message's own int fields
 
 

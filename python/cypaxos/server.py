@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import cbor2
 import trio
 
-from cypaxos import wire
+from cypaxos import snapshots, wire
 from cypaxos.core import BUSY, NOT_LEADER, PROPOSED, BatchError, Config, MessageError, Replica
 from cypaxos.errors import ConfigError, Error, WalCorruptError
 from cypaxos.statemachine import KVStore, PyStateMachine
@@ -47,6 +47,9 @@ log = logging.getLogger("cypaxos.server")
 PEER_QUEUE_MAX = 4096  # messages waiting for one peer link before we drop
 CLIENT_QUEUE_MAX = 65536  # replies waiting for one client before it is cut off
 HELLO_TIMEOUT_S = 5.0
+SNAPSHOT_CHUNK_BYTES = 1 << 20
+SNAPSHOT_ACK_TIMEOUT_S = 2.0
+SNAPSHOT_SEND_TRIES = 10  # unanswered chunks in a row before a transfer is abandoned
 RECEIVE_BYTES = 1 << 18
 _SESSION_HEADER = struct.Struct("<QQ")
 
@@ -126,6 +129,11 @@ class ServerOptions:
     state_machine: str | None = None
     tick_ms: int = 10
     frame_bytes_max: int = wire.FRAME_BYTES_MAX
+    # Disk stays near wal_segment_bytes + snapshot_bytes + two snapshot files.
+    snapshot_bytes: int = 16 << 20  # snapshot once this much WAL was written since the last
+    snapshot_slots: int = 100_000  # ... or once this many slots were applied since
+    retain_slots: int = 64  # slots kept in memory after a snapshot for lagging peers
+    wal_segment_bytes: int = 8 << 20
     core: dict = field(default_factory=dict)  # overrides of cypaxos.core.Config
 
     def core_config(self) -> Config:
@@ -214,10 +222,15 @@ class ReplicaServer:
         self.data_dir = open_data_dir(options.data_dir, self.cluster_id, self.replica_id)
         self.wal = None
         try:
-            self.wal = self.data_dir.open_wal(fsync=options.fsync)
+            self.snapshots = snapshots.SnapshotStore(options.data_dir)
+            snapshot = self.snapshots.load_latest(self.cluster_id)
+            self.snapshot_index = snapshot[0] if snapshot else 0
+            self.wal = self.data_dir.open_wal(fsync=options.fsync,
+                                              segment_bytes_max=options.wal_segment_bytes)
             self.core = Replica(self.replica_id, sorted(self.cluster), self.state_machine,
                                 options.core_config(), seed=int.from_bytes(os.urandom(8), "little"))
-            self.core.recover(self._replayed_records())
+            self.core.recover(self._replayed_records(), snapshot)
+            del snapshot
         except BaseException:
             if self.wal is not None:
                 self.wal.close()
@@ -232,7 +245,14 @@ class ReplicaServer:
         self.wake = trio.Event()
         self.sync_needed = trio.Event()
         self.persisted_id = 0
-        self.stats = {"peer_drops": 0, "client_drops": 0, "bad_frames": 0, "fsyncs": 0}
+        self.stats = {"peer_drops": 0, "client_drops": 0, "bad_frames": 0, "fsyncs": 0,
+                      "snapshots_taken": 0, "snapshots_sent": 0, "snapshots_installed": 0}
+        self.nursery: trio.Nursery | None = None
+        self.wal_bytes_since_snapshot = 0
+        self.snapshot_lock = trio.Lock()  # one snapshot or install at a time
+        self.sending_snapshot: set[int] = set()
+        self.incoming: dict[int, list] = {}  # peer -> [index, total, bytearray]
+        self.transfer_acks: dict[tuple[int, int], list] = {}  # (peer, index) -> [offset, Event]
 
     def _replayed_records(self):
         for seq, payload in self.wal.replay():
@@ -260,8 +280,14 @@ class ReplicaServer:
     def handle_ready(self, rd) -> None:
         wal = self.wal
         if rd.records:
-            wal.append_many([cbor2.dumps(r) for r in rd.records])
+            payloads = [cbor2.dumps(r) for r in rd.records]
+            wal.append_many(payloads)
+            self.wal_bytes_since_snapshot += sum(map(len, payloads))
             self.sync_needed.set()
+        for peer in rd.snapshot_to:
+            if peer not in self.sending_snapshot and self.snapshot_index and self.nursery:
+                self.sending_snapshot.add(peer)
+                self.nursery.start_soon(self.send_snapshot, peer)
         for to, msg in rd.messages:
             self.send_peer(to, msg)
         if rd.records or rd.messages_after_persist:
@@ -327,6 +353,128 @@ class ReplicaServer:
             await trio.sleep_until(deadline)
             self.core.tick()
             self.kick()
+            if not self.snapshot_lock.locked() and (
+                    self.wal_bytes_since_snapshot >= self.options.snapshot_bytes
+                    or self.core.applied_index - self.snapshot_index >= self.options.snapshot_slots):
+                self.nursery.start_soon(self.take_snapshot)
+
+    # -- snapshots and compaction
+
+    async def take_snapshot(self) -> int:
+        """Snapshot the state at the applied index, write it durably, compact the log."""
+        async with self.snapshot_lock:
+            core = self.core
+            if core.applied_index <= self.snapshot_index:
+                return self.snapshot_index
+            # The state is serialized here, on the loop (the only stall: a memory copy);
+            # writing and fsyncing the file happen in a worker thread.
+            snapshot = core.snapshot()
+            cut, restate_end = self.flush_restatement()
+            self.wal_bytes_since_snapshot = 0
+            index = snapshot[0]
+            data = snapshots.encode(self.cluster_id, snapshot)
+            del snapshot
+            await trio.to_thread.run_sync(self.snapshots.write, index, data)
+            self.stats["snapshots_taken"] += 1
+            await self.compact(index, cut, restate_end)
+            log.info("snapshot at slot %d written (%d bytes); log compacted", index, len(data))
+            return index
+
+    def flush_restatement(self) -> tuple[int, int]:
+        """Write the Ready that restates the log; return (cut, restate_end) WAL seqs."""
+        cut = self.wal.last_seq + 1
+        while (rd := self.core.ready()) is not None:
+            self.handle_ready(rd)
+        return cut, self.wal.last_seq
+
+    async def compact(self, index: int, cut: int, restate_end: int) -> None:
+        """Once the restatement is durable, drop WAL segments and memory below `index`."""
+        self.snapshot_index = max(self.snapshot_index, index)
+        while self.wal.durable_seq < restate_end:
+            self.sync_needed.set()
+            await self.wal.sync_async()
+        self.wal.truncate_before(cut)
+        self.core.compact(index - self.options.retain_slots)
+
+    async def send_snapshot(self, peer: int) -> None:
+        """Stream the latest snapshot file to a peer, one acknowledged chunk at a time."""
+        try:
+            index = self.snapshots.latest_index()
+            data = await trio.to_thread.run_sync(self.snapshots.read, index)
+            total = len(data)
+            offset = 0
+            misses = 0
+            key = (peer, index)
+            while offset < total and misses < SNAPSHOT_SEND_TRIES:
+                ack = self.transfer_acks[key] = [offset, trio.Event()]
+                self.send_peer(peer, (wire.SNAPSHOT_CHUNK, self.replica_id, index, offset, total,
+                                      data[offset:offset + SNAPSHOT_CHUNK_BYTES]))
+                with trio.move_on_after(SNAPSHOT_ACK_TIMEOUT_S):
+                    await ack[1].wait()
+                if ack[1].is_set():
+                    offset = ack[0]  # may go back: the receiver restarted the transfer
+                    misses = 0
+                else:
+                    misses += 1
+            if offset >= total:
+                self.stats["snapshots_sent"] += 1
+                log.info("sent snapshot at slot %d (%d bytes) to replica %d", index, total, peer)
+            else:
+                log.info("gave up sending snapshot %d to replica %d at byte %d", index, peer, offset)
+        except (OSError, snapshots.SnapshotCorruptError) as exc:
+            log.warning("cannot send snapshot to replica %d: %s", peer, exc)
+        finally:
+            self.sending_snapshot.discard(peer)
+            self.transfer_acks = {k: v for k, v in self.transfer_acks.items() if k[0] != peer}
+
+    def on_snapshot_ack(self, peer: int, index: int, next_offset: int) -> None:
+        ack = self.transfer_acks.get((peer, index))
+        if ack is not None:
+            ack[0] = next_offset
+            ack[1].set()
+
+    def on_snapshot_chunk(self, peer: int, index: int, offset: int, total: int, data: bytes) -> None:
+        def acknowledge(next_offset):
+            self.send_peer(peer, (wire.SNAPSHOT_ACK, self.replica_id, index, next_offset))
+
+        if index <= self.core.commit_index:
+            acknowledge(total)  # we no longer need it: the sender may stop
+            return
+        incoming = self.incoming.get(peer)
+        if incoming is None or incoming[0] != index or incoming[1] != total:
+            if offset != 0:
+                acknowledge(0)  # start over: this is not the transfer we hold
+                return
+            incoming = self.incoming[peer] = [index, total, bytearray()]
+        buffer = incoming[2]
+        if offset == len(buffer):
+            if len(buffer) + len(data) > total:
+                raise wire.ProtocolError("snapshot chunk runs past the snapshot's size")
+            buffer += data
+        acknowledge(len(buffer))
+        if len(buffer) == total:
+            del self.incoming[peer]
+            self.nursery.start_soon(self.install_snapshot, peer, index, bytes(buffer))
+
+    async def install_snapshot(self, peer: int, index: int, data: bytes) -> None:
+        """Verify a received snapshot, make it durable, then hand it to the core."""
+        try:
+            snapshot = snapshots.decode(data, self.cluster_id, f"snapshot from replica {peer}")
+        except snapshots.SnapshotCorruptError as exc:
+            log.warning("%s; discarded", exc)
+            return
+        async with self.snapshot_lock:
+            if snapshot[0] != index or index <= self.core.commit_index:
+                return
+            await trio.to_thread.run_sync(self.snapshots.write, index, data)
+            _, _, sessions, state = snapshot
+            del snapshot, data
+            if not self.core.install_snapshot(index, sessions, state):
+                return
+            cut, restate_end = self.flush_restatement()
+            self.stats["snapshots_installed"] += 1
+            await self.compact(index, cut, restate_end)
+            log.info("installed snapshot at slot %d from replica %d", index, peer)
 
     # -- peers
 
@@ -387,6 +535,12 @@ class ReplicaServer:
         me = self.replica_id
         async for frame in read_frames(stream, decoder):
             msg = wire.parse_peer_message(frame, cluster_ids, me, peer_id)
+            if msg[0] == wire.SNAPSHOT_CHUNK:
+                self.on_snapshot_chunk(peer_id, *msg[2:])
+                continue
+            if msg[0] == wire.SNAPSHOT_ACK:
+                self.on_snapshot_ack(peer_id, msg[2], msg[3])
+                continue
             try:
                 core.step(msg)
             except MessageError as exc:
@@ -431,6 +585,9 @@ class ReplicaServer:
             "commit_index": core.commit_index,
             "applied_index": core.applied_index,
             "state_digest": self.state_machine.state_digest(),
+            "snapshot_index": self.snapshot_index,
+            "log_start": core.log_start,
+            "wal_first_seq": self.wal.first_seq,
             "wal_last_seq": self.wal.last_seq,
             "wal_durable_seq": self.wal.durable_seq,
             "fsync": self.options.fsync,
@@ -471,8 +628,11 @@ class ReplicaServer:
         elif op == "status":
             self.reply(conn, wire.ok(request_id, self.status()))
         else:  # snapshot
-            self.reply(conn, wire.error(request_id, "bad_request",
-                                        "on-demand snapshots are not supported by this version"))
+            self.nursery.start_soon(self.snapshot_on_request, conn, request_id)
+
+    async def snapshot_on_request(self, conn: Conn, request_id: int) -> None:
+        index = await self.take_snapshot()
+        self.reply(conn, wire.ok(request_id, index))
 
     async def serve_client(self, stream: trio.SocketStream, decoder: wire.FrameDecoder,
                            name: str) -> None:
@@ -549,6 +709,7 @@ class ReplicaServer:
             raise ConfigError(f"cannot listen on {self.address}: {exc.strerror or exc}") from None
         try:
             async with trio.open_nursery() as nursery:
+                self.nursery = nursery
                 nursery.start_soon(self.driver)
                 nursery.start_soon(self.syncer)
                 nursery.start_soon(self.ticker)

@@ -22,7 +22,7 @@ __all__ = [
     "ProtocolError", "FRAME_BYTES_MAX", "INT_LIMIT", "CBOR_ACCELERATED",
     "FrameDecoder", "decode_body", "encode_frame", "encode_frames",
     "PREPARE", "PROMISE", "NACK", "ACCEPT", "ACCEPTED", "HEARTBEAT", "HEARTBEAT_ACK",
-    "CATCHUP_REQ", "CHOSEN", "MESSAGE_NAMES", "parse_peer_message", "encode_peer_message",
+    "CATCHUP_REQ", "CHOSEN", "SNAPSHOT_CHUNK", "SNAPSHOT_ACK", "MESSAGE_NAMES", "parse_peer_message", "encode_peer_message",
     "peer_hello", "client_hello", "parse_hello", "welcome", "parse_welcome",
     "submit_request", "read_request", "status_request", "snapshot_request",
     "parse_client_request", "ERROR_CODES", "ok", "redirect", "error", "parse_reply",
@@ -206,11 +206,16 @@ HEARTBEAT = 6
 HEARTBEAT_ACK = 7
 CATCHUP_REQ = 8
 CHOSEN = 9
+# Snapshot transfer is the shell's business, not the core's: in these two the third
+# field is the snapshot's index rather than a ballot.
+SNAPSHOT_CHUNK = 10
+SNAPSHOT_ACK = 11
 
 MESSAGE_NAMES = {
     PREPARE: "PREPARE", PROMISE: "PROMISE", NACK: "NACK", ACCEPT: "ACCEPT",
     ACCEPTED: "ACCEPTED", HEARTBEAT: "HEARTBEAT", HEARTBEAT_ACK: "HEARTBEAT_ACK",
-    CATCHUP_REQ: "CATCHUP_REQ", CHOSEN: "CHOSEN",
+    CATCHUP_REQ: "CATCHUP_REQ", CHOSEN: "CHOSEN", SNAPSHOT_CHUNK: "SNAPSHOT_CHUNK",
+    SNAPSHOT_ACK: "SNAPSHOT_ACK",
 }
 """Peer message type -> name, for log lines."""
 
@@ -218,6 +223,7 @@ MESSAGE_NAMES = {
 _INT = 0      # int in [0, INT_LIMIT)
 _VALUES = 1   # list of bytes
 _ENTRIES = 2  # flat list of (slot: int, ballot: int, value: bytes) triples
+_BYTES = 3    # bytes
 
 _PEER_FIELDS = {
     PREPARE: (("from_slot", _INT),),
@@ -229,6 +235,8 @@ _PEER_FIELDS = {
     HEARTBEAT_ACK: (("read_ctx", _INT), ("commit_index", _INT)),
     CATCHUP_REQ: (("from_slot", _INT),),
     CHOSEN: (("first_slot", _INT), ("values", _VALUES)),
+    SNAPSHOT_CHUNK: (("offset", _INT), ("total", _INT), ("data", _BYTES)),
+    SNAPSHOT_ACK: (("next_offset", _INT),),
 }
 
 
@@ -267,9 +275,10 @@ def _is_entries(entries):
     return True
 
 
-_CHECKS = {_INT: _is_wire_int, _VALUES: _is_bytes_list, _ENTRIES: _is_entries}
+_CHECKS = {_INT: _is_wire_int, _VALUES: _is_bytes_list, _ENTRIES: _is_entries,
+           _BYTES: lambda value: type(value) is bytes}
 _KIND_TEXT = {_INT: "an int in [0, 2**63)", _VALUES: "a list of bytes",
-              _ENTRIES: "a flat list of [slot, ballot, value] triples"}
+              _ENTRIES: "a flat list of [slot, ballot, value] triples", _BYTES: "bytes"}
 
 
 def parse_peer_message(obj, cluster_ids, self_id, peer_id):

@@ -1,0 +1,137 @@
+"""Snapshot files in a data dir: format, atomic writes, loading and pruning.
+
+A snapshot file is `magic | u32 crc32c(body) | u64 body length | body`, the body being
+CBOR `[format, cluster_id, index, promised, sessions, state]` (see
+`cypaxos.core.Replica.snapshot`).  Files are written to a temporary name, fsynced,
+renamed to `snapshot-<index>.snap` and the directory fsynced, so a crash leaves either
+the old set of snapshots or the new one, never a half-written file under a final name.
+The WAL is truncated only once a snapshot is durable, so the newest snapshot may be
+the only copy of what it covers: a damaged one stops the replica with a clear error
+rather than be skipped.
+"""
+from __future__ import annotations
+
+import os
+import re
+import struct
+
+import cbor2
+import google_crc32c
+
+from cypaxos.errors import StorageError
+
+MAGIC = b"CYPXSNP1"
+FORMAT = 1
+HEADER = struct.Struct("<8sIQ")
+SNAPSHOT_DIR = "snapshots"
+KEEP = 2  # the newest snapshot and the one before it
+_NAME = re.compile(r"^snapshot-(\d{20})\.snap$")
+
+
+class SnapshotCorruptError(StorageError):
+    """A snapshot file fails its checksum or does not decode."""
+
+
+def encode(cluster_id: str, snapshot: tuple) -> bytes:
+    """A snapshot tuple `(index, promised, sessions, state)` as file bytes."""
+    index, promised, sessions, state = snapshot
+    body = cbor2.dumps([FORMAT, cluster_id, index, promised, sessions, state])
+    return HEADER.pack(MAGIC, google_crc32c.value(body), len(body)) + body
+
+
+def decode(data: bytes, cluster_id: str, origin: str = "snapshot") -> tuple:
+    """File bytes -> `(index, promised, sessions, state)`; SnapshotCorruptError if bad."""
+    if len(data) < HEADER.size:
+        raise SnapshotCorruptError(f"{origin} is truncated ({len(data)} bytes)")
+    magic, crc, length = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise SnapshotCorruptError(f"{origin} is not a cypaxos snapshot")
+    body = data[HEADER.size:]
+    if len(body) != length:
+        raise SnapshotCorruptError(f"{origin} holds {len(body)} body bytes, expected {length}")
+    if google_crc32c.value(body) != crc:
+        raise SnapshotCorruptError(f"{origin} fails its checksum")
+    try:
+        fmt, cluster, index, promised, sessions, state = cbor2.loads(body)
+    except Exception as exc:
+        raise SnapshotCorruptError(f"{origin} does not decode: {exc}") from None
+    if fmt != FORMAT:
+        raise SnapshotCorruptError(f"{origin} has format {fmt}, this version reads {FORMAT}")
+    if cluster != cluster_id:
+        raise SnapshotCorruptError(f"{origin} belongs to cluster {cluster!r}, not {cluster_id!r}")
+    return index, promised, sessions, state
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SnapshotStore:
+    """The `snapshots/` directory of one data dir."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.path = os.path.join(data_dir, SNAPSHOT_DIR)
+        if not os.path.isdir(self.path):
+            os.makedirs(self.path, exist_ok=True)
+            _fsync_dir(data_dir)
+        for name in os.listdir(self.path):
+            if name.endswith(".tmp"):  # a write a crash interrupted
+                os.unlink(os.path.join(self.path, name))
+
+    def indexes(self) -> list[int]:
+        """Indexes of the snapshot files present, oldest first."""
+        found = []
+        for name in os.listdir(self.path):
+            m = _NAME.match(name)
+            if m:
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def file_path(self, index: int) -> str:
+        return os.path.join(self.path, f"snapshot-{index:020d}.snap")
+
+    def latest_index(self) -> int:
+        """The newest snapshot's index, 0 if there is none."""
+        found = self.indexes()
+        return found[-1] if found else 0
+
+    def read(self, index: int) -> bytes:
+        with open(self.file_path(index), "rb") as f:
+            return f.read()
+
+    def load_latest(self, cluster_id: str) -> tuple | None:
+        """The newest snapshot, or None.  Raises SnapshotCorruptError if it is damaged."""
+        index = self.latest_index()
+        if not index:
+            return None
+        path = self.file_path(index)
+        snapshot = decode(self.read(index), cluster_id, path)
+        if snapshot[0] != index:
+            raise SnapshotCorruptError(f"{path} holds index {snapshot[0]}")
+        return snapshot
+
+    def write(self, index: int, data: bytes) -> str:
+        """Write a snapshot file atomically and durably; prune old ones.  Blocking."""
+        final = self.file_path(index)
+        tmp = final + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+        _fsync_dir(self.path)
+        for old in self.indexes()[:-KEEP]:
+            os.unlink(self.file_path(old))
+        return final
+
+    def total_bytes(self) -> int:
+        """Bytes used by the snapshot files."""
+        return sum(os.path.getsize(self.file_path(i)) for i in self.indexes())
