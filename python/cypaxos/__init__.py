@@ -1,1 +1,28 @@
-"""cypaxos: a replicated state machine engine."""
+"""cypaxos: a replicated state machine engine.
+
+A Multi-Paxos core in Cython, a Trio replica server, a write-ahead log and this
+client API::
+
+    import cypaxos
+
+    with cypaxos.connect("127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003") as kv:
+        kv.put(b"k", b"v")
+        kv.get(b"k")            # linearizable
+
+    async with cypaxos.open_client(["127.0.0.1:7001", ...]) as kv:   # Trio
+        await kv.put(b"k", b"v")
+"""
+from cypaxos.client import BlockingClient, Client, connect, open_client
+from cypaxos.errors import (
+    ClientError, ClosedError, CommandError, ConfigError, DataDirError, Error, RequestError,
+    SessionExpiredError, StorageError, TimeoutError, UnavailableError, WalCorruptError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "connect", "open_client", "Client", "BlockingClient",
+    "Error", "ClientError", "ClosedError", "CommandError", "ConfigError", "DataDirError",
+    "RequestError", "SessionExpiredError", "StorageError", "TimeoutError",
+    "UnavailableError", "WalCorruptError", "__version__",
+]
