@@ -47,6 +47,7 @@ log = logging.getLogger("cypaxos.server")
 PEER_QUEUE_MAX = 4096  # messages waiting for one peer link before we drop
 CLIENT_QUEUE_MAX = 65536  # replies waiting for one client before it is cut off
 HELLO_TIMEOUT_S = 5.0
+PEER_BACKOFF_MAX_S = 0.05
 SNAPSHOT_CHUNK_BYTES = 1 << 20
 SNAPSHOT_ACK_TIMEOUT_S = 2.0
 SNAPSHOT_SEND_TRIES = 10  # unanswered chunks in a row before a transfer is abandoned
@@ -493,8 +494,10 @@ class ReplicaServer:
             try:
                 stream = await trio.open_tcp_stream(host, port)
             except OSError:
+                # Keep retries well under the election timeout: a restarted peer that
+                # hears no leader soon enough campaigns and deposes a healthy one.
                 await trio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                backoff = min(backoff * 2, PEER_BACKOFF_MAX_S)
                 continue
             try:
                 await stream.send_all(wire.encode_frame(wire.peer_hello(self.cluster_id, self.replica_id)))
@@ -526,7 +529,7 @@ class ReplicaServer:
                     scope.shield = True
                     await stream.aclose()
             await trio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
+            backoff = min(backoff * 2, PEER_BACKOFF_MAX_S)
 
     async def serve_peer(self, stream: trio.SocketStream, decoder: wire.FrameDecoder,
                          peer_id: int, name: str) -> None:
@@ -762,8 +765,19 @@ def run_server(options: ServerOptions) -> int:
                             format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     try:
         trio.run(serve, options)
-    except Error:
+    except BaseExceptionGroup as group:
+        # Nurseries wrap a startup failure; callers want the one expected error.
+        errors = _leaves(group)
+        if errors and all(isinstance(e, Error) for e in errors):
+            raise errors[0] from None
         raise
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
