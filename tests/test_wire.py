@@ -253,6 +253,8 @@ VALID = {
     wire.CHOSEN: [9, 2, BIG, 10, [b"x" * 64] * 3],
     wire.SNAPSHOT_CHUNK: [10, 2, 500, 0, 3, b"abc"],
     wire.SNAPSHOT_ACK: [11, 2, 500, 3],
+    wire.PREVOTE: [12, 2, 5],
+    wire.PREVOTE_ACK: [13, 2, 5, 1],
 }
 
 
@@ -288,7 +290,7 @@ def int_positions(kind):
     fields = {wire.PREPARE: (3,), wire.PROMISE: (3,), wire.NACK: (), wire.ACCEPT: (3, 5),
               wire.ACCEPTED: (3, 4, 5), wire.HEARTBEAT: (3, 4), wire.HEARTBEAT_ACK: (3, 4),
               wire.CATCHUP_REQ: (3,), wire.CHOSEN: (3,), wire.SNAPSHOT_CHUNK: (3, 4),
-              wire.SNAPSHOT_ACK: (3,)}[kind]
+              wire.SNAPSHOT_ACK: (3,), wire.PREVOTE: (), wire.PREVOTE_ACK: (3,)}[kind]
     return (2,) + fields  # the ballot, then the message's own int fields
 
 

@@ -25,6 +25,7 @@ cdef class Config:
     cdef public int lease_ticks
     cdef public int clock_drift_ticks
     cdef public bint check_quorum
+    cdef public bint pre_vote
     cdef public bint check_invariants
     cdef public int fault
 
@@ -84,6 +85,10 @@ cdef class Replica:
     cdef int64_t election_timeout
     cdef int64_t heartbeat_elapsed
     cdef int64_t leader_heard_tick
+
+    # Pre-vote (no persistent state).  prevote_ballot is 0 when none is running.
+    cdef int64_t prevote_ballot
+    cdef set prevotes
 
     # Candidate.
     cdef dict promises
@@ -149,6 +154,9 @@ cdef class Replica:
     cdef int send_after(self, int to, tuple msg) except -1
     cdef int send_values(self, int to, int kind, int64_t first, list values) except -1
     cdef int become_follower(self) except -1
+    cdef int pre_campaign(self) except -1
+    cdef int on_prevote(self, int src, int64_t ballot) except -1
+    cdef int on_prevote_ack(self, int src, int64_t ballot, int64_t granted) except -1
     cdef int campaign(self) except -1
     cdef int maybe_win(self) except -1
     cdef int become_leader(self) except -1

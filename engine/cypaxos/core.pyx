@@ -57,6 +57,8 @@ cdef enum:
     HEARTBEAT_ACK = 7
     CATCHUP_REQ = 8
     CHOSEN = 9
+    PREVOTE = 12
+    PREVOTE_ACK = 13
 
 # Record types.
 cdef enum:
@@ -87,7 +89,8 @@ BUSY = 2
 MESSAGE_NAMES = {
     PREPARE: "PREPARE", PROMISE: "PROMISE", NACK: "NACK", ACCEPT: "ACCEPT",
     ACCEPTED: "ACCEPTED", HEARTBEAT: "HEARTBEAT", HEARTBEAT_ACK: "HEARTBEAT_ACK",
-    CATCHUP_REQ: "CATCHUP_REQ", CHOSEN: "CHOSEN",
+    CATCHUP_REQ: "CATCHUP_REQ", CHOSEN: "CHOSEN", PREVOTE: "PREVOTE",
+    PREVOTE_ACK: "PREVOTE_ACK",
 }
 ROLE_NAMES = ("follower", "candidate", "leader")
 
@@ -192,6 +195,9 @@ cdef class Config:
     clock_drift_ticks: the bound on how far replicas' tick rates may disagree over
         one lease.
     check_quorum: a leader that hears from no quorum for an election timeout steps down.
+    pre_vote: before campaigning, ask the peers whether they would promise; they say
+        yes only if they have not heard from a leader for election_ticks, so a replica
+        that restarts or was cut off cannot depose a healthy leader.
     check_invariants: assert the documented invariants after every input (slow).
     """
 
@@ -200,7 +206,7 @@ cdef class Config:
                  message_bytes_max=4 << 20, resend_ticks=4,
                  pending_bytes_max=64 << 20, max_sessions=100000,
                  accept_ahead_max=1 << 16, lease_ticks=0, clock_drift_ticks=0,
-                 check_quorum=True, check_invariants=False, fault=0):
+                 check_quorum=True, pre_vote=False, check_invariants=False, fault=0):
         self.heartbeat_ticks = heartbeat_ticks
         self.election_ticks = election_ticks
         self.window_slots = window_slots
@@ -214,6 +220,7 @@ cdef class Config:
         self.lease_ticks = lease_ticks
         self.clock_drift_ticks = clock_drift_ticks
         self.check_quorum = check_quorum
+        self.pre_vote = pre_vote
         self.check_invariants = check_invariants
         self.fault = fault
         self.validate()
@@ -239,7 +246,7 @@ cdef class Config:
             "heartbeat_ticks", "election_ticks", "window_slots", "batch_bytes_max",
             "batch_delay_ticks", "message_bytes_max", "resend_ticks", "pending_bytes_max",
             "max_sessions", "accept_ahead_max", "lease_ticks", "clock_drift_ticks",
-            "check_quorum", "check_invariants", "fault")}
+            "check_quorum", "pre_vote", "check_invariants", "fault")}
 
 
 @cython.final
@@ -464,7 +471,10 @@ cdef class Replica:
         else:
             self.election_elapsed += 1
             if self.election_elapsed >= self.election_timeout:
-                self.campaign()
+                if self.config.pre_vote:
+                    self.pre_campaign()
+                else:
+                    self.campaign()
             elif self.role_ == CANDIDATE:
                 self.heartbeat_elapsed += 1
                 if self.heartbeat_elapsed >= self.config.heartbeat_ticks:
@@ -518,6 +528,10 @@ cdef class Replica:
                 self.on_catchup_req(src, msg[3])
             elif kind == CHOSEN:
                 self.on_chosen(src, msg[3], msg[4])
+            elif kind == PREVOTE:
+                self.on_prevote(src, ballot)
+            elif kind == PREVOTE_ACK:
+                self.on_prevote_ack(src, ballot, msg[3])
             else:
                 raise MessageError(f"unknown message type {kind}")
         except (TypeError, IndexError, OverflowError) as exc:
@@ -834,6 +848,35 @@ cdef class Replica:
         self.reset_election_timer()
         return 0
 
+    cdef int pre_campaign(self) except -1:
+        """Ask whether a quorum would promise our next ballot; nothing is persisted."""
+        cdef int64_t round_ = max(self.round_seen, self.promised >> BALLOT_ID_BITS) + 1
+        if self.role_ != FOLLOWER:
+            self.become_follower()
+        self.prevote_ballot = (round_ << BALLOT_ID_BITS) | self.replica_id
+        self.prevotes = {self.replica_id}
+        self.reset_election_timer()
+        if len(self.prevotes) >= self.quorum:
+            return self.campaign()
+        for p in self.peers:
+            self.send(p, (PREVOTE, self.replica_id, self.prevote_ballot))
+        return 0
+
+    cdef int on_prevote(self, int src, int64_t ballot) except -1:
+        cdef bint granted = (ballot > self.promised and self.role_ != LEADER
+                             and self.now - self.leader_heard_tick >= self.config.election_ticks)
+        self.send(src, (PREVOTE_ACK, self.replica_id, ballot, 1 if granted else 0))
+        return 0
+
+    cdef int on_prevote_ack(self, int src, int64_t ballot, int64_t granted) except -1:
+        if self.role_ != FOLLOWER or ballot != self.prevote_ballot or not granted:
+            return 0
+        self.prevotes.add(src)
+        if len(self.prevotes) >= self.quorum:
+            self.prevote_ballot = 0
+            self.campaign()
+        return 0
+
     cdef int campaign(self) except -1:
         cdef int64_t round_ = max(self.round_seen, self.promised >> BALLOT_ID_BITS) + 1
         if self.role_ == LEADER:
@@ -960,6 +1003,7 @@ cdef class Replica:
         self.leader_id = src
         self.leader_heard_tick = self.now
         self.election_elapsed = 0
+        self.prevote_ballot = 0
         return 0
 
     cdef int learn_commit(self, int src, int64_t ballot, int64_t commit) except -1:

@@ -143,7 +143,7 @@ class ServerOptions:
         settings = dict(heartbeat_ticks=max(1, math.ceil(0.03 * ticks_per_s)),
                         election_ticks=max(3, math.ceil(0.25 * ticks_per_s)),
                         resend_ticks=max(1, math.ceil(0.1 * ticks_per_s)),
-                        window_slots=64, batch_bytes_max=1 << 20)
+                        window_slots=64, batch_bytes_max=1 << 20, pre_vote=True)
         settings.update(self.core)
         return Config(**settings)
 

@@ -22,7 +22,7 @@ __all__ = [
     "ProtocolError", "FRAME_BYTES_MAX", "INT_LIMIT", "CBOR_ACCELERATED",
     "FrameDecoder", "decode_body", "encode_frame", "encode_frames",
     "PREPARE", "PROMISE", "NACK", "ACCEPT", "ACCEPTED", "HEARTBEAT", "HEARTBEAT_ACK",
-    "CATCHUP_REQ", "CHOSEN", "SNAPSHOT_CHUNK", "SNAPSHOT_ACK", "MESSAGE_NAMES", "parse_peer_message", "encode_peer_message",
+    "CATCHUP_REQ", "CHOSEN", "SNAPSHOT_CHUNK", "SNAPSHOT_ACK", "PREVOTE", "PREVOTE_ACK", "MESSAGE_NAMES", "parse_peer_message", "encode_peer_message",
     "peer_hello", "client_hello", "parse_hello", "welcome", "parse_welcome",
     "submit_request", "read_request", "status_request", "snapshot_request",
     "parse_client_request", "ERROR_CODES", "ok", "redirect", "error", "parse_reply",
@@ -210,12 +210,14 @@ CHOSEN = 9
 # field is the snapshot's index rather than a ballot.
 SNAPSHOT_CHUNK = 10
 SNAPSHOT_ACK = 11
+PREVOTE = 12
+PREVOTE_ACK = 13
 
 MESSAGE_NAMES = {
     PREPARE: "PREPARE", PROMISE: "PROMISE", NACK: "NACK", ACCEPT: "ACCEPT",
     ACCEPTED: "ACCEPTED", HEARTBEAT: "HEARTBEAT", HEARTBEAT_ACK: "HEARTBEAT_ACK",
     CATCHUP_REQ: "CATCHUP_REQ", CHOSEN: "CHOSEN", SNAPSHOT_CHUNK: "SNAPSHOT_CHUNK",
-    SNAPSHOT_ACK: "SNAPSHOT_ACK",
+    SNAPSHOT_ACK: "SNAPSHOT_ACK", PREVOTE: "PREVOTE", PREVOTE_ACK: "PREVOTE_ACK",
 }
 """Peer message type -> name, for log lines."""
 
@@ -237,6 +239,8 @@ _PEER_FIELDS = {
     CHOSEN: (("first_slot", _INT), ("values", _VALUES)),
     SNAPSHOT_CHUNK: (("offset", _INT), ("total", _INT), ("data", _BYTES)),
     SNAPSHOT_ACK: (("next_offset", _INT),),
+    PREVOTE: (),
+    PREVOTE_ACK: (("granted", _INT),),
 }
 
 

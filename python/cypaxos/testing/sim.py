@@ -460,6 +460,11 @@ class Simulation:
         self.config = config if config is not None else Config(
             heartbeat_ticks=2, election_ticks=10, window_slots=8, resend_ticks=3,
             batch_bytes_max=512, check_invariants=True)
+        if self.rng.random() < 0.5:
+            # Half the runs use pre-vote, as the server does.
+            settings = self.config.as_dict()
+            settings["pre_vote"] = True
+            self.config = Config(**settings)
         self.tick_us = 10 * MS
         self.client_timeout_us = 150 * MS
         self.safety_us = safety_us
