@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 
-from . import errors
+from . import bench, errors
 from .errors import ClientError, ConfigError, Error
 
 __all__ = ["main", "build_parser", "parse_addresses", "DEFAULT_CLUSTER", "CLUSTER_ENV"]
@@ -139,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a custom state machine class (default: the built-in key-value store)")
     p.add_argument("--tick-ms", type=_int_in(1, 10_000), default=10, metavar="MS",
                    help="milliseconds per logical tick (default: 10)")
+    p.add_argument("--snapshot-bytes", type=_int_in(1, 1 << 40), default=16 << 20, metavar="B",
+                   help="snapshot after this many bytes of log (default: 16 MiB)")
+    p.add_argument("--snapshot-slots", type=_int_in(1, 1 << 40), default=100_000, metavar="N",
+                   help="... or after this many applied slots (default: 100000)")
+    p.add_argument("--retain-slots", type=_int_in(0, 1 << 30), default=64, metavar="N",
+                   help="slots kept in memory after a snapshot for lagging peers (default: 64)")
+    p.add_argument("--wal-segment-bytes", type=_int_in(1 << 12, 1 << 32), default=8 << 20,
+                   metavar="B", help="size of one log segment file (default: 8 MiB)")
     p.set_defaults(handler=_cmd_serve)
 
     # local
@@ -207,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = client_parser("snapshot", "ask every replica to take a snapshot now")
     p.set_defaults(handler=_cmd_snapshot)
+
+    p = sub.add_parser("bench", help="measure throughput and latency (a local cluster by default)",
+                       description="Closed-loop (or --rate open-loop) load with a latency "
+                                   "histogram; see docs/performance.md.")
+    bench.add_arguments(p)
+    p.set_defaults(handler=bench.run)
     return parser
 
 
@@ -318,6 +332,10 @@ def _cmd_serve(args) -> int:
         fsync=args.fsync == "always",
         state_machine=args.state_machine,
         tick_ms=args.tick_ms,
+        snapshot_bytes=args.snapshot_bytes,
+        snapshot_slots=args.snapshot_slots,
+        retain_slots=args.retain_slots,
+        wal_segment_bytes=args.wal_segment_bytes,
     )
     try:
         return run_server(options)

@@ -473,6 +473,7 @@ class ReplicaServer:
             if not self.core.install_snapshot(index, sessions, state):
                 return
             cut, restate_end = self.flush_restatement()
+            self.wal_bytes_since_snapshot = 0
             self.stats["snapshots_installed"] += 1
             await self.compact(index, cut, restate_end)
             log.info("installed snapshot at slot %d from replica %d", index, peer)
