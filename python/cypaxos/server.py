@@ -176,7 +176,9 @@ class Conn:
                 while True:
                     try:
                         chunks.append(receive.receive_nowait())
-                    except trio.WouldBlock:
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        # EndOfChannel: the reader closed the queue (the client half-closed);
+                        # what is queued still goes out.
                         break
                 await self.stream.send_all(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
