@@ -41,6 +41,8 @@ import random
 import sys
 import time
 
+from cypaxos.argtypes import int_in, non_negative_float, positive_float
+
 __all__ = ["add_arguments", "run", "main", "Histogram", "DEFAULTS"]
 
 DEFAULTS = dict(
@@ -176,44 +178,14 @@ class Histogram:
 # ---------------------------------------------------------------------------
 # Arguments
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
-    return value
 
 
 def _ratio(text: str) -> float:
-    value = _non_negative_float(text)
+    value = non_negative_float(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not in 0..1")
     return value
 
-
-def _int_in(low: int, high: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
-        return value
-    parse.__name__ = "integer"
-    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -222,34 +194,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster", metavar="ADDRS", default=None,
                         help="comma-separated HOST:PORT of any replicas (default: start a "
                              "local 3-replica cluster with fsync on, in a temporary dir)")
-    parser.add_argument("--clients", type=_int_in(1, 10_000), default=d["clients"],
+    parser.add_argument("--clients", type=int_in(1, 10_000), default=d["clients"],
                         metavar="N", help="client connections (sessions), spread over the "
                                           f"worker processes (default: {d['clients']})")
-    parser.add_argument("--processes", type=_int_in(1, 256), default=None, metavar="P",
+    parser.add_argument("--processes", type=int_in(1, 256), default=None, metavar="P",
                         help="client worker processes (default: "
                              f"min({d['processes']}, --clients))")
-    parser.add_argument("--outstanding", type=_int_in(1, 1_000_000), default=None,
+    parser.add_argument("--outstanding", type=int_in(1, 1_000_000), default=None,
                         metavar="N",
                         help="concurrent operations per client (default: "
                              f"{d['outstanding']}; with --rate, the cap on them, default "
                              f"{d['open_loop_outstanding']})")
-    parser.add_argument("--duration", type=_positive_float, default=d["duration"],
+    parser.add_argument("--duration", type=positive_float, default=d["duration"],
                         metavar="S", help=f"measured seconds (default: {d['duration']:g})")
-    parser.add_argument("--warmup", type=_non_negative_float, default=d["warmup"],
+    parser.add_argument("--warmup", type=non_negative_float, default=d["warmup"],
                         metavar="S", help="seconds of load before measuring "
                                           f"(default: {d['warmup']:g})")
-    parser.add_argument("--value-size", type=_int_in(0, 8 << 20), default=d["value_size"],
+    parser.add_argument("--value-size", type=int_in(0, 8 << 20), default=d["value_size"],
                         metavar="B", help=f"bytes per value (default: {d['value_size']})")
-    parser.add_argument("--keys", type=_int_in(1, 100_000_000), default=d["keys"],
+    parser.add_argument("--keys", type=int_in(1, 100_000_000), default=d["keys"],
                         metavar="K", help=f"distinct {KEY_BYTES}-byte keys, chosen uniformly "
                                           f"(default: {d['keys']})")
     parser.add_argument("--read-ratio", type=_ratio, default=d["read_ratio"], metavar="R",
                         help="fraction of operations that are linearizable gets "
                              f"(default: {d['read_ratio']:g})")
-    parser.add_argument("--rate", type=_positive_float, default=None, metavar="R",
+    parser.add_argument("--rate", type=positive_float, default=None, metavar="R",
                         help="open loop: R operations per second in all, latency from "
                              "each operation's scheduled time (default: closed loop)")
-    parser.add_argument("--timeout", type=_positive_float, default=d["timeout"],
+    parser.add_argument("--timeout", type=positive_float, default=d["timeout"],
                         metavar="S", help="client call timeout; a call past it counts "
                                           f"as an error (default: {d['timeout']:g})")
     parser.add_argument("--json", action="store_true",

@@ -25,6 +25,7 @@ import sys
 import time
 
 from . import bench, errors
+from .argtypes import int_in, positive_float
 from .errors import ClientError, ConfigError, Error
 
 __all__ = ["main", "build_parser", "parse_addresses", "DEFAULT_CLUSTER", "CLUSTER_ENV"]
@@ -57,27 +58,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-    return value
-
-
-def _int_in(low: int, high: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
-        return value
-    parse.__name__ = "integer"  # what argparse names the type in its messages
-    return parse
 
 
 def parse_addresses(spec: str) -> list[str]:
@@ -125,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run one replica in the foreground",
                        description="Run one replica until SIGTERM or Ctrl-C.  An existing "
                                    "--data-dir is recovered from.")
-    p.add_argument("--id", type=_int_in(1, 0xFFFF), required=True,
+    p.add_argument("--id", type=int_in(1, 0xFFFF), required=True,
                    help="this replica's id (a key of --cluster)")
     p.add_argument("--cluster", required=True, metavar="ID=HOST:PORT,...",
                    help="every replica of the cluster, this one included")
@@ -137,15 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fsync the log before acknowledging (default: always)")
     p.add_argument("--state-machine", metavar="PKG.MOD:CLASS",
                    help="a custom state machine class (default: the built-in key-value store)")
-    p.add_argument("--tick-ms", type=_int_in(1, 10_000), default=10, metavar="MS",
+    p.add_argument("--tick-ms", type=int_in(1, 10_000), default=10, metavar="MS",
                    help="milliseconds per logical tick (default: 10)")
-    p.add_argument("--snapshot-bytes", type=_int_in(1, 1 << 40), default=16 << 20, metavar="B",
+    p.add_argument("--snapshot-bytes", type=int_in(1, 1 << 40), default=16 << 20, metavar="B",
                    help="snapshot after this many bytes of log (default: 16 MiB)")
-    p.add_argument("--snapshot-slots", type=_int_in(1, 1 << 40), default=100_000, metavar="N",
+    p.add_argument("--snapshot-slots", type=int_in(1, 1 << 40), default=100_000, metavar="N",
                    help="... or after this many applied slots (default: 100000)")
-    p.add_argument("--retain-slots", type=_int_in(0, 1 << 30), default=64, metavar="N",
+    p.add_argument("--retain-slots", type=int_in(0, 1 << 30), default=64, metavar="N",
                    help="slots kept in memory after a snapshot for lagging peers (default: 64)")
-    p.add_argument("--wal-segment-bytes", type=_int_in(1 << 12, 1 << 32), default=8 << 20,
+    p.add_argument("--wal-segment-bytes", type=int_in(1 << 12, 1 << 32), default=8 << 20,
                    metavar="B", help="size of one log segment file (default: 8 MiB)")
     p.set_defaults(handler=_cmd_serve)
 
@@ -153,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("local", help="run a whole cluster on this host, in the foreground",
                        description="Start REPLICAS replicas on 127.0.0.1, ports PORT, "
                                    "PORT+1, ...; stop them all on Ctrl-C or SIGTERM.")
-    p.add_argument("--replicas", type=_int_in(1, 99), default=3, metavar="N",
+    p.add_argument("--replicas", type=int_in(1, 99), default=3, metavar="N",
                    help="number of replicas (default: 3)")
-    p.add_argument("--port", type=_int_in(1, 65535), default=7001,
+    p.add_argument("--port", type=int_in(1, 65535), default=7001,
                    help="port of replica 1; replica N gets PORT+N-1 (default: 7001)")
     p.add_argument("--data-dir", metavar="DIR",
                    help="keep data and logs here, recover from it next time "
@@ -170,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "workload, SIGKILL the leader a third of the way in, "
                                    "restart it, and check that every replica ends with the "
                                    "same state.  Exit 0 only if every check passed.")
-    p.add_argument("--duration", type=_positive_float, default=15.0, metavar="S",
+    p.add_argument("--duration", type=positive_float, default=15.0, metavar="S",
                    help="seconds of workload (default: 15)")
     p.set_defaults(handler=_cmd_demo)
 
@@ -181,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                        default=os.environ.get(CLUSTER_ENV) or DEFAULT_CLUSTER,
                        help=f"comma-separated HOST:PORT of any replicas (default: "
                             f"${CLUSTER_ENV}, else {DEFAULT_CLUSTER})")
-        q.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT,
+        q.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT,
                        metavar="S", help=f"give up after S seconds (default: {DEFAULT_TIMEOUT:g})")
         return q
 
