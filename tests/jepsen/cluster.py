@@ -24,7 +24,7 @@ import threading
 import time
 
 import cypaxos
-from cypaxos import wire
+from cypaxos.local import probe_status  # noqa: F401 - also used by test_fuzz_live
 
 from .netns import Bed, NetnsBed
 from .replica_shim import delay_file, synced_sizes
@@ -56,39 +56,6 @@ def _free_ports(n: int) -> list[int]:
                 continue
         ports.append(port)
     return ports
-
-
-def probe_status(address: str, timeout: float = 1.0) -> dict | None:
-    """A replica's status dict over the client protocol, or None if it does not answer."""
-    host, _, port = address.rpartition(":")
-    deadline = time.monotonic() + timeout
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-            decoder = wire.FrameDecoder()
-            sock.sendall(wire.encode_frame(wire.client_hello()))
-            wire.parse_welcome(_read_frame(sock, decoder, deadline))
-            sock.sendall(wire.encode_frame(wire.status_request(1)))
-            reply = wire.parse_reply(_read_frame(sock, decoder, deadline))
-    except (OSError, ValueError):
-        return None
-    if reply[0] != "ok" or type(reply[2]) is not dict:
-        return None
-    return reply[2]
-
-
-def _read_frame(sock, decoder, deadline):
-    while True:
-        frame = decoder.next_frame()
-        if frame is not None:
-            return frame
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout("timed out")
-        sock.settimeout(remaining)
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("closed")
-        decoder.feed(data)
 
 
 class Replica:
