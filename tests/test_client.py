@@ -616,6 +616,87 @@ async def test_status_and_snapshot_per_address(nursery):
 
 
 # ---------------------------------------------------------------------------
+# Bulk calls (put_many, submit_many, get_many, query_many)
+
+async def test_bulk_calls_batch_in_order(nursery):
+    fake = await start_fake(nursery)
+    async with open_client(fake.address) as kv:
+        await kv.put_many([(b"b%d" % i, b"v%d" % i) for i in range(1000)])
+        assert kv.statistics()["commands"] == 1000
+        batches = fake.submits()
+        assert len(batches) < 100      # far fewer requests than commands
+        seqs = [b.first_seq for b in batches]
+        assert seqs == sorted(seqs) and seqs[0] == 1
+        assert sum(len(b.commands) for b in batches) == 1000
+        keys = [b"b%d" % i for i in range(1000)] + [b"absent"]
+        values = await kv.get_many(keys)
+        assert values == [b"v%d" % i for i in range(1000)] + [None]
+        assert await kv.get_many(keys[:3], stale=True) == [b"v0", b"v1", b"v2"]
+        assert await kv.get_many([]) == [] and await kv.submit_many([]) == []
+        results = await kv.submit_many([commands.encode_delete(b"b0"),
+                                        commands.encode_delete(b"b0")])
+        assert [commands.decode_bool(r) for r in results] == [True, False]
+        # query_many answers the raw queries, like query().
+        assert await kv.query_many([commands.encode_get(b"b1")]) == [b"\x01v1"]
+
+
+async def test_bulk_call_failures(nursery):
+    fake = await start_fake(nursery)
+    bad = b"Pbad"
+
+    def hook(fake, request_id, batch):
+        if bad in batch:
+            return wire.error(request_id, "too_large", "no")
+        return DEFAULT
+    fake.submit_hook = hook
+    async with open_client(fake.address) as kv:
+        good = commands.encode_put(b"a", b"1")
+        # One refused command fails alone; the others are applied and answered.
+        out = await kv.submit_many([good, bad, good], return_exceptions=True)
+        assert out[0] == b"" and out[2] == b"" and isinstance(out[1], RequestError)
+        with pytest.raises(RequestError):
+            await kv.submit_many([good, bad])
+        with pytest.raises(RequestError, match="exceeds the limit"):
+            await kv.submit_many([good, b"x" * (COMMAND_BYTES_MAX + 1)])
+        with pytest.raises(TypeError):
+            await kv.put_many([(b"k", 5)])
+        assert await kv.get(b"a") == b"1"
+
+
+async def test_bulk_call_deadline_and_cancel(nursery):
+    fake = await start_fake(nursery)
+    fake.submit_hook = lambda f, rid, batch: SILENT
+    fake.read_hook = lambda f, rid, queries, stale: SILENT
+    async with open_client(fake.address, timeout=0.3) as kv:
+        with trio.fail_after(5):
+            with pytest.raises(TimeoutError) as info:
+                await kv.put_many([(b"k%d" % i, b"v") for i in range(100)])
+        assert info.value.maybe_applied
+        out = await kv.query_many([commands.encode_get(b"k")] * 3, timeout=0.1,
+                                  return_exceptions=True)
+        assert all(isinstance(e, TimeoutError) and not e.maybe_applied for e in out)
+        with trio.move_on_after(0.1) as scope:
+            await kv.put_many([(b"c%d" % i, b"v") for i in range(100)])
+        assert scope.cancelled_caught
+        assert kv.statistics()["queued_commands"] == 0
+        fake.submit_hook = None
+        fake.read_hook = None
+        await kv.put_many([(b"after", b"1")], timeout=5)
+        assert await kv.get_many([b"after", b"k0"], timeout=5) == [b"1", b"v"]
+
+
+async def test_bulk_call_larger_than_the_queue(nursery, monkeypatch):
+    monkeypatch.setattr(client_module, "QUEUE_COMMANDS_MAX", 100)
+    fake = await start_fake(nursery)
+    async with open_client(fake.address) as kv:
+        await kv.put_many([(b"q%d" % i, b"%d" % i) for i in range(1000)])
+        assert await kv.get_many([b"q%d" % i for i in range(1000)]) == \
+            [b"%d" % i for i in range(1000)]
+        # Nothing queued beyond the bound at any time: a batch never exceeds it.
+        assert max(len(b.commands) for b in fake.submits()) <= 100
+
+
+# ---------------------------------------------------------------------------
 # Real clusters
 
 LocalCluster = pytest.importorskip("cypaxos.local").LocalCluster
@@ -755,6 +836,26 @@ async def test_stale_reads(cluster):
             assert stats["connected_to"] == address and stats["redirects"] == 0
             assert await kv.query(b"N", stale=True)
     assert leader["address"] in cluster.addresses
+
+
+async def test_bulk_calls_on_a_cluster(cluster):
+    async with open_client(cluster.cluster_arg, timeout=20) as kv:
+        await wait_leader(kv)
+        items = [(b"bk%d" % i, b"v%d" % i) for i in range(20000)]
+        await kv.put_many(items)
+        assert await kv.get_many([k for k, _ in items]) == [v for _, v in items]
+        assert kv.statistics()["batches"] < 200
+        swapped = await kv.submit_many([commands.encode_cas(b"bk0", b"v0", b"w"),
+                                        commands.encode_cas(b"bk0", b"v0", b"x")])
+        assert [commands.decode_bool(r) for r in swapped] == [True, False]
+
+
+def test_bulk_calls_blocking(cluster):
+    with connect(cluster.cluster_arg, timeout=20) as blocking:
+        blocking.put_many((b"bb%d" % i, b"%d" % i) for i in range(100))
+        assert blocking.get_many([b"bb0", b"bb99", b"bb100"]) == [b"0", b"99", None]
+        assert blocking.submit_many([commands.encode_delete(b"bb0")]) == [b"\x01"]
+        assert blocking.query_many([commands.encode_get(b"bb0")]) == [b"\x00"]
 
 
 def test_blocking_client_from_threads(cluster):

@@ -47,7 +47,7 @@ __all__ = ["add_arguments", "run", "main", "Histogram", "DEFAULTS"]
 
 DEFAULTS = dict(
     clients=4, processes=2, duration=10.0, warmup=2.0, value_size=64, keys=100_000,
-    read_ratio=0.0, outstanding=256, open_loop_outstanding=4096, timeout=10.0,
+    read_ratio=0.0, outstanding=256, open_loop_outstanding=4096, timeout=10.0, batch=1,
 )
 KEY_BYTES = 16
 _REPORT_INTERVAL = 0.5        # seconds between a worker's progress lines
@@ -205,6 +205,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="concurrent operations per client (default: "
                              f"{d['outstanding']}; with --rate, the cap on them, default "
                              f"{d['open_loop_outstanding']})")
+    parser.add_argument("--batch", type=int_in(1, 65_536), default=d["batch"], metavar="N",
+                        help="operations per call: N > 1 uses the bulk calls (put_many, "
+                             "get_many), so each of the --outstanding tasks has N "
+                             f"operations in flight (default: {d['batch']})")
     parser.add_argument("--duration", type=positive_float, default=d["duration"],
                         metavar="S", help=f"measured seconds (default: {d['duration']:g})")
     parser.add_argument("--warmup", type=non_negative_float, default=d["warmup"],
@@ -243,6 +247,7 @@ def _settings(args) -> dict:
         "clients": args.clients,
         "processes": processes,
         "outstanding": outstanding,
+        "batch": args.batch,
         "mode": "open" if args.rate else "closed",
         "rate": args.rate,
         "duration": args.duration,
@@ -328,6 +333,12 @@ async def _client_load(client, cfg, window, counters, seed):
     schedule = [0]   # open loop: the next slot number
     interval = 1.0 / rate if rate else 0.0
 
+    batch = cfg.get("batch", 1)
+    put_many = client.put_many
+    get_many = client.get_many
+    if rate:
+        interval *= batch    # one call carries `batch` of the R operations a second
+
     async def task(task_seed):
         rnd = random.Random(task_seed).random
         while True:
@@ -344,40 +355,51 @@ async def _client_load(client, cfg, window, counters, seed):
                 t0 = mono()
                 if t0 >= end_at:
                     return
-            i = int(rnd() * nkeys)
-            key = keys[i] if keys is not None else _key(i)
             reading = ratio and rnd() < ratio
             try:
-                if reading:
-                    await get(key)
+                if batch == 1:
+                    i = int(rnd() * nkeys)
+                    key = keys[i] if keys is not None else _key(i)
+                    if reading:
+                        await get(key)
+                    else:
+                        await put(key, value)
                 else:
-                    await put(key, value)
+                    if keys is not None:
+                        chosen = [keys[int(rnd() * nkeys)] for _ in range(batch)]
+                    else:
+                        chosen = [_key(int(rnd() * nkeys)) for _ in range(batch)]
+                    if reading:
+                        await get_many(chosen)
+                    else:
+                        await put_many([(key, value) for key in chosen])
             except trio.Cancelled:
                 raise
             except Exception as exc:  # a ClientError: count it and go on
-                counters.errors += 1
+                counters.errors += batch
                 kind = type(exc).__name__
-                counters.error_kinds[kind] = counters.error_kinds.get(kind, 0) + 1
+                counters.error_kinds[kind] = counters.error_kinds.get(kind, 0) + batch
                 await trio.sleep(0.01)   # no hot loop against a cluster that is down
                 continue
             t1 = mono()
             if measure_at <= t1 < end_at:
+                # Every operation of a bulk call took the call's time.
                 ns = int((t1 - t0) * 1e9)
                 b = ns.bit_length()
                 idx = ns if b <= 8 else ((b - 8) << 7) + (ns >> (b - 8))
                 if reading:
-                    counters.reads += 1
-                    rcounts[idx] += 1
+                    counters.reads += batch
+                    rcounts[idx] += batch
                     h = rhist
                 else:
-                    counters.writes += 1
-                    wcounts[idx] += 1
+                    counters.writes += batch
+                    wcounts[idx] += batch
                     h = whist
-                h.total += 1
-                h.sum_ns += ns
+                h.total += batch
+                h.sum_ns += ns * batch
                 if ns > h.max_ns:
                     h.max_ns = ns
-                if ns < h.min_ns or h.total == 1:
+                if ns < h.min_ns or h.total == batch:
                     h.min_ns = ns
 
     async with trio.open_nursery() as nursery:
@@ -733,6 +755,8 @@ def _print_table(result, console) -> None:
     s = result["settings"]
     mode = (f"open loop at {s['rate']:,.0f} ops/s" if s["mode"] == "open"
             else f"closed loop, {s['outstanding']} outstanding per client")
+    if s.get("batch", 1) > 1:
+        mode += f", {s['batch']} operations per call"
     target = "local 3-replica cluster (fsync always)" if s["local_cluster"] else s["cluster"]
     console.print(f"cypaxos bench: {target}")
     console.print(f"  {s['clients']} clients in {s['processes']} processes, {mode}; "

@@ -384,6 +384,62 @@ class Client:
         """Answer a read-only query from the state machine (linearizable unless `stale`)."""
         return await self._read(_as_bytes(query, "query"), stale, timeout)
 
+    # -- bulk calls: one wake-up for many commands ----------------------------
+    #
+    # A call that awaits one command costs the client a task park and wake-up each
+    # time (several microseconds, more than everything else it does per command).  The
+    # bulk calls queue all their commands at once and park once, so a loop that has
+    # many commands at hand pays that per call, not per command.
+
+    async def put_many(self, items: Iterable[tuple[Bytes, Bytes]], *,
+                       timeout: Optional[float] = None) -> None:
+        """Set each `(key, value)` of `items`, in order (each replicated, exactly once).
+
+        Equivalent to awaiting `put` for each item in turn, but pipelined and batched
+        together.  If any fails, raises the first failure (in `items` order) once all
+        have ended; the others may still have been applied (see `maybe_applied`).
+        """
+        commands = [_cmd.encode_put(_as_bytes(key, "key"), _as_bytes(value, "value"))
+                    for key, value in items]
+        await self._many(commands, True, False, timeout, False)
+
+    async def submit_many(self, commands: Iterable[Bytes], *,
+                          timeout: Optional[float] = None,
+                          return_exceptions: bool = False) -> list:
+        """Replicate raw commands in order; their results, in order.
+
+        Each command is applied exactly once, in the given order (one session).  If any
+        fails, raises the first failure (in order) once all have ended, unless
+        `return_exceptions` is true: then a failed command's entry in the list is its
+        exception (`CommandError`, `TimeoutError`, ...) instead of its result bytes.
+        """
+        payloads = [_as_bytes(command, "command") for command in commands]
+        return await self._many(payloads, True, False, timeout, return_exceptions)
+
+    async def get_many(self, keys: Iterable[Bytes], *, stale: bool = False,
+                       timeout: Optional[float] = None) -> list[Optional[bytes]]:
+        """The values of `keys` (None where absent), in order; like `get` for each.
+
+        Linearizable by default: every value is at least as new as any write that
+        completed before this call began.
+        """
+        queries = [_cmd.encode_get(_as_bytes(key, "key")) for key in keys]
+        results = await self._many(queries, False, stale, timeout, False)
+        decode = _cmd.decode_get
+        try:
+            return [decode(result) for result in results]
+        except ValueError as exc:
+            raise ClientError(f"malformed result from the cluster: {exc}",
+                              maybe_applied=True) from None
+
+    async def query_many(self, queries: Iterable[Bytes], *, stale: bool = False,
+                         timeout: Optional[float] = None,
+                         return_exceptions: bool = False) -> list:
+        """Answer read-only queries, in order; like `query` for each (see `submit_many`
+        for `return_exceptions`)."""
+        payloads = [_as_bytes(query, "query") for query in queries]
+        return await self._many(payloads, False, stale, timeout, return_exceptions)
+
     async def status(self, *, timeout: Optional[float] = None) -> list[dict]:
         """Ask every known replica for its status, each on its own short connection.
 
@@ -543,6 +599,119 @@ class Client:
             return op.value
         op.sent = False   # a read never changes anything
         raise self._expired(op, start, deadline)
+
+    async def _many(self, payloads: list, write: bool, stale: bool, timeout,
+                    return_exceptions: bool) -> list:
+        """Queue all `payloads` as writes (or reads), park until every one has ended."""
+        self._check_open()
+        what = "command" if write else "query"
+        for payload in payloads:
+            if len(payload) > COMMAND_BYTES_MAX:
+                raise RequestError(f"{what} of {len(payload)} bytes exceeds the limit of "
+                                   f"{COMMAND_BYTES_MAX} bytes")
+        if not payloads:
+            return []
+        start, deadline, timeout = self._deadline(timeout)
+        ops = [_Op(payload, deadline) for payload in payloads]
+        count = len(ops)
+        queued = 0     # ops[:queued] have been queued (and armed)
+        try:
+            while queued < count:
+                # As many as the queue has room for (at least one when it is empty).
+                if write:
+                    room = QUEUE_COMMANDS_MAX - self._queued_count
+                    room_bytes = QUEUE_BYTES_MAX - self._queued_bytes
+                    queue = self._queue
+                else:
+                    queue = self._queue_of(stale)
+                    room = QUEUE_COMMANDS_MAX - len(queue)
+                    room_bytes = math.inf
+                end = queued
+                size = 0
+                while end < count and end - queued < room:
+                    n = len(ops[end].payload) + 4
+                    if size + n > room_bytes and end > queued:
+                        break
+                    size += n
+                    end += 1
+                if end == queued and (queue if not write else self._queued_count):
+                    with trio.move_on_at(deadline):
+                        await self._room.park()
+                    self._check_open()
+                    if trio.current_time() >= deadline:
+                        break
+                    continue
+                if end == queued:
+                    end = queued + 1
+                chunk = ops[queued:end]
+                for op in chunk:
+                    op.state = _QUEUED
+                queue.extend(chunk)
+                if write:
+                    self._queued_count += len(chunk)
+                    self._queued_bytes += sum(len(op.payload) + 4 for op in chunk)
+                self._stats["commands" if write else
+                            "stale_reads" if stale else "reads"] += len(chunk)
+                if timeout == self._timeout:
+                    self._fifo.extend(chunk)
+                    if deadline < self._timer_at:
+                        self._timer_wake.set()
+                else:
+                    for op in chunk:
+                        self._arm(op, timeout)
+                queued = end
+                self._wake()
+            # Park on the last unfinished op: in the common case they finish in order
+            # and this is the one wake-up.  All share the deadline, so once it has
+            # passed none is waited for any longer.
+            index = queued - 1
+            while index >= 0:
+                op = ops[index]
+                if op.state == _DONE:
+                    index -= 1
+                    continue
+                if op.expired or trio.current_time() >= deadline:
+                    break
+                await _park(op)
+        finally:
+            dropped = 0
+            for op in ops:
+                state = op.state
+                if state == _QUEUED:
+                    op.state = _ABANDONED
+                    dropped += 1
+                    if write:
+                        self._queued_count -= 1
+                        self._queued_bytes -= len(op.payload) + 4
+                elif state == _SENT:
+                    op.state = _ABANDONED
+            if dropped:
+                self._room.unpark_all()
+                if write:
+                    if len(self._queue) > 2 * self._queued_count + 1024:
+                        self._queue = _live(self._queue)
+                else:
+                    self._dead_reads += dropped
+                    if (self._dead_reads > 1024 and
+                            2 * self._dead_reads > len(self._reads) + len(self._stale_reads)):
+                        self._reads = _live(self._reads)
+                        self._stale_reads = _live(self._stale_reads)
+                        self._dead_reads = 0
+        results = []
+        for op in ops:
+            if op.error is not None:
+                outcome = op.error
+            elif op.state == _DONE:
+                results.append(op.value)
+                continue
+            else:
+                if not write:
+                    op.sent = False   # a read never changes anything
+                outcome = self._expired(op, start, deadline)
+            if not return_exceptions:
+                raise outcome
+            results.append(outcome)
+        return results
 
     # -- deadlines -----------------------------------------------------------
     #
@@ -1399,6 +1568,28 @@ class BlockingClient:
               timeout: Optional[float] = None) -> bytes:
         """Answer a read-only query (see `Client.query`)."""
         return self._call(self._client.query, query, stale=stale, timeout=timeout)
+
+    def put_many(self, items: Iterable[tuple[Bytes, Bytes]], *,
+                 timeout: Optional[float] = None) -> None:
+        """Set many keys in one call (see `Client.put_many`)."""
+        return self._call(self._client.put_many, list(items), timeout=timeout)
+
+    def submit_many(self, commands: Iterable[Bytes], *, timeout: Optional[float] = None,
+                    return_exceptions: bool = False) -> list:
+        """Replicate many raw commands in one call (see `Client.submit_many`)."""
+        return self._call(self._client.submit_many, list(commands), timeout=timeout,
+                          return_exceptions=return_exceptions)
+
+    def get_many(self, keys: Iterable[Bytes], *, stale: bool = False,
+                 timeout: Optional[float] = None) -> list[Optional[bytes]]:
+        """Many values in one call (see `Client.get_many`)."""
+        return self._call(self._client.get_many, list(keys), stale=stale, timeout=timeout)
+
+    def query_many(self, queries: Iterable[Bytes], *, stale: bool = False,
+                   timeout: Optional[float] = None, return_exceptions: bool = False) -> list:
+        """Answer many read-only queries in one call (see `Client.query_many`)."""
+        return self._call(self._client.query_many, list(queries), stale=stale,
+                          timeout=timeout, return_exceptions=return_exceptions)
 
     def status(self, *, timeout: Optional[float] = None) -> list[dict]:
         """Every known replica's status (see `Client.status`)."""
