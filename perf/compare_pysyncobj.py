@@ -8,8 +8,9 @@ The workload on both sides: closed-loop writes of 16-byte keys (100,000 distinct
 
 * cypaxos: a local 3-replica cluster with ``--fsync always`` (every write is fdatasync'ed
   on a majority before it is acknowledged), driven through the real client by
-  ``cypaxos bench`` (``python -m cypaxos.bench --json``) with its default client
-  settings.
+  ``cypaxos bench`` (``python -m cypaxos.bench --json``) at its best settings on this
+  machine, ``--outstanding 32 --batch 128`` (4 clients in 2 processes, each with 32
+  concurrent ``put_many`` calls of 128 puts; change with ``--cypaxos-args``).
 * PySyncObj 0.3.17 (``pip install pysyncobj==0.3.17``): 3 processes, each a ``SyncObj``
   node holding a replicated ``pysyncobj.batteries.ReplDict``, on 127.0.0.1.  PySyncObj
   has no client protocol: the application calls the replicated method inside a node's
@@ -214,7 +215,7 @@ def main():
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternate the two systems this many times; medians reported")
-    parser.add_argument("--cypaxos-args", default="",
+    parser.add_argument("--cypaxos-args", default="--outstanding 32 --batch 128",
                         help="extra `cypaxos bench` flags, e.g. '--processes 2 --clients 4'")
     parser.add_argument("--pso-outstanding", type=int, default=10000,
                         help="PySyncObj calls in flight per submitting node (default: 10000)")

@@ -609,15 +609,15 @@ async def test_damaged_newest_snapshot_refused_and_stray_tmp_ignored(tmp_path):
 
 def _acks(server, peer: int) -> list[tuple]:
     """SNAPSHOT_ACK messages the server queued for `peer`: (index, next_offset)."""
+    outbox = server.peer_links[peer]
+    decoder = wire.FrameDecoder(wire.FRAME_BYTES_MAX)
+    decoder.feed(b"".join(outbox.frames))
+    outbox.frames = []
     out = []
-    receive = server.peer_queues[peer][1]
-    while True:
-        try:
-            msg = receive.receive_nowait()
-        except trio.WouldBlock:
-            return out
+    while (msg := decoder.next_frame()) is not None:
         if msg[0] == wire.SNAPSHOT_ACK:
             out.append((msg[2], msg[3]))
+    return out
 
 
 async def test_transfer_receiver_resumes_restarts_verifies_then_installs(tmp_path):

@@ -723,3 +723,57 @@ def test_a_lost_page_before_written_ones_fails_stop(tmp_path):
     file.write_bytes(bytes(data))
     with pytest.raises(WalCorruptError, match="followed by a valid record"):
         Wal.open(tmp_path)
+
+
+# ------------------------------------------------------------------ the fsync thread
+
+
+async def test_fsync_thread_reports_success_and_errno(tmp_path):
+    from cypaxos.fsyncthread import FsyncThread
+    thread = FsyncThread()
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    read_end, write_end = os.pipe()
+    try:
+        assert thread.take() == -1 and not thread.busy   # nothing submitted
+        os.write(fd, b"x")
+        thread.submit(fd, os.open(tmp_path, os.O_RDONLY))
+        assert thread.busy
+        with pytest.raises(RuntimeError):
+            thread.submit(fd)                           # one job at a time
+        await trio.lowlevel.wait_readable(thread.fileno())
+        assert thread.take() is None and not thread.busy
+        thread.submit(read_end)                         # fdatasync of a pipe: EINVAL
+        await trio.lowlevel.wait_readable(thread.fileno())
+        with pytest.raises(OSError):
+            thread.take()
+    finally:
+        thread.close()
+        thread.close()                                  # idempotent
+        for n in (fd, read_end, write_end):
+            os.close(n)
+    with pytest.raises(ValueError):
+        thread.fileno()
+
+
+async def test_failed_fsync_makes_the_wal_unusable(tmp_path, monkeypatch):
+    import cypaxos.wal as wal_module
+    from cypaxos.fsyncthread import FsyncThread
+    read_end, write_end = os.pipe()
+
+    class FailingFsync(FsyncThread):
+        def submit(self, fd, dir_fd=-1):
+            super().submit(read_end, -1)                # fails like a dying disk would
+
+    monkeypatch.setattr(wal_module, "FsyncThread", FailingFsync)
+    wal = Wal.open(tmp_path)
+    failures = []
+    wal.on_sync = failures.append
+    wal.append(b"a")
+    with pytest.raises((OSError, StorageError)):
+        await wal.sync_async()
+    assert wal.durable_seq == 0 and len(failures) == 1 and isinstance(failures[0], OSError)
+    with pytest.raises(StorageError):
+        wal.append(b"b")
+    wal.close()
+    os.close(read_end)
+    os.close(write_end)

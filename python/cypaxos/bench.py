@@ -202,7 +202,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"min({d['processes']}, --clients))")
     parser.add_argument("--outstanding", type=int_in(1, 1_000_000), default=None,
                         metavar="N",
-                        help="concurrent operations per client (default: "
+                        help="concurrent calls per client, each of --batch operations "
+                             "(default: "
                              f"{d['outstanding']}; with --rate, the cap on them, default "
                              f"{d['open_loop_outstanding']})")
     parser.add_argument("--batch", type=int_in(1, 65_536), default=d["batch"], metavar="N",

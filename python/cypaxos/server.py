@@ -2,24 +2,29 @@
 
 The shell owns everything the core may not touch.  It turns real time into ticks,
 frames messages over TCP (one port serves peers and clients), writes the core's
-records to the write-ahead log with group commit (the fsync runs in a worker thread),
-and feeds everything back into the core:
+records to the write-ahead log with group commit (the fsync runs in a native thread,
+`cypaxos.fsyncthread`), and feeds everything back into the core:
 
-* every input (a peer message, a client batch, a read, a tick) is handed to the core
-  at once and the *driver* task is woken; by the time it runs, many inputs may have
-  accumulated, so one `ready()` covers them all;
-* the driver appends the Ready's records to the WAL, sends its `messages`, answers
+* a client request is handed to the core at once; if it is the only request in
+  flight it is handled right there, otherwise the *driver* task is woken, and by the
+  time it runs many requests (from every connection) may have accumulated, so one
+  `ready()` puts them all in one slot;
+* a peer's messages are stepped into the core and the core's output is handled in
+  the receiving task (`drive()`), with no task switch on the protocol's critical path;
+* handling a Ready sends its `messages` first (they never wait for our disk), then
+  appends its records to the WAL and starts an fsync unless one is running, answers
   clients, and queues `messages_after_persist` behind the WAL sequence number they
   depend on;
-* the *syncer* task fsyncs whatever was appended (one fsync for everything written
-  since the last), then releases the queued messages and tells the core with
-  `persisted()`.
+* when an fsync ends (`on_sync`, called in the event loop) the queued messages go
+  out, the core hears `persisted()`, its output is handled, and the next fsync starts
+  if records arrived meanwhile (group commit).
 
-Peer links: each replica dials every peer and sends on that connection only; it
-receives on the connections its peers dialled.  A link that is down or slow never
-blocks anyone: its queue is bounded and overflowing messages are dropped (the core
-resends what matters).  A peer or client that sends a malformed or oversized frame is
-disconnected with one log line.
+Sending: every connection has an `Outbox`.  Frames are queued during a round and
+written with one non-blocking `os.write` per connection at its end (`flush()`); only
+what the kernel does not take goes through the connection's writer task.  A peer
+link that is down or slow never blocks anyone: its queue is bounded and overflowing
+messages are dropped (the core resends what matters).  A peer or client that sends a
+malformed or oversized frame is disconnected with one log line.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ import cbor2
 import trio
 
 from cypaxos import snapshots, wire
-from cypaxos.core import BUSY, NOT_LEADER, PROPOSED, BatchError, Config, MessageError, Replica
+from cypaxos.core import NOT_LEADER, PROPOSED, BatchError, Config, MessageError, Replica
 from cypaxos.errors import ConfigError, Error, WalCorruptError
 from cypaxos.statemachine import KVStore, PyStateMachine
 from cypaxos.wal import open_data_dir
@@ -148,49 +153,91 @@ class ServerOptions:
         return Config(**settings)
 
 
-class Conn:
-    """One accepted or dialled connection with a bounded outgoing queue and sender task."""
+class Outbox:
+    """Encoded frames waiting for one connection, written straight to its socket.
 
-    def __init__(self, stream: trio.SocketStream, name: str, queue_max: int) -> None:
-        self.stream = stream
-        self.name = name
-        self.send_channel, self.receive_channel = trio.open_memory_channel(queue_max)
-        self.closed = False
+    Whoever produced frames calls `flush()` once per round: one non-blocking write for
+    everything queued, with no task switch.  Only when the kernel does not take it
+    all (a slow or dead reader) does the connection's writer task (`run_writer`) take
+    over the rest; until it has sent it, later frames queue behind it, so the byte
+    order on the connection is the order of `put`.
+    """
 
-    def send_nowait(self, frame: bytes) -> bool:
-        """Queue an encoded frame; False (and the caller decides) when the queue is full."""
-        if self.closed:
+    __slots__ = ("frames", "frames_max", "fd", "writing", "wakeup", "closed", "connected")
+
+    def __init__(self, frames_max: int) -> None:
+        self.frames: list = []      # queued and not yet handed to the kernel, in order
+        self.frames_max = frames_max
+        self.fd = -1                # the connected socket's fd (-1: not connected)
+        # The writer task owns the socket (a send_all is in progress or due): flush()
+        # must not write around it.  Invariant: writing implies connected.
+        self.writing = False
+        self.wakeup = trio.Event()
+        self.closed = False         # no more frames accepted; the writer drains and ends
+        self.connected = False
+
+    def put(self, frame: bytes) -> bool:
+        """Queue a frame; False if the outbox is closed or full (the caller decides)."""
+        if self.closed or len(self.frames) >= self.frames_max:
             return False
-        try:
-            self.send_channel.send_nowait(frame)
-            return True
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            return False
+        self.frames.append(frame)
+        return True
 
-    async def sender(self) -> None:
-        """Write queued frames, coalescing whatever is waiting into one send."""
-        receive = self.receive_channel
+    def flush(self) -> None:
+        """Write what is queued now, without blocking; the writer task gets any rest."""
+        frames = self.frames
+        if not frames or self.writing or not self.connected:
+            return
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
         try:
-            async for frame in receive:
-                chunks = [frame]
-                while True:
-                    try:
-                        chunks.append(receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        # EndOfChannel: the reader closed the queue (the client half-closed);
-                        # what is queued still goes out.
-                        break
-                await self.stream.send_all(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        finally:
-            self.closed = True
+            written = os.write(self.fd, data)
+        except OSError:
+            # Full (EAGAIN) or broken: the writer's send_all waits, or fails and ends
+            # the connection.
+            written = 0
+        if written < len(data):
+            self.frames = [data[written:]]
+            self.writing = True
+            self.wakeup.set()
+        else:
+            frames.clear()
 
-    async def close(self) -> None:
+    def close(self) -> None:
+        """Accept no more frames; the writer sends what is queued, then returns."""
         self.closed = True
-        self.send_channel.close()
-        with trio.move_on_after(1):
-            await self.stream.aclose()
+        self.wakeup.set()
+
+    async def run_writer(self, stream: trio.SocketStream) -> None:
+        """Send on `stream` whatever `flush` could not, until closed or the send fails."""
+        self.fd = stream.socket.fileno()
+        self.connected = True
+        self.writing = bool(self.frames)   # frames queued before the connection existed
+        try:
+            while True:
+                if not self.frames:
+                    self.writing = False
+                    if self.closed:
+                        return
+                    self.wakeup = trio.Event()
+                    await self.wakeup.wait()
+                    continue
+                self.writing = True
+                frames, self.frames = self.frames, []
+                await stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+        finally:
+            self.connected = False
+            self.writing = False
+            self.fd = -1
+
+
+class Conn(Outbox):
+    """One client connection: its outbox of replies."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str, frames_max: int) -> None:
+        super().__init__(frames_max)
+        self.name = name
 
 
 async def read_frames(stream: trio.SocketStream, decoder: wire.FrameDecoder):
@@ -239,14 +286,15 @@ class ReplicaServer:
                 self.wal.close()
             self.data_dir.close()
             raise
-        self.peer_links: dict[int, Conn | None] = {p: None for p in self.cluster if p != self.replica_id}
-        self.peer_queues = {p: trio.open_memory_channel(PEER_QUEUE_MAX) for p in self.peer_links}
+        self.peer_links = {p: Outbox(PEER_QUEUE_MAX) for p in self.cluster if p != self.replica_id}
+        self.dirty: set[Outbox] = set()  # outboxes with frames put since the last flush
         self.pending_submits: dict[tuple[int, int], tuple[Conn, int]] = {}
         self.pending_reads: dict[int, tuple[Conn, int, list]] = {}
         self.next_read_id = 1
         self.after: deque = deque()  # (wal seq required, persist_id, messages)
         self.wake = trio.Event()
-        self.sync_needed = trio.Event()
+        self.fatal: BaseException | None = None  # the driver raises it (a failed fsync)
+        self.wal.on_sync = self.on_sync
         self.persisted_id = 0
         self.stats = {"peer_drops": 0, "client_drops": 0, "bad_frames": 0, "fsyncs": 0,
                       "snapshots_taken": 0, "snapshots_sent": 0, "snapshots_installed": 0}
@@ -271,28 +319,54 @@ class ReplicaServer:
         """New input reached the core: make the driver run."""
         self.wake.set()
 
+    def start_or_kick(self) -> None:
+        """A client request reached the core: start it now if it is alone, else batch.
+
+        With other requests in flight, waking the driver lets every request that
+        arrives meanwhile (from any connection) share one slot and one round.  A
+        request alone has nothing to wait for: handling it here saves a task switch.
+        """
+        if len(self.pending_submits) + len(self.pending_reads) == 1:
+            self.drive()
+        else:
+            self.kick()
+
     async def driver(self) -> None:
-        core = self.core
         while True:
             await self.wake.wait()
             self.wake = trio.Event()
-            while (rd := core.ready()) is not None:
-                self.handle_ready(rd)
+            if self.fatal is not None:
+                raise self.fatal
+            self.drive()
             await trio.lowlevel.checkpoint()
+
+    def flush(self) -> None:
+        """Write every outbox that got frames since the last flush."""
+        dirty = self.dirty
+        if dirty:
+            for outbox in dirty:
+                outbox.flush()
+            dirty.clear()
 
     def handle_ready(self, rd) -> None:
         wal = self.wal
+        if rd.messages:
+            # These never depend on our own disk (a leader's accepts, say): out first,
+            # so the peers' work overlaps our WAL write and fsync.
+            for to, msg in rd.messages:
+                self.send_peer(to, msg)
+            self.flush()
         if rd.records:
             payloads = [cbor2.dumps(r) for r in rd.records]
             wal.append_many(payloads)
             self.wal_bytes_since_snapshot += sum(map(len, payloads))
-            self.sync_needed.set()
+            # Group commit: starts an fsync unless one is running (its end starts the
+            # next, covering everything appended meanwhile).
+            wal.start_sync()
         for peer in rd.snapshot_to:
             if peer not in self.sending_snapshot and self.snapshot_index and self.nursery:
                 self.sending_snapshot.add(peer)
                 self.nursery.start_soon(self.send_snapshot, peer)
-        for to, msg in rd.messages:
-            self.send_peer(to, msg)
         if rd.records or rd.messages_after_persist:
             required = wal.last_seq
             if wal.durable_seq >= required and not self.after:
@@ -320,18 +394,24 @@ class ReplicaServer:
             self.pending_submits.clear()
 
     def mark_persisted(self, persist_id: int) -> None:
+        """Tell the core its records up to `persist_id` are durable (callers then take
+        its output: they are inside a ready() loop, or drive())."""
         if persist_id > self.persisted_id:
             self.persisted_id = persist_id
             self.core.persisted(persist_id)
-            self.kick()
 
-    async def syncer(self) -> None:
-        """Group commit: one fsync covers everything appended before it started."""
-        wal = self.wal
-        while True:
-            await self.sync_needed.wait()
-            self.sync_needed = trio.Event()
-            durable = await wal.sync_async()
+    def on_sync(self, error) -> None:
+        """An fsync ended (the WAL calls this in the event loop's thread).
+
+        Releases the messages that waited for it (a follower's votes go out from here,
+        without waiting for a task) and tells the core.  Must not raise: it runs as a
+        Trio callback, so a failure is handed to the driver, which stops the replica.
+        """
+        try:
+            if error is not None:
+                raise error
+            wal = self.wal
+            durable = wal.durable_seq
             self.stats["fsyncs"] = wal.fsync_count
             persist_id = 0
             after = self.after
@@ -340,10 +420,15 @@ class ReplicaServer:
                 for to, msg in msgs:
                     self.send_peer(to, msg)
                 persist_id = max(persist_id, pid)
+            if wal.last_seq > durable:
+                wal.start_sync()
             if persist_id:
                 self.mark_persisted(persist_id)
-            if after:
-                self.sync_needed.set()
+            self.drive()
+        except BaseException as exc:
+            if self.fatal is None:
+                self.fatal = exc
+            self.kick()
 
     async def ticker(self) -> None:
         period = self.options.tick_ms / 1000
@@ -355,7 +440,9 @@ class ReplicaServer:
                 deadline = now  # we were stalled: do not fire a burst of catch-up ticks
             await trio.sleep_until(deadline)
             self.core.tick()
-            self.kick()
+            # Handled here rather than by waking the driver: most ticks produce
+            # nothing, and an idle replica should cost (almost) nothing.
+            self.drive()
             if not self.snapshot_lock.locked() and (
                     self.wal_bytes_since_snapshot >= self.options.snapshot_bytes
                     or self.core.applied_index - self.snapshot_index >= self.options.snapshot_slots):
@@ -394,7 +481,6 @@ class ReplicaServer:
         """Once the restatement is durable, drop WAL segments and memory below `index`."""
         self.snapshot_index = max(self.snapshot_index, index)
         while self.wal.durable_seq < restate_end:
-            self.sync_needed.set()
             await self.wal.sync_async()
         self.wal.truncate_before(cut)
         self.core.compact(index - self.options.retain_slots)
@@ -483,15 +569,18 @@ class ReplicaServer:
     # -- peers
 
     def send_peer(self, to: int, msg: tuple) -> None:
-        try:
-            self.peer_queues[to][0].send_nowait(msg)
-        except trio.WouldBlock:
+        """Queue a message for a peer; it leaves at the next flush (dropped if the
+        link's queue is full: the core resends what matters)."""
+        outbox = self.peer_links[to]
+        if outbox.put(wire.encode_frame(msg)):
+            self.dirty.add(outbox)
+        else:
             self.stats["peer_drops"] += 1
 
     async def peer_link(self, peer_id: int) -> None:
         """Dial one peer forever (with backoff) and send it our messages."""
         host, port = split_address(self.cluster[peer_id])
-        receive = self.peer_queues[peer_id][1]
+        outbox = self.peer_links[peer_id]
         backoff = 0.02
         while True:
             try:
@@ -517,17 +606,12 @@ class ReplicaServer:
                         raise wire.ProtocolError("closed before welcome")
                 backoff = 0.02
                 log.info("connected to replica %d at %s", peer_id, self.cluster[peer_id])
-                async for msg in receive:
-                    msgs = [msg]
-                    while True:
-                        try:
-                            msgs.append(receive.receive_nowait())
-                        except trio.WouldBlock:
-                            break
-                    await stream.send_all(b"".join([wire.encode_frame(m) for m in msgs]))
+                await outbox.run_writer(stream)   # returns only by raising
             except (OSError, trio.BrokenResourceError, trio.TooSlowError, wire.ProtocolError) as exc:
                 log.info("link to replica %d lost: %s", peer_id, exc or type(exc).__name__)
             finally:
+                # What is left may start mid-frame: it must never reach a new connection.
+                outbox.frames = []
                 with trio.move_on_after(1) as scope:
                     scope.shield = True
                     await stream.aclose()
@@ -539,29 +623,55 @@ class ReplicaServer:
         core = self.core
         cluster_ids = self.member_ids
         me = self.replica_id
-        async for frame in read_frames(stream, decoder):
-            msg = wire.parse_peer_message(frame, cluster_ids, me, peer_id)
-            if msg[0] == wire.SNAPSHOT_CHUNK:
-                self.on_snapshot_chunk(peer_id, *msg[2:])
-                continue
-            if msg[0] == wire.SNAPSHOT_ACK:
-                self.on_snapshot_ack(peer_id, msg[2], msg[3])
-                continue
-            try:
-                core.step(msg)
-            except MessageError as exc:
-                raise wire.ProtocolError(str(exc)) from None
-            self.kick()
+        while True:
+            # Every frame at hand goes into the core, then the core's output is handled
+            # right here: a peer's message is usually one round of the protocol (an
+            # accept, a vote), and waking the driver for it would cost a task switch
+            # on the critical path.  Clients' requests do wake the driver, so that
+            # requests from many connections share slots.
+            stepped = False
+            while (frame := decoder.next_frame()) is not None:
+                msg = wire.parse_peer_message(frame, cluster_ids, me, peer_id)
+                if msg[0] == wire.SNAPSHOT_CHUNK:
+                    self.on_snapshot_chunk(peer_id, *msg[2:])
+                    continue
+                if msg[0] == wire.SNAPSHOT_ACK:
+                    self.on_snapshot_ack(peer_id, msg[2], msg[3])
+                    continue
+                try:
+                    core.step(msg)
+                except MessageError as exc:
+                    raise wire.ProtocolError(str(exc)) from None
+                stepped = True
+            if stepped:
+                self.drive()
+            else:
+                self.flush()
+            data = await stream.receive_some(RECEIVE_BYTES)
+            if not data:
+                if decoder.buffered:
+                    raise wire.ProtocolError("connection closed in the middle of a frame")
+                return
+            decoder.feed(data)
+
+    def drive(self) -> None:
+        """Handle everything the core has to say now (what the driver does, inline)."""
+        core = self.core
+        while (rd := core.ready()) is not None:
+            self.handle_ready(rd)
+        self.flush()
 
     # -- clients
 
     def reply(self, conn: Conn, obj) -> None:
-        if not conn.send_nowait(wire.encode_frame(obj)) and not conn.closed:
+        """Queue a reply to a client; it leaves at the next flush."""
+        if conn.put(wire.encode_frame(obj)):
+            self.dirty.add(conn)
+        elif not conn.closed:
             # A client that does not read its replies is cut off rather than let us
             # buffer without bound.
             self.stats["client_drops"] += 1
-            conn.closed = True
-            conn.send_channel.close()
+            conn.close()
 
     def leader_address(self) -> str | None:
         leader = self.core.leader_id
@@ -614,7 +724,7 @@ class ReplicaServer:
                 return
             if code == PROPOSED:
                 self.pending_submits[_SESSION_HEADER.unpack_from(batch)] = (conn, request_id)
-                self.kick()
+                self.start_or_kick()
             elif code == NOT_LEADER:
                 self.reply(conn, wire.redirect(request_id, self.leader_address()))
             else:
@@ -628,7 +738,7 @@ class ReplicaServer:
             self.next_read_id += 1
             if self.core.read(read_id):
                 self.pending_reads[read_id] = (conn, request_id, queries)
-                self.kick()
+                self.start_or_kick()
             else:
                 self.reply(conn, wire.redirect(request_id, self.leader_address()))
         elif op == "status":
@@ -642,22 +752,33 @@ class ReplicaServer:
 
     async def serve_client(self, stream: trio.SocketStream, decoder: wire.FrameDecoder,
                            name: str) -> None:
-        conn = Conn(stream, name, CLIENT_QUEUE_MAX)
+        conn = Conn(name, CLIENT_QUEUE_MAX)
+        conn.put(wire.encode_frame(wire.welcome(self.cluster_id, self.replica_id)))
         failure = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(conn.sender)
+
+        async def write_replies():
             try:
-                await stream.send_all(wire.encode_frame(wire.welcome(self.cluster_id, self.replica_id)))
+                await conn.run_writer(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            finally:
+                conn.closed = True
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_replies)
+            try:
                 async for frame in read_frames(stream, decoder):
                     if conn.closed:
                         break
                     self.on_client_request(conn, wire.parse_client_request(frame))
+                    self.flush()   # replies given at once (redirects, stale reads, ...)
             except (wire.ProtocolError, OSError, trio.BrokenResourceError) as exc:
                 # Raised after the nursery, so it is not wrapped in an exception group.
                 failure = exc
             finally:
-                conn.closed = True
-                conn.send_channel.close()
+                # Replies already queued still go out (the client may only have
+                # half-closed), for at most a second.
+                conn.close()
                 nursery.cancel_scope.deadline = trio.current_time() + 1
         if failure is not None:
             raise failure
@@ -717,7 +838,6 @@ class ReplicaServer:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 nursery.start_soon(self.driver)
-                nursery.start_soon(self.syncer)
                 nursery.start_soon(self.ticker)
                 for peer_id in self.peer_links:
                     nursery.start_soon(self.peer_link, peer_id)

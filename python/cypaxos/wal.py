@@ -59,9 +59,12 @@ Recovery (``Wal.open``) reads every segment and checks every record, then:
 * Segments must be contiguous: each starts right after the previous one ends.
 
 Writing: ``append`` only encodes into a memory buffer; ``flush`` hands the buffer to
-the OS with one ``os.write``; ``sync`` also fdatasyncs. ``sync_async`` is the group
-commit for Trio code: one fdatasync in a worker thread covers everything appended
-before it started, and callers arriving meanwhile share the next one.
+the OS with one ``os.write``; ``sync`` also fdatasyncs (blocking). For Trio code,
+``start_sync`` flushes and hands the fdatasync to the Wal's native thread
+(``cypaxos.fsyncthread``, which needs no GIL) and returns at once; when the fsync ends
+``durable_seq`` advances and ``on_sync`` is called in the event loop. At most one
+fsync is in flight, and it covers everything flushed before it started (group
+commit). ``sync_async`` waits for durability on top of that.
 
 If a write or fsync fails, the ``Wal`` refuses all further use (after a failed fsync
 the kernel may have dropped the dirty pages, so a retry could "succeed" without the
@@ -82,6 +85,7 @@ from typing import Iterable, Iterator
 import trio
 
 from .errors import DataDirError, StorageError, WalCorruptError
+from .fsyncthread import FsyncThread
 
 # The C implementation is ~100x faster; the pure Python fallback is still correct,
 # so use it without the import-time warning if the extension is missing.
@@ -491,8 +495,14 @@ class Wal:
         self._written_seq = 0  # highest seq handed to the OS; those above are in _buf
         self._recovered_seq = 0  # highest seq found by recovery; replay() ends there
         self._dir_dirty = False  # a segment was created since the dir was last fsynced
-        # Set while a sync_async fsync runs in a worker thread; set() when it ends.
+        # Set while an fsync runs in the sync thread; set() when it ends.
         self._sync_event: trio.Event | None = None
+        # The native thread that runs our fsyncs (cypaxos.fsyncthread: no GIL hand-offs),
+        # started by the first start_sync.
+        self._sync_thread: FsyncThread | None = None
+        #: Called in the Trio thread after every fsync started by start_sync or
+        #: sync_async ends, with None or the error (the Wal is then unusable).
+        self.on_sync = None
         # fds rotated away while a worker thread may still fsync them; closed when
         # that fsync ends (closing earlier could let the number be reused under it).
         self._retired_fds: list[int] = []
@@ -835,13 +845,80 @@ class Wal:
             self.durable_seq = target
         return self.durable_seq
 
+    def start_sync(self) -> bool:
+        """Begin making every record appended so far durable; don't wait for it.
+
+        Group commit: the flush happens here, the fdatasync in the Wal's sync thread,
+        and it covers everything flushed before it started.  At most one fsync is in
+        flight: if one is, nothing starts and False is returned (call again once it
+        ends; `on_sync` says when).  With ``fsync=False`` the records are durable
+        (flushed) on return.  Returns True if an fsync started.  Trio thread only.
+        """
+        self._check_usable()
+        if self._sync_event is not None:
+            return False
+        self.flush()
+        target = self._written_seq
+        if not self.fsync:
+            self.durable_seq = max(self.durable_seq, target)
+            return False
+        if target <= self.durable_seq and not self._dir_dirty:
+            return False
+        fd = self._fd
+        dir_fd = self._dir_fd if self._dir_dirty else -1
+        self._dir_dirty = False
+        if self._sync_thread is None:
+            self._sync_thread = FsyncThread()
+        self._sync_thread.submit(fd, dir_fd)
+        self._sync_event = trio.Event()
+        trio.lowlevel.spawn_system_task(self._await_sync, target, dir_fd,
+                                        name="cypaxos.wal.fsync")
+        return True
+
+    async def _await_sync(self, target: int, dir_fd: int) -> None:
+        """Wait for the fsync thread's answer, then finish the sync (a system task)."""
+        thread = self._sync_thread
+        try:
+            await trio.lowlevel.wait_readable(thread.fileno())
+            try:
+                if thread.take() == -1:
+                    raise AssertionError("fsync thread woke us without a result")
+            except OSError as exc:
+                self._sync_ended(target, dir_fd, exc)
+            else:
+                self._sync_ended(target, dir_fd, None)
+        except (trio.Cancelled, trio.ClosedResourceError, ValueError):
+            return  # the run is ending, or close() stopped the thread: nobody waits
+        except BaseException as exc:  # a system task must not raise: report it
+            self._sync_ended(target, dir_fd, exc)
+
+    def _sync_ended(self, target: int, dir_fd: int, error) -> None:
+        """The sync thread finished an fsync (runs in the Trio thread)."""
+        event, self._sync_event = self._sync_event, None
+        if error is None:
+            self.fsync_count += 1
+            if target > self.durable_seq:
+                self.durable_seq = target
+        else:
+            if dir_fd >= 0:
+                self._dir_dirty = True
+            self._fail(error)
+        retired, self._retired_fds = self._retired_fds, []
+        for old in retired:
+            os.close(old)
+        if self._closed:
+            self._close_fds()  # close() ran while the thread had our fds
+        if event is not None:
+            event.set()
+        if self.on_sync is not None and not self._closed:
+            self.on_sync(error)
+
     async def sync_async(self) -> int:
         """Make every record appended before this call durable; return ``durable_seq``.
 
-        Group commit: the flush runs here, the fdatasync in a worker thread, and it
-        covers everything flushed before it started. At most one fsync is in flight;
-        callers that arrive while one runs wait for it to end, then one of them starts
-        the next fsync, which covers them all (so at most one is queued).
+        Group commit through `start_sync`: callers that arrive while an fsync runs
+        wait for it to end, then one of them starts the next, which covers them all.
+        A cancelled caller leaves the fsync running (it completes on its own).
         """
         self._check_usable()
         target = self._next_seq - 1
@@ -849,45 +926,16 @@ class Wal:
             await trio.lowlevel.checkpoint()
         while self.durable_seq < target:
             self._check_usable()  # a failed fsync is final: never retry it
+            if self._sync_event is None:
+                self.start_sync()
             event = self._sync_event
             if event is not None:
                 await event.wait()
             else:
-                await self._sync_round()
+                await trio.lowlevel.checkpoint()
+        if self._failed is not None:
+            self._check_usable()
         return self.durable_seq
-
-    async def _sync_round(self) -> None:
-        self.flush()
-        target = self._written_seq
-        if not self.fsync:
-            self.durable_seq = max(self.durable_seq, target)
-            await trio.lowlevel.checkpoint()
-            return
-        fd = self._fd
-        dir_fd = self._dir_fd if self._dir_dirty else -1
-        self._dir_dirty = False
-        self._sync_event = event = trio.Event()
-        synced = False
-        try:
-            # Not abandoned on cancel: fd must stay open until the thread is done.
-            await trio.to_thread.run_sync(_sync_fds, fd, dir_fd)
-            synced = True
-            self.fsync_count += 1
-            if target > self.durable_seq:
-                self.durable_seq = target
-        except OSError as e:
-            self._fail(e)
-            raise
-        finally:
-            if not synced and dir_fd >= 0:
-                self._dir_dirty = True  # cancelled before the thread ran: still owed
-            self._sync_event = None
-            retired, self._retired_fds = self._retired_fds, []
-            for old in retired:
-                os.close(old)
-            if self._closed:
-                self._close_fds()  # close() ran while the thread had our fds
-            event.set()
 
     def _fail(self, exc: BaseException) -> None:
         if self._failed is None:
@@ -925,8 +973,7 @@ class Wal:
     def close(self) -> None:
         """Flush and sync what is buffered (unless a write failed), release the lock.
 
-        Idempotent. If a ``sync_async`` fsync is in flight, its thread's fds are
-        closed when it ends.
+        Idempotent. If an fsync is in flight, waits for it to end first.
         """
         if self._closed:
             return
@@ -935,8 +982,18 @@ class Wal:
                 self.sync()
         finally:
             self._closed = True
-            if self._sync_event is None:
-                self._close_fds()
+            if self._sync_thread is not None:
+                # Waits for an fsync in flight: its fds may be closed after that.
+                thread, self._sync_thread = self._sync_thread, None
+                try:
+                    trio.lowlevel.notify_closing(thread.fileno())
+                except RuntimeError:
+                    pass  # not inside a Trio run: nobody can be waiting on it
+                thread.close()
+                event, self._sync_event = self._sync_event, None
+                if event is not None:
+                    event.set()   # its waiters find the Wal closed
+            self._close_fds()
 
     def _close_fds(self) -> None:
         for fd in [self._fd, self._dir_fd, *self._retired_fds]:

@@ -14,8 +14,11 @@ The power-loss nemesis kills the replica with SIGKILL and then truncates each WA
 segment to its last recorded size: the page-cache data a real power cut could lose
 (kill -9 alone loses nothing that reached the kernel).  A size is written only after
 the sync returned and before the replica could act on it, so truncating to it never
-removes data the replica was told is durable.  Nothing of the replica's code is
-changed; only the two os functions are wrapped, in this process.
+removes data the replica was told is durable.  The replica's logic is unchanged:
+the two os functions are wrapped, in this process, and the WAL's native fsync thread
+(`cypaxos.fsyncthread.FsyncThread`, which calls fdatasync from C, out of the wrappers'
+reach) is replaced by `PythonFsyncThread`, a Python thread with the same protocol
+that calls the wrapped `os.fdatasync`/`os.fsync`.
 
 The same wrapper makes a *slow disk* on demand: while ``SYNCED_DIR/delay`` holds a
 positive number of seconds, every WAL sync first sleeps that long (in the WAL's
@@ -93,6 +96,80 @@ def install(synced_dir: str, data_dir: str) -> None:
     os.fdatasync = wrap(os.fdatasync)
 
 
+class PythonFsyncThread:
+    """`cypaxos.fsyncthread.FsyncThread`'s protocol on a Python thread using `os`.
+
+    submit(fd, dir_fd) starts one job; the read end of a pipe (fileno()) becomes
+    readable when it is done; take() returns None, -1 (not done) or raises OSError.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        self._cond = threading.Condition()
+        self._job = None
+        self._error = None
+        self._stopping = False
+        self.busy = False
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._thread.start()
+
+    def fileno(self) -> int:
+        if self._read < 0:
+            raise ValueError("the fsync thread is closed")
+        return self._read
+
+    def submit(self, fd: int, dir_fd: int = -1) -> None:
+        with self._cond:
+            self.busy = True
+            self._job = (fd, dir_fd)
+            self._cond.notify()
+
+    def take(self):
+        try:
+            if not os.read(self._read, 16):
+                return -1
+        except BlockingIOError:
+            return -1
+        self.busy = False
+        with self._cond:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+        return None
+
+    def close(self) -> None:
+        if self._read < 0:
+            return
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+        os.close(self._read)
+        os.close(self._write)
+        self._read = self._write = -1
+
+    def _main(self) -> None:
+        while True:
+            with self._cond:
+                while self._job is None and not self._stopping:
+                    self._cond.wait()
+                job, self._job = self._job, None
+            if job is None:
+                return
+            fd, dir_fd = job
+            error = None
+            try:
+                os.fdatasync(fd)
+                if dir_fd >= 0:
+                    os.fsync(dir_fd)
+            except OSError as exc:
+                error = exc
+            with self._cond:
+                self._error = error
+            os.write(self._write, b"x")
+
+
 def synced_sizes(synced_dir: str) -> dict[str, int]:
     """Segment file name -> the size its last completed sync made durable."""
     sizes: dict[str, int] = {}
@@ -116,6 +193,8 @@ def main() -> int:
     argv = sys.argv[2:]
     data_dir = argv[argv.index("--data-dir") + 1]
     install(synced_dir, data_dir)
+    import cypaxos.wal
+    cypaxos.wal.FsyncThread = PythonFsyncThread
     sys.argv = ["cypaxos"] + argv
     from cypaxos.cli import main as cli_main
     return cli_main(argv)
