@@ -149,6 +149,15 @@ async def start_fake(nursery, **kwargs):
     return await nursery.start(FakeReplica(**kwargs).run)
 
 
+def refuse_batches_with(marker):
+    """A submit hook refusing ("too_large") every batch whose bytes contain `marker`."""
+    def hook(fake, request_id, batch):
+        if marker in batch:
+            return wire.error(request_id, "too_large", "no")
+        return DEFAULT
+    return hook
+
+
 def kv_results(n, status=commands.RESULT_OK):
     return commands.pack_results([(status, b"")] * n)
 
@@ -345,12 +354,7 @@ async def test_busy_backs_off_and_resends(nursery):
 async def test_refused_command_fails_alone_and_session_moves_on(nursery):
     fake = await start_fake(nursery)
     bad = b"Pbad"
-
-    def hook(fake, request_id, batch):
-        if bad in batch:
-            return wire.error(request_id, "too_large", "no")
-        return DEFAULT
-    fake.submit_hook = hook
+    fake.submit_hook = refuse_batches_with(bad)
     async with open_client(fake.address) as kv:
         old_session = kv.session_id
         results = {}
@@ -643,12 +647,7 @@ async def test_bulk_calls_batch_in_order(nursery):
 async def test_bulk_call_failures(nursery):
     fake = await start_fake(nursery)
     bad = b"Pbad"
-
-    def hook(fake, request_id, batch):
-        if bad in batch:
-            return wire.error(request_id, "too_large", "no")
-        return DEFAULT
-    fake.submit_hook = hook
+    fake.submit_hook = refuse_batches_with(bad)
     async with open_client(fake.address) as kv:
         good = commands.encode_put(b"a", b"1")
         # One refused command fails alone; the others are applied and answered.

@@ -513,9 +513,7 @@ class Client:
 
     async def _write(self, command: bytes, timeout) -> bytes:
         self._check_open()
-        if len(command) > COMMAND_BYTES_MAX:
-            raise RequestError(f"command of {len(command)} bytes exceeds the limit of "
-                               f"{COMMAND_BYTES_MAX} bytes")
+        _check_size(command, "command")
         start, deadline, timeout = self._deadline(timeout)
         op = _Op(command, deadline)
         size = len(command) + 4
@@ -544,13 +542,7 @@ class Client:
                 # Never sent: forget it (the sender skips abandoned ops), so it can never
                 # be applied after its caller was told it was not.
                 op.state = _ABANDONED
-                self._queued_count -= 1
-                self._queued_bytes -= size
-                self._room.unpark_all()
-                if len(self._queue) > 2 * self._queued_count + 1024:
-                    # Nothing is draining the queue (no connection): drop the dead
-                    # entries now, or callers retrying in a loop would grow it forever.
-                    self._queue = _live(self._queue)
+                self._forget_queued_writes(1, size)
             elif op.state == _SENT:
                 op.state = _ABANDONED   # its batch still goes through; nobody waits
         if op.error is not None:
@@ -561,9 +553,7 @@ class Client:
 
     async def _read(self, query: bytes, stale: bool, timeout) -> bytes:
         self._check_open()
-        if len(query) > COMMAND_BYTES_MAX:
-            raise RequestError(f"query of {len(query)} bytes exceeds the limit of "
-                               f"{COMMAND_BYTES_MAX} bytes")
+        _check_size(query, "query")
         start, deadline, timeout = self._deadline(timeout)
         op = _Op(query, deadline)
         try:
@@ -585,14 +575,7 @@ class Client:
                 queued = op.state == _QUEUED
                 op.state = _ABANDONED   # skipped when packed or resent
                 if queued:
-                    # See _write: no connection may be draining the queues.  Compact
-                    # once abandoned reads could be half of them (amortized O(1)).
-                    self._dead_reads += 1
-                    if (self._dead_reads > 1024 and
-                            2 * self._dead_reads > len(self._reads) + len(self._stale_reads)):
-                        self._reads = _live(self._reads)
-                        self._stale_reads = _live(self._stale_reads)
-                        self._dead_reads = 0
+                    self._forget_queued_reads(1)
         if op.error is not None:
             raise op.error
         if op.state == _DONE:
@@ -606,9 +589,7 @@ class Client:
         self._check_open()
         what = "command" if write else "query"
         for payload in payloads:
-            if len(payload) > COMMAND_BYTES_MAX:
-                raise RequestError(f"{what} of {len(payload)} bytes exceeds the limit of "
-                                   f"{COMMAND_BYTES_MAX} bytes")
+            _check_size(payload, what)
         if not payloads:
             return []
         start, deadline, timeout = self._deadline(timeout)
@@ -674,29 +655,21 @@ class Client:
                     break
                 await _park(op)
         finally:
-            dropped = 0
+            dropped = dropped_bytes = 0
             for op in ops:
                 state = op.state
                 if state == _QUEUED:
                     op.state = _ABANDONED
                     dropped += 1
-                    if write:
-                        self._queued_count -= 1
-                        self._queued_bytes -= len(op.payload) + 4
+                    dropped_bytes += len(op.payload) + 4
                 elif state == _SENT:
                     op.state = _ABANDONED
             if dropped:
-                self._room.unpark_all()
                 if write:
-                    if len(self._queue) > 2 * self._queued_count + 1024:
-                        self._queue = _live(self._queue)
+                    self._forget_queued_writes(dropped, dropped_bytes)
                 else:
-                    self._dead_reads += dropped
-                    if (self._dead_reads > 1024 and
-                            2 * self._dead_reads > len(self._reads) + len(self._stale_reads)):
-                        self._reads = _live(self._reads)
-                        self._stale_reads = _live(self._stale_reads)
-                        self._dead_reads = 0
+                    self._room.unpark_all()
+                    self._forget_queued_reads(dropped)
         results = []
         for op in ops:
             if op.error is not None:
@@ -712,6 +685,33 @@ class Client:
                 raise outcome
             results.append(outcome)
         return results
+
+    def _forget_queued_writes(self, count: int, size: int) -> None:
+        """Account for `count` queued writes (`size` bytes) whose callers gave up.
+
+        They were never sent (the sender skips abandoned ops), so they can never be
+        applied after their callers were told they were not.
+        """
+        self._queued_count -= count
+        self._queued_bytes -= size
+        self._room.unpark_all()
+        if len(self._queue) > 2 * self._queued_count + 1024:
+            # Nothing is draining the queue (no connection): drop the dead entries
+            # now, or callers retrying in a loop would grow it forever.
+            self._queue = _live(self._queue)
+
+    def _forget_queued_reads(self, count: int) -> None:
+        """Account for `count` queued reads whose callers gave up (see above).
+
+        The read queues are compacted once abandoned reads could be half of them
+        (amortized O(1)).
+        """
+        self._dead_reads += count
+        if (self._dead_reads > 1024 and
+                2 * self._dead_reads > len(self._reads) + len(self._stale_reads)):
+            self._reads = _live(self._reads)
+            self._stale_reads = _live(self._stale_reads)
+            self._dead_reads = 0
 
     # -- deadlines -----------------------------------------------------------
     #
@@ -1389,6 +1389,12 @@ class Client:
         if frames:
             self._room.unpark_all()   # calls waiting for queue room
         return b"".join(frames)
+
+
+def _check_size(payload: bytes, what: str) -> None:
+    if len(payload) > COMMAND_BYTES_MAX:
+        raise RequestError(f"{what} of {len(payload)} bytes exceeds the limit of "
+                           f"{COMMAND_BYTES_MAX} bytes")
 
 
 def _take(queue, max_count, max_bytes) -> list:

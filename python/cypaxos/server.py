@@ -163,18 +163,17 @@ class Outbox:
     order on the connection is the order of `put`.
     """
 
-    __slots__ = ("frames", "frames_max", "fd", "writing", "wakeup", "closed", "connected")
+    __slots__ = ("frames", "frames_max", "fd", "writing", "wakeup", "closed")
 
     def __init__(self, frames_max: int) -> None:
         self.frames: list = []      # queued and not yet handed to the kernel, in order
         self.frames_max = frames_max
         self.fd = -1                # the connected socket's fd (-1: not connected)
         # The writer task owns the socket (a send_all is in progress or due): flush()
-        # must not write around it.  Invariant: writing implies connected.
+        # must not write around it.  Invariant: writing implies fd >= 0.
         self.writing = False
         self.wakeup = trio.Event()
         self.closed = False         # no more frames accepted; the writer drains and ends
-        self.connected = False
 
     def put(self, frame: bytes) -> bool:
         """Queue a frame; False if the outbox is closed or full (the caller decides)."""
@@ -186,7 +185,7 @@ class Outbox:
     def flush(self) -> None:
         """Write what is queued now, without blocking; the writer task gets any rest."""
         frames = self.frames
-        if not frames or self.writing or not self.connected:
+        if not frames or self.writing or self.fd < 0:
             return
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         try:
@@ -210,7 +209,6 @@ class Outbox:
     async def run_writer(self, stream: trio.SocketStream) -> None:
         """Send on `stream` whatever `flush` could not, until closed or the send fails."""
         self.fd = stream.socket.fileno()
-        self.connected = True
         self.writing = bool(self.frames)   # frames queued before the connection existed
         try:
             while True:
@@ -225,7 +223,6 @@ class Outbox:
                 frames, self.frames = self.frames, []
                 await stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
         finally:
-            self.connected = False
             self.writing = False
             self.fd = -1
 
