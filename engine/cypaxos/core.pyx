@@ -1080,9 +1080,9 @@ cdef class Replica:
         """Apply every client batch of a chosen slot through the session table."""
         cdef const char* p = PyBytes_AS_STRING(value)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(value)
-        cdef Py_ssize_t pos = 0, q, end
+        cdef Py_ssize_t pos = 0, end
         cdef uint64_t sid, first, acked
-        cdef uint32_t count, plen, k, clen
+        cdef uint32_t count, plen
         cdef Session sess
         cdef StateMachine sm = self.state_machine
         cdef ResultWriter writer = self.writer
@@ -1114,11 +1114,7 @@ cdef class Replica:
             while sess.cache and sess.cache[0][0] + sess.cache[0][1] - 1 <= <int64_t>acked:
                 del sess.cache[0]
             if <int64_t>first == sess.next_seq:
-                q = pos + CLIENT_BATCH_HEADER
-                for k in range(count):
-                    clen = load_u32(p + q)
-                    sm.apply_command(p + q + 4, clen, writer)
-                    q += 4 + clen
+                sm.apply_commands(p + pos + CLIENT_BATCH_HEADER, count, writer)
                 results = writer.take()
                 sess.cache.append((first, count, results))
                 sess.next_seq = first + count

@@ -342,6 +342,15 @@ async def _client_load(client, cfg, window, counters, seed):
 
     async def task(task_seed):
         rnd = random.Random(task_seed).random
+        if batch > 1:
+            # Each call takes a slice at a random offset of a pool of random keys:
+            # the keys stay uniform, and choosing them costs the load generator next
+            # to nothing (per key it costs as much as a client's whole put).
+            size = max(batch * 16, 1 << 14)
+            pool = [keys[int(rnd() * nkeys)] if keys is not None
+                    else _key(int(rnd() * nkeys)) for _ in range(size)]
+            pool_items = [(key, value) for key in pool]
+            span = size - batch + 1
         while True:
             if rate:
                 k = schedule[0]
@@ -366,14 +375,11 @@ async def _client_load(client, cfg, window, counters, seed):
                     else:
                         await put(key, value)
                 else:
-                    if keys is not None:
-                        chosen = [keys[int(rnd() * nkeys)] for _ in range(batch)]
-                    else:
-                        chosen = [_key(int(rnd() * nkeys)) for _ in range(batch)]
+                    at = int(rnd() * span)
                     if reading:
-                        await get_many(chosen)
+                        await get_many(pool[at:at + batch])
                     else:
-                        await put_many([(key, value) for key in chosen])
+                        await put_many(pool_items[at:at + batch])
             except trio.Cancelled:
                 raise
             except Exception as exc:  # a ClientError: count it and go on

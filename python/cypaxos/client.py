@@ -399,8 +399,13 @@ class Client:
         together.  If any fails, raises the first failure (in `items` order) once all
         have ended; the others may still have been applied (see `maybe_applied`).
         """
-        commands = [_cmd.encode_put(_as_bytes(key, "key"), _as_bytes(value, "value"))
-                    for key, value in items]
+        if type(items) is not list:
+            items = list(items)
+        try:
+            commands = _cmd.encode_puts(items)
+        except TypeError:   # str, bytearray, ... (or a wrong type: said per item)
+            commands = [_cmd.encode_put(_as_bytes(key, "key"), _as_bytes(value, "value"))
+                        for key, value in items]
         await self._many(commands, True, False, timeout, False)
 
     async def submit_many(self, commands: Iterable[Bytes], *,
@@ -587,14 +592,16 @@ class Client:
                     return_exceptions: bool) -> list:
         """Queue all `payloads` as writes (or reads), park until every one has ended."""
         self._check_open()
-        what = "command" if write else "query"
-        for payload in payloads:
-            _check_size(payload, what)
         if not payloads:
             return []
+        if max(map(len, payloads)) > COMMAND_BYTES_MAX:
+            what = "command" if write else "query"
+            for payload in payloads:
+                _check_size(payload, what)
         start, deadline, timeout = self._deadline(timeout)
         ops = [_Op(payload, deadline) for payload in payloads]
         count = len(ops)
+        total_size = sum(map(len, payloads)) + 4 * count
         queued = 0     # ops[:queued] have been queued (and armed)
         try:
             while queued < count:
@@ -609,6 +616,9 @@ class Client:
                     room_bytes = math.inf
                 end = queued
                 size = 0
+                if queued == 0 and count <= room and total_size <= room_bytes:
+                    end = count    # all at once (the common case)
+                    size = total_size
                 while end < count and end - queued < room:
                     n = len(ops[end].payload) + 4
                     if size + n > room_bytes and end > queued:
@@ -624,13 +634,14 @@ class Client:
                     continue
                 if end == queued:
                     end = queued + 1
+                    size = len(ops[queued].payload) + 4
                 chunk = ops[queued:end]
                 for op in chunk:
                     op.state = _QUEUED
                 queue.extend(chunk)
                 if write:
                     self._queued_count += len(chunk)
-                    self._queued_bytes += sum(len(op.payload) + 4 for op in chunk)
+                    self._queued_bytes += size
                 self._stats["commands" if write else
                             "stale_reads" if stale else "reads"] += len(chunk)
                 if timeout == self._timeout:
@@ -1070,13 +1081,21 @@ class Client:
     def _on_batch_ok(self, conn, batch: _Batch, request_id, payload) -> None:
         if type(payload) is not bytes:
             raise wire.ProtocolError("submit answered with a non-bytes payload")
+        conn.answered = True
+        if _cmd.all_ok_empty(payload, len(batch.ops)):
+            # A batch of puts: nothing to unpack or look at one by one.
+            self._result_max[0] *= 0.9
+            self._last_leader_ok = trio.current_time()
+            self._backoff = 0.0
+            self._redirect_streak = 0
+            self._finish_batch(batch, None)
+            return
         try:
             results = _cmd.unpack_results(payload)
         except ValueError as exc:
             raise wire.ProtocolError(f"bad packed results: {exc}") from None
         if len(results) != len(batch.ops):
             raise wire.ProtocolError(f"{len(results)} results for {len(batch.ops)} commands")
-        conn.answered = True
         self._result_max[0] = max(max([len(data) for _, data in results]),
                                   0.9 * self._result_max[0])
         if any(status == _cmd.RESULT_RETRY for status, _ in results):
@@ -1100,6 +1119,8 @@ class Client:
         self._finish_batch(batch, results)
 
     def _finish_batch(self, batch: _Batch, results) -> None:
+        """Finish a batch's calls with `results` ((status, bytes) per command; None:
+        every one OK with no bytes)."""
         batch.done = True
         del self._outstanding[batch.key]
         if batch.epoch == self._epoch:
@@ -1107,6 +1128,15 @@ class Client:
             completed = self._completed
             while self._acked_seq + 1 in completed:
                 self._acked_seq += completed.pop(self._acked_seq + 1)
+        if results is None:   # all OK, no result bytes: _Op.finish(b""), inlined
+            for op in batch.ops:
+                if op.state == _SENT:
+                    op.value = b""
+                    op.state = _DONE
+                    op.payload = None
+                    if op.task is not None:
+                        op.wake()
+            results = ()
         for op, (status, data) in zip(batch.ops, results):
             if op.state != _SENT:
                 continue   # its caller gave up
@@ -1358,7 +1388,7 @@ class Client:
         # Reads: linearizable ones in one request, stale ones in another.
         for queue, stale in ((self._reads, False), (self._stale_reads, True)):
             while queue and len(self._inflight_reads) < INFLIGHT_READS_MAX:
-                ops = _take(queue, self._request_cap(True), BATCH_BYTES_MAX)
+                ops, _ = _take(queue, self._request_cap(True), BATCH_BYTES_MAX)
                 if not ops:
                     break
                 read = _Read(ops, stale)
@@ -1375,11 +1405,11 @@ class Client:
         # Writes: one batch per ~1 MiB, consecutive seqs of the session.
         if not held:
             while self._queued_count and len(self._outstanding) < INFLIGHT_BATCHES_MAX:
-                ops = _take(self._queue, self._request_cap(False), BATCH_BYTES_MAX)
+                ops, size = _take(self._queue, self._request_cap(False), BATCH_BYTES_MAX)
                 if not ops:
                     break
                 self._queued_count -= len(ops)
-                self._queued_bytes -= sum(len(op.payload) + 4 for op in ops)
+                self._queued_bytes -= size
                 batch = self._pack(self._epoch, self._session_id, self._next_seq,
                                    self._acked_seq, ops)
                 self._next_seq += len(ops)
@@ -1397,24 +1427,31 @@ def _check_size(payload: bytes, what: str) -> None:
                            f"{COMMAND_BYTES_MAX} bytes")
 
 
-def _take(queue, max_count, max_bytes) -> list:
-    """Pop up to max_count live ops (about max_bytes) off a queue; mark them sent."""
+def _take(queue, max_count, max_bytes) -> tuple[list, int]:
+    """Pop up to max_count live ops (about max_bytes) off a queue; mark them sent.
+
+    Returns them and their size as the queue accounts it (payload + 4 bytes each).
+    """
     ops = []
+    append = ops.append
+    popleft = queue.popleft
     size = 0
-    while queue and len(ops) < max_count:
+    left = max_count
+    while queue and left:
         op = queue[0]
         if op.state != _QUEUED:
-            queue.popleft()    # abandoned by a caller that timed out
+            popleft()    # abandoned by a caller that timed out
             continue
         n = len(op.payload) + 4
-        if ops and size + n > max_bytes:
+        if size + n > max_bytes and ops:
             break
-        queue.popleft()
+        popleft()
         op.state = _SENT
         op.sent = True
-        ops.append(op)
+        append(op)
         size += n
-    return ops
+        left -= 1
+    return ops, size
 
 
 def _live(queue):
