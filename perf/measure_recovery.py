@@ -92,6 +92,29 @@ def dir_bytes(path: str) -> int:
     return total
 
 
+def wal_record_bytes(wal_dir: str) -> int:
+    """Bytes of records in a WAL dir: the segment files minus their headers and their
+    unused, preallocated zeros (dir_bytes counts the files as they are on disk)."""
+    from cypaxos.wal import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
+    total = 0
+    for name in sorted(os.listdir(wal_dir)):
+        if not name.endswith(".wal"):
+            continue
+        try:
+            with open(os.path.join(wal_dir, name), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            continue
+        off = SEGMENT_HEADER_SIZE
+        while off + RECORD_HEADER_SIZE <= len(data):
+            length = int.from_bytes(data[off:off + 4], "little")
+            if length == 0 or off + RECORD_HEADER_SIZE + length > len(data):
+                break
+            off += RECORD_HEADER_SIZE + length
+        total += off - SEGMENT_HEADER_SIZE
+    return total
+
+
 def rss_bytes(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -259,6 +282,7 @@ def breakdown(options: ServerOptions, cluster_id: str) -> dict:
         del snapshot, state, kv
     gc.collect()
     out["wal_bytes"] = dir_bytes(os.path.join(options.data_dir, "wal"))
+    out["wal_record_bytes"] = wal_record_bytes(os.path.join(options.data_dir, "wal"))
     started = time.perf_counter()
     server = ReplicaServer(options)
     out["replica_recovery_total_s"] = round(time.perf_counter() - started, 3)
@@ -328,11 +352,13 @@ def main(argv=None) -> int:
             write_marker(cluster.cluster_arg, marker)
             wait(lambda: stale_marker(cluster.address(follower)) == marker, 60,
                  "the follower to apply the marker")
-            wal = dir_bytes(os.path.join(cluster.replica_data_dir(follower), "wal"))
+            wal_dir = os.path.join(cluster.replica_data_dir(follower), "wal")
+            wal, records = dir_bytes(wal_dir), wal_record_bytes(wal_dir)
             snap = dir_bytes(os.path.join(cluster.replica_data_dir(follower), "snapshots"))
             cluster.kill(follower)
             one = restart_and_time(cluster, follower, marker, args.timeout)
-            one.update(wal_bytes_before=wal, snapshot_dir_bytes_before=snap)
+            one.update(wal_bytes_before=wal, wal_record_bytes_before=records,
+                       snapshot_dir_bytes_before=snap)
             restarts.append(one)
             log(f"restart {n + 1}: {one}")
             wait(lambda: converged(cluster), 300, "the replicas to converge")

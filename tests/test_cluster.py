@@ -18,6 +18,7 @@ import trio
 import cypaxos
 from cypaxos import commands, wire
 from cypaxos.local import LocalCluster, free_ports
+from cypaxos.wal import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -197,6 +198,17 @@ def serve_command(cluster, replica_id):
     return cluster.command(replica_id)
 
 
+def wal_records_end(data):
+    """Where the records of a WAL segment's bytes end (then preallocated zeros)."""
+    off = SEGMENT_HEADER_SIZE
+    while off + RECORD_HEADER_SIZE <= len(data):
+        (length,) = struct.unpack_from("<I", data, off)
+        if length == 0 or off + RECORD_HEADER_SIZE + length > len(data):
+            break
+        off += RECORD_HEADER_SIZE + length
+    return off
+
+
 def test_corrupt_wal_record_before_the_tail_refuses_to_start(cluster):
     with cypaxos.connect(cluster.addresses, timeout=20.0) as kv:
         for i in range(300):
@@ -205,7 +217,8 @@ def test_corrupt_wal_record_before_the_tail_refuses_to_start(cluster):
     cluster.stop(victim)
     wal_dir = os.path.join(cluster.replica_data_dir(victim), "wal")
     segment = os.path.join(wal_dir, sorted(os.listdir(wal_dir))[-1])
-    size = os.path.getsize(segment)
+    with open(segment, "rb") as f:
+        size = wal_records_end(f.read())  # the rest of the segment is preallocated zeros
     with open(segment, "r+b") as f:  # flip one byte in the middle of the log
         f.seek(size // 2)
         byte = f.read(1)

@@ -249,11 +249,13 @@ def data_dir_bound(options: dict, snapshot_file_bytes: int) -> int:
     WAL: a snapshot starts once `snapshot_bytes` were appended since the last (checked
     every tick); segments wholly before the snapshot's cut are deleted once it is
     durable, but never the current segment, so up to `snapshot_bytes` + one segment,
-    doubled for what arrives while a snapshot is being written.  Snapshots: the two
-    kept plus the temporary file of the one being written.  Plus 512 KiB of slack
-    (identity file, segment headers, scheduling jitter on a loaded CI host).
+    doubled for what arrives while a snapshot is being written, plus two segments of
+    preallocation (the current segment's zero-filled rest and the spare prepared ahead).
+    Snapshots: the two kept plus the temporary file of the one being written.  Plus
+    512 KiB of slack (identity file, segment headers, scheduling jitter on a loaded CI
+    host).
     """
-    return (2 * options["snapshot_bytes"] + 2 * options["wal_segment_bytes"]
+    return (2 * options["snapshot_bytes"] + 4 * options["wal_segment_bytes"]
             + 3 * snapshot_file_bytes + (512 << 10))
 
 

@@ -7,6 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import google_crc32c
 import pytest
 import trio
 import trio.testing
@@ -19,6 +20,7 @@ from cypaxos.wal import (
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
     SEGMENT_MAGIC,
+    SPARE_FILE,
     Wal,
     open_data_dir,
     segment_name,
@@ -48,13 +50,22 @@ def segment_files(path):
 
 
 def record_offsets(data):
-    """(start, end) of every record in one segment's bytes."""
+    """(start, end) of every record in one segment's bytes (they end at a zero length:
+    the unused, zero-filled rest of a preallocated segment)."""
     spans, off = [], SEGMENT_HEADER_SIZE
-    while off < len(data):
+    while off + RECORD_HEADER_SIZE <= len(data):
         (length,) = struct.unpack_from("<I", data, off)
+        if length == 0:
+            break
         spans.append((off, off + RECORD_HEADER_SIZE + length))
         off += RECORD_HEADER_SIZE + length
     return spans
+
+
+def records_end(data):
+    """Where the records of one segment's bytes end."""
+    spans = record_offsets(data)
+    return spans[-1][1] if spans else SEGMENT_HEADER_SIZE
 
 
 def flip(file, offset):
@@ -95,7 +106,9 @@ def test_round_trip_across_segments(tmp_path):
 def test_segments_respect_the_size_limit(tmp_path):
     write_wal(tmp_path, payloads(300, size=10), segment_bytes_max=300)
     for name in segment_files(tmp_path):
-        assert os.path.getsize(tmp_path / name) <= 300
+        data = (tmp_path / name).read_bytes()
+        assert len(data) == 300  # preallocated
+        assert records_end(data) <= 300 and not data[records_end(data):].strip(b"\0")
 
 
 def test_append_many_matches_append(tmp_path):
@@ -128,12 +141,15 @@ def test_payload_types(tmp_path):
 
 
 def test_flush_without_sync_reaches_the_file(tmp_path):
-    with Wal.open(tmp_path) as wal:
+    with Wal.open(tmp_path, segment_bytes_max=4096) as wal:
+        file = tmp_path / segment_name(1)
         wal.append(b"abc")
-        size = os.path.getsize(tmp_path / segment_name(1))
-        assert size == SEGMENT_HEADER_SIZE  # buffered only
+        assert records_end(file.read_bytes()) == SEGMENT_HEADER_SIZE  # buffered only
         wal.flush()
-        assert os.path.getsize(tmp_path / segment_name(1)) == size + RECORD_HEADER_SIZE + 3
+        data = file.read_bytes()
+        assert records_end(data) == SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE + 3
+        assert data[SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE:][:3] == b"abc"
+        assert len(data) == 4096  # written over the preallocated zeros
         assert wal.durable_seq == 0
         assert wal.fsync_count == 0
 
@@ -256,24 +272,38 @@ TORN = {
 }
 
 
+@pytest.mark.parametrize("layout", ["preallocated", "legacy"])
 @pytest.mark.parametrize("segment_bytes_max", [1 << 20, 400])
 @pytest.mark.parametrize("kind", sorted(TORN))
-def test_torn_tail_is_cut_and_appends_continue(tmp_path, kind, segment_bytes_max):
+def test_torn_tail_is_zeroed_and_appends_continue(tmp_path, kind, segment_bytes_max, layout):
+    # "legacy": the segment ends where its bytes end, as written before preallocation.
     tear, lost = TORN[kind]
     records = payloads(60, size=4)
     write_wal(tmp_path, records, segment_bytes_max=segment_bytes_max)
     last = tmp_path / segment_files(tmp_path)[-1]
     data = last.read_bytes()
+    size = len(data)
+    data = data[: records_end(data)]
     spans = record_offsets(data)
     good_end = spans[-1][0] if lost else spans[-1][1]
-    last.write_bytes(tear(data, spans))
+    torn = tear(data, spans)
+    if layout == "preallocated":
+        torn += bytes(max(0, size - len(torn)))
+    last.write_bytes(torn)
+    torn_bytes = len(torn.rstrip(b"\0")) - good_end  # what must be zeroed
 
     with Wal.open(tmp_path, segment_bytes_max=segment_bytes_max) as wal:
         assert [p for _, p in wal.replay()] == records[: len(records) - lost]
-        assert len(wal.warnings) == 1
-        cut = len(tear(data, spans)) - good_end
-        assert f"cut {cut} bytes" in wal.warnings[0] and last.name in wal.warnings[0]
-        assert os.path.getsize(last) == good_end
+        if torn_bytes > 0:
+            assert len(wal.warnings) == 1
+            assert (f"zeroed {torn_bytes} bytes of torn tail at offset {good_end}"
+                    in wal.warnings[0] and last.name in wal.warnings[0])
+        else:
+            assert wal.warnings == []  # zeros after the records: unused space
+        on_disk = last.read_bytes()
+        assert on_disk[:good_end] == data[:good_end]
+        assert not on_disk[good_end:].strip(b"\0")
+        assert len(on_disk) == max(len(torn), segment_bytes_max)  # a legacy one: extended
         assert wal.append(b"after") == len(records) - lost + 1
     recovered, warnings = read_wal(tmp_path, segment_bytes_max=segment_bytes_max)
     assert recovered == records[: len(records) - lost] + [b"after"]
@@ -300,6 +330,186 @@ def test_torn_header_of_the_only_segment(tmp_path):
     assert read_wal(tmp_path)[0] == []
     write_wal(tmp_path, [b"a"])
     assert read_wal(tmp_path) == ([b"a"], [])
+
+
+# --------------------------------------------------------------------------- preallocation
+
+
+def wait_for_spare(wal, timeout=10.0):
+    """Wait until the Wal's spare (the next segment) is zero-filled and synced."""
+    deadline = time.monotonic() + timeout
+    while wal._spare is None or not wal._spare.ready():
+        assert time.monotonic() < deadline, "the spare was never prepared"
+        time.sleep(0.001)
+
+
+def test_a_new_segment_is_zero_filled_to_its_size(tmp_path):
+    seg = 256 << 10
+    with Wal.open(tmp_path, segment_bytes_max=seg) as wal:
+        file = tmp_path / segment_name(1)
+        data = file.read_bytes()
+        assert len(data) == seg
+        assert data[:SEGMENT_HEADER_SIZE] == struct.pack("<8sIQ", SEGMENT_MAGIC, 1, 1)
+        assert not data[SEGMENT_HEADER_SIZE:].strip(b"\0")
+        # Really written, not a sparse file: appends need no block allocation.
+        assert os.stat(file).st_blocks * 512 >= seg
+        assert wal.prealloc_waits == 1  # the first segment of a new WAL is written at once
+        records = payloads(100)
+        wal.append_many(records)
+        wal.sync()
+        data = file.read_bytes()
+        assert len(data) == seg and not data[records_end(data):].strip(b"\0")
+    assert os.listdir(tmp_path) == [segment_name(1)]  # no spare left behind
+    with Wal.open(tmp_path, segment_bytes_max=seg) as wal:
+        assert [p for _, p in wal.replay()] == records and wal.warnings == []
+        assert wal.append(b"next") == 101
+    assert read_wal(tmp_path, segment_bytes_max=seg) == (records + [b"next"], [])
+    assert os.path.getsize(tmp_path / segment_name(1)) == seg
+
+
+def test_fsync_false_preallocates_sparsely(tmp_path):
+    seg = 1 << 20
+    with Wal.open(tmp_path, fsync=False, segment_bytes_max=seg) as wal:
+        wal.append(b"a")
+        wal.sync()
+        data = (tmp_path / segment_name(1)).read_bytes()
+        assert len(data) == seg and records_end(data) == SEGMENT_HEADER_SIZE + 9
+        assert not data[records_end(data):].strip(b"\0")
+        assert wal._spare is None and wal.prealloc_waits == 0
+    assert read_wal(tmp_path, fsync=False, segment_bytes_max=seg) == ([b"a"], [])
+
+
+def test_rotation_takes_the_spare_prepared_in_the_background(tmp_path):
+    seg = 64 << 10
+    big = b"b" * (seg // 2)
+    with Wal.open(tmp_path, segment_bytes_max=seg) as wal:
+        assert wal.prealloc_waits == 1
+        assert not (tmp_path / SPARE_FILE).exists()  # not before the segment is half full
+        wal.append(big)
+        wal.flush()
+        wait_for_spare(wal)
+        spare = (tmp_path / SPARE_FILE).read_bytes()
+        assert len(spare) == seg and not spare.strip(b"\0")
+        wal.append(big)  # does not fit: rotates into the spare, without waiting
+        assert wal.prealloc_waits == 1
+        assert not (tmp_path / SPARE_FILE).exists()
+        assert segment_files(tmp_path) == [segment_name(1), segment_name(2)]
+        # No spare due before these rotations: each starts one at its flush and waits
+        # for it unless it is done by the time the finished segment is fdatasynced.
+        wal.append(b"x" * (seg - 100))
+        wal.append(b"y" * (seg * 2))  # larger than a segment: one of its own, grown
+        wal.append(b"z")
+        wal.sync()
+        assert 1 <= wal.prealloc_waits <= 4 and wal.prealloc_wait_seconds > 0
+        files = segment_files(tmp_path)
+        assert files == [segment_name(n) for n in (1, 2, 3, 4, 5)]
+        sizes = [os.path.getsize(tmp_path / name) for name in files]
+        grown = SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE + 2 * seg
+        assert sizes == [seg, seg, seg, grown, seg]
+        for name in files:
+            data = (tmp_path / name).read_bytes()
+            assert data[:8] == SEGMENT_MAGIC and not data[records_end(data):].strip(b"\0")
+    assert read_wal(tmp_path, segment_bytes_max=seg) == (
+        [big, big, b"x" * (seg - 100), b"y" * (seg * 2), b"z"], [])
+
+
+def test_a_leftover_spare_is_removed(tmp_path):
+    records = payloads(10)
+    write_wal(tmp_path, records, segment_bytes_max=4096)
+    (tmp_path / SPARE_FILE).write_bytes(b"half-written" * 100)  # a crash during its fill
+    with Wal.open(tmp_path, segment_bytes_max=4096) as wal:
+        assert not (tmp_path / SPARE_FILE).exists()
+        assert [p for _, p in wal.replay()] == records and wal.warnings == []
+        wal.append(b"x" * 3000)  # past half: a new spare is prepared
+        wal.flush()
+        wait_for_spare(wal)
+        assert os.path.getsize(tmp_path / SPARE_FILE) == 4096
+    assert not (tmp_path / SPARE_FILE).exists()  # close removes an unused spare
+    assert read_wal(tmp_path, segment_bytes_max=4096) == (records + [b"x" * 3000], [])
+
+
+def test_a_renamed_spare_whose_header_was_lost_is_reset(tmp_path):
+    # A crash after the rename of the spare reached the disk, before its header did.
+    seg = 8192
+    records = payloads(30)
+    write_wal(tmp_path, records, segment_bytes_max=seg)
+    (tmp_path / segment_name(31)).write_bytes(bytes(seg))
+    with Wal.open(tmp_path, segment_bytes_max=seg) as wal:
+        assert [p for _, p in wal.replay()] == records
+        assert len(wal.warnings) == 1 and "torn header" in wal.warnings[0]
+        assert wal.append(b"x") == 31
+    data = (tmp_path / segment_name(31)).read_bytes()
+    assert len(data) == seg and data[:8] == SEGMENT_MAGIC
+    assert read_wal(tmp_path, segment_bytes_max=seg) == (records + [b"x"], [])
+
+
+def test_segments_written_before_preallocation_open_and_continue(tmp_path):
+    records = payloads(60, size=4)
+    write_wal(tmp_path, records, segment_bytes_max=400, preallocate=False)
+    files = segment_files(tmp_path)
+    assert len(files) >= 3
+    for name in files:  # the old layout: a file ends at its last record
+        data = (tmp_path / name).read_bytes()
+        assert len(data) == records_end(data) <= 400
+    last = tmp_path / files[-1]
+    old_last = last.read_bytes()
+    with Wal.open(tmp_path, segment_bytes_max=400) as wal:
+        assert [p for _, p in wal.replay()] == records and wal.warnings == []
+        # The last segment is extended with zeros; appends continue after its records.
+        data = last.read_bytes()
+        assert len(data) == 400 and data.startswith(old_last)
+        wal.append(b"more")
+        wal.sync()
+        assert last.read_bytes()[len(old_last):][RECORD_HEADER_SIZE:][:4] == b"more"
+    assert read_wal(tmp_path, segment_bytes_max=400) == (records + [b"more"], [])
+    # And preallocate=False still writes the old layout.
+    with Wal.open(tmp_path / "old", preallocate=False) as wal:
+        wal.append(b"abc")
+    assert os.path.getsize(tmp_path / "old" / segment_name(1)) == (
+        SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE + 3)
+
+
+def _record(payload):
+    return struct.pack("<II", len(payload), google_crc32c.value(payload)) + payload
+
+
+def test_torn_bytes_are_zeroed_before_shorter_appends(tmp_path):
+    # A segment written before preallocation ends in a torn append: a bad record, then
+    # the beginning of a valid record whose payload ends in zeros. Cut short by the end
+    # of the file, that record is not valid: the tail is torn. Extending the segment
+    # with zeros completes it, though, so torn bytes left behind the (shorter) records
+    # appended next would make the log look corrupt: a valid record after a bad one.
+    records = payloads(10, size=4)
+    write_wal(tmp_path, records, preallocate=False)
+    file = tmp_path / segment_name(1)
+    good = file.read_bytes()
+    hidden = _record(b"hidden" + bytes(64))
+    garbage = struct.pack("<II", 500, 12345) + os.urandom(40) + hidden[:-64]
+    file.write_bytes(good + garbage)
+    appended = [b"x", b"y"]
+    assert sum(map(len, map(_record, appended))) < len(garbage) - (len(hidden) - 64)
+
+    # What the file would hold had the torn bytes been left in place:
+    left = tmp_path / "left"
+    left.mkdir()
+    tail = b"".join(map(_record, appended))
+    (left / segment_name(1)).write_bytes(good + tail + garbage[len(tail):] + bytes(100))
+    with pytest.raises(WalCorruptError, match="followed by a valid record"):
+        Wal.open(left)
+
+    with Wal.open(tmp_path) as wal:
+        assert [p for _, p in wal.replay()] == records
+        assert len(wal.warnings) == 1
+        assert f"zeroed {len(garbage)} bytes of torn tail at offset {len(good)}" in (
+            wal.warnings[0])
+        data = file.read_bytes()
+        assert data[: len(good)] == good and not data[len(good):].strip(b"\0")
+        for payload in appended:
+            wal.append(payload)
+    assert read_wal(tmp_path) == (records + appended, [])
+    data = file.read_bytes()
+    assert data[: len(good) + len(tail)] == good + tail
+    assert not data[len(good) + len(tail):].strip(b"\0")
 
 
 # ----------------------------------------------------------------------------- corruption
@@ -655,10 +865,18 @@ def test_a_flipped_byte_is_caught_or_only_the_last_record_is_lost(
         f.write(bytes([byte ^ mask]))
     in_last_record = name == layout[-1][0] and ends and offset >= (
         ends[-2] if len(ends) > 1 else base + SEGMENT_HEADER_SIZE)
+    # Past the records: the zero-filled rest of a preallocated segment.
+    unused = offset >= (ends[-1] if ends else base + SEGMENT_HEADER_SIZE)
     try:
         recovered, warnings = read_wal(path, segment_bytes_max=segment_bytes_max)
     except WalCorruptError:
         event("corruption reported")
+        assert not (unused and name == layout[-1][0])
+        return
+    if unused:
+        event("garbage in the unused space zeroed")
+        assert name == layout[-1][0]  # in any other segment it is reported
+        assert recovered == records and len(warnings) == 1
         return
     event("torn tail cut")
     # Only damage confined to the very end may be taken for a torn tail.
@@ -703,10 +921,20 @@ def test_a_large_damaged_record_followed_by_intact_ones_is_reported(tmp_path):
     _assert_corrupt(tmp_path, file, spans[1][0])
 
 
-def test_a_large_torn_record_is_cut_quickly(tmp_path):
+@pytest.mark.parametrize("how", ["zeroed", "truncated"])
+def test_a_large_torn_record_is_cut_quickly(tmp_path, how):
+    # In a 64 MiB preallocated segment: the end of an 8 MiB record never reached the
+    # disk (its last bytes read as zeros), or (a segment written before preallocation)
+    # the file ends early.
     write_wal(tmp_path, [b"a", os.urandom(8 << 20)])
     file = tmp_path / segment_name(1)
-    os.truncate(file, os.path.getsize(file) - 1000)
+    end = records_end(file.read_bytes())
+    if how == "zeroed":
+        with open(file, "r+b") as f:
+            f.seek(end - 1000)
+            f.write(bytes(1000))
+    else:
+        os.truncate(file, end - 1000)
     start = time.perf_counter()
     recovered, warnings = read_wal(tmp_path)
     assert recovered == [b"a"] and len(warnings) == 1

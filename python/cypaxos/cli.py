@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retain-slots", type=int_in(0, 1 << 30), default=64, metavar="N",
                    help="slots kept in memory after a snapshot for lagging peers (default: 64)")
     p.add_argument("--wal-segment-bytes", type=int_in(1 << 12, 1 << 32), default=8 << 20,
-                   metavar="B", help="size of one log segment file (default: 8 MiB)")
+                   metavar="B", help="size of one log segment file, zero-filled when "
+                                     "created (default: 8 MiB)")
     p.set_defaults(handler=_cmd_serve)
 
     # local

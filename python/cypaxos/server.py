@@ -135,7 +135,8 @@ class ServerOptions:
     state_machine: str | None = None
     tick_ms: int = 10
     frame_bytes_max: int = wire.FRAME_BYTES_MAX
-    # Disk stays near wal_segment_bytes + snapshot_bytes + two snapshot files.
+    # Disk stays near 3 x wal_segment_bytes (segments are preallocated, the next one
+    # ahead) + snapshot_bytes + two snapshot files.
     snapshot_bytes: int = 16 << 20  # snapshot once this much WAL was written since the last
     snapshot_slots: int = 100_000  # ... or once this many slots were applied since
     retain_slots: int = 64  # slots kept in memory after a snapshot for lagging peers

@@ -7,6 +7,7 @@ A data dir holds::
         00000000000000000001.wal
         00000000000000000734.wal
         ...
+        spare.tmp          the next segment, zero-filled ahead of time (not always there)
 
 ``identity.json`` is written once, atomically (tmp file, fsync, rename, fsync dir).
 It is the commit point of a data dir's creation: ``wal/`` is created before it, so a
@@ -18,35 +19,70 @@ zero-padded to 20 digits). A segment file is::
 
     header:  8s magic b"CYPXWAL1" | u32 version (1) | u64 first_seq
     records: u32 length | u32 crc32c(payload) | payload      (repeated)
+    unused:  zero bytes up to the segment's preallocated size
 
 All integers little-endian. ``length`` is never 0 (empty payloads are refused), so
-zero-filled space never parses as a record.
+zero-filled space never parses as a record: the records of a segment end at the end
+of the file or where a zero length field starts the unused space.
+
+Preallocation: a segment is created as a file of ``segment_bytes_max`` zero bytes,
+really written and fsynced, and records are then written over the zeros at the end of
+the previous record. So the fdatasync of an append only writes data blocks: the file's
+size and block map do not change, and ext4 has no metadata to write (no journal commit).
+Zeros are written rather than ``fallocate``d because ext4 keeps fallocated blocks
+"unwritten" and the first write into each of them changes the extent tree, which the
+fdatasync must then write too (``perf/wal_sync_latency.py --fill-methods`` measures
+it). A record larger than a segment gets a segment of its own, which simply grows past
+the preallocated size.
+
+The zero-filled file is prepared ahead of time, by a background thread, as
+``wal/spare.tmp`` once the current segment is half full (1 MiB writes, then fsync). A
+rotation writes the new segment's header into it and renames it to the segment's name;
+the next sync fsyncs the directory. The spare's zeros are durable before the rename, so
+after a crash the new segment either does not exist (the rename was lost: the previous
+segment, fdatasynced before the rename, is the last one) or holds zeros, perhaps
+without its header (a torn header, reset as below), never stale bytes. A rotation that
+finds the spare still being written waits for it, and one that finds none (a fresh
+WAL, a record that fills half a segment at once) writes it on the spot: a stall of
+about one segment's write and fsync (measured on a virtio SSD: ~8 ms for 8 MiB, ~40
+ms for 64 MiB), counted in ``prealloc_waits``/``prealloc_wait_seconds``. A ``spare.tmp`` found by ``open`` is a
+leftover (of a crash) and is deleted; ``close`` deletes an unused one. With the unsafe
+``fsync=False`` the preallocation is a sparse ``ftruncate`` (same file contents, no
+data written, no spare). ``preallocate=False`` creates segments that grow as records
+are appended (the format before preallocation; for comparisons).
 
 Recovery (``Wal.open``) reads every segment and checks every record, then:
 
 * In a segment other than the last, any bad record (or bad header) raises
-  ``WalCorruptError``. This is unambiguous because a segment is fdatasync'ed before
-  the next one is created (not with the unsafe ``fsync=False``).
-* In the last segment, the *first bad record* (a short record header, a zero length,
-  a length running past the end of the file, or a crc mismatch) starts the **torn
-  tail** unless a valid record (an 8-byte header with ``length > 0``, a payload that
-  fits in the file, a matching crc) starts at some later byte offset of the file.
-  If one does, the damage is not at the tail and ``WalCorruptError`` names the file
-  and offset. Otherwise the file is truncated to the end of the last good record and
-  fsynced, and a warning saying how many bytes were cut is logged and kept in
-  ``Wal.warnings``.
+  ``WalCorruptError``; only zero bytes (unused space) may follow the last record. This
+  is unambiguous because a segment is fdatasync'ed before the next one is created (not
+  with the unsafe ``fsync=False``).
+* In the last segment, the records end at the first zero length field if nothing but
+  zero bytes follows: that is the unused space (also of a file whose zero-filled tail
+  comes from an interrupted append: indistinguishable, and harmless). Otherwise the
+  *first bad record* (a short record header, a zero length, a length running past the
+  end of the file, or a crc mismatch) starts the **torn tail** unless a valid record
+  (an 8-byte header with ``length > 0``, a payload that fits in the file, a matching
+  crc) starts at some later byte offset of the file. If one does, the damage is not at
+  the tail and ``WalCorruptError`` names the file and offset. Otherwise the torn bytes
+  (from the end of the last good record to the file's last non-zero byte) are
+  overwritten with zeros and fsynced, and a warning saying how many bytes were zeroed is
+  logged and kept in ``Wal.warnings``. They are zeroed, not left behind the write
+  position, because the records appended next may be shorter than the torn bytes: what
+  remained of those could later look like damage, or (completed by zeros) like a valid
+  record after a bad one, and make a good log look corrupt.
 
   The search for a later valid record is exhaustive for records that end where the
   file's data ends (at the end of the file, or where its trailing zero bytes
   begin): so damage inside any one record that has intact records after it is always
   reported, however large. Records ending elsewhere (as when damage is followed by
-  intact records and then a torn one) are looked for at every offset until
-  ``RESYNC_HASH_BUDGET`` bytes of candidate payloads have been hashed, which keeps
-  recovery within about a second per 64 MiB of torn bytes; past that, the tail
-  counts as torn.
+  intact records and then a torn one, or when the last record's payload ends with zero
+  bytes) are looked for at every offset until ``RESYNC_HASH_BUDGET`` bytes of candidate
+  payloads have been hashed, which keeps recovery within about a second per 64 MiB of
+  torn bytes; past that, the tail counts as torn.
 
   This accepts every way an interrupted append can end (a short header, a short
-  payload, a crc mismatch of a record running to the end of the file, trailing
+  payload, a crc mismatch of a record running to the end of the data, trailing
   zeros) and it still catches a flipped byte in any record but the very last one
   (damage confined to the last record looks exactly like a torn append). It fails
   stop, needing an operator, in two rare cases rather than guess: after a power cut
@@ -55,11 +91,18 @@ Recovery (``Wal.open``) reads every segment and checks every record, then:
   record (a checksum over the length field, in a later format, would remove the
   second).
 * A last segment whose header is short or partly zero (creation interrupted) and
-  that holds no valid record is reset to an empty segment, with a warning.
+  that holds no valid record is reset to an empty segment (its header rewritten, any
+  other non-zero bytes zeroed), with a warning.
 * Segments must be contiguous: each starts right after the previous one ends.
+* Appends continue at the end of the last good record. A last segment shorter than
+  ``segment_bytes_max`` (written before preallocation, or by ``preallocate=False``) is
+  extended with zeros to that size first, when preallocating: a one-time stall of
+  ``open``. Segments written before preallocation are read like any other.
 
 Writing: ``append`` only encodes into a memory buffer; ``flush`` hands the buffer to
-the OS with one ``os.write``; ``sync`` also fdatasyncs (blocking). For Trio code,
+the OS with one ``os.write`` on the segment's fd, which is positioned at the end of the
+records (no ``O_APPEND``: the file is longer than its data); ``sync`` also fdatasyncs
+(blocking). For Trio code,
 ``start_sync`` flushes and hands the fdatasync to the Wal's native thread
 (``cypaxos.fsyncthread``, which needs no GIL) and returns at once; when the fsync ends
 ``durable_seq`` advances and ``on_sync`` is called in the event loop. At most one
@@ -79,6 +122,8 @@ import logging
 import os
 import re
 import struct
+import threading
+import time
 import warnings
 from typing import Iterable, Iterator
 
@@ -113,6 +158,7 @@ __all__ = [
     "SEGMENT_BYTES_MAX_DEFAULT",
     "BUFFER_BYTES_MAX_DEFAULT",
     "RESYNC_HASH_BUDGET",
+    "SPARE_FILE",
 ]
 
 log = logging.getLogger(__name__)
@@ -137,6 +183,10 @@ BUFFER_BYTES_MAX_DEFAULT = 4 * 1024 * 1024
 # Bounds recovery time: how many bytes of candidate records the search for a valid
 # record after a bad one may hash, beyond records ending where the data ends.
 RESYNC_HASH_BUDGET = 256 * 1024 * 1024
+#: The next segment, zero-filled ahead of time (in the WAL directory).
+SPARE_FILE = "spare.tmp"
+_ZERO_CHUNK = bytes(1 << 20)  # zero fills are written in 1 MiB pieces
+_ZERO_STEP = 1 << 16          # finding where the data ends looks at 64 KiB pieces
 
 _SEGMENT_NAME = re.compile(r"^(\d{20})\.wal$")
 _NONZERO = re.compile(rb"[^\x00]")
@@ -191,6 +241,30 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
         done = 0
         while done < len(view):
             done += os.write(fd, view[done:])  # short writes are legal: go on
+
+
+def _write_zeros(fd: int, start: int, stop: int, cancelled=None) -> None:
+    """Write zero bytes over ``[start, stop)`` of ``fd`` with pwrite, 1 MiB at a time
+    (the fd's position does not move); stop early once ``cancelled()`` is true."""
+    with memoryview(_ZERO_CHUNK) as zeros:
+        off = start
+        while off < stop:
+            if cancelled is not None and cancelled():
+                return
+            off += os.pwrite(fd, zeros[: min(len(zeros), stop - off)], off)
+
+
+def _data_end(data: bytes, start: int) -> int:
+    """The offset just past the last non-zero byte of ``data[start:]``; ``start`` if
+    there is none. Looks from the end, so a long zero tail costs one memcmp pass."""
+    pos = len(data)
+    full = _ZERO_CHUNK[:_ZERO_STEP]
+    while pos > start:
+        lo = max(start, pos - _ZERO_STEP)
+        if not data.startswith(full if pos - lo == _ZERO_STEP else bytes(pos - lo), lo):
+            return lo + len(data[lo:pos].rstrip(b"\x00"))
+        pos = lo
+    return start
 
 
 def _sync_fds(fd: int, dir_fd: int) -> None:
@@ -376,10 +450,13 @@ def _scan_records(data: bytes, off: int) -> tuple[int, int, str | None]:
     return count, off, None
 
 
-def _valid_record_after(data: bytes, start: int) -> int | None:
+def _valid_record_after(data: bytes, start: int, data_end: int | None = None
+                        ) -> int | None:
     """An offset >= ``start`` where a valid record starts, searched as the tail rule
-    in the module docstring says; None if none was found."""
-    data_end = len(data.rstrip(b"\x00"))  # where trailing zeros (unwritten space) begin
+    in the module docstring says; None if none was found. ``data_end``: where the
+    trailing zeros (unused space) of ``data`` begin, if known."""
+    if data_end is None:
+        data_end = _data_end(data, 0)
     for end in sorted({len(data), data_end}, reverse=True):
         pos = _record_ending_at(data, start, end)
         if pos is not None:
@@ -456,6 +533,61 @@ def _header_is_torn(head: bytes, expected: bytes) -> bool:
     return all(b in (0, e) for b, e in zip(head, expected))
 
 
+# ------------------------------------------------------------------------ the spare
+
+
+class _Spare:
+    """The next segment, zero-filled and fsynced by a thread of its own.
+
+    ``take()`` waits for the thread and hands over the open (write-only) fd;
+    ``cancel()`` stops the thread early, closes the fd and deletes the file.
+    """
+
+    def __init__(self, path: str, size: int):
+        self.path = path
+        self.size = size
+        self._fd = -1
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name="cypaxos.wal.spare",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                               | os.O_CLOEXEC, 0o644)
+            _write_zeros(self._fd, 0, self.size, lambda: self._cancelled)
+            if not self._cancelled:
+                os.fsync(self._fd)  # zeros, size and blocks durable before any rename
+        except BaseException as exc:
+            self._error = exc
+
+    def ready(self) -> bool:
+        return not self._thread.is_alive()
+
+    def take(self) -> int:
+        """Wait for the file; return its fd (now the caller's). Raises its error."""
+        self._thread.join()
+        fd, self._fd = self._fd, -1
+        if self._error is not None:
+            if fd >= 0:
+                os.close(fd)
+            raise self._error
+        return fd
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._thread.join()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
 # ------------------------------------------------------------------------------ WAL
 
 
@@ -465,19 +597,28 @@ class Wal:
     Get one with ``Wal.open``. Not thread-safe: use it from one thread (the Trio
     thread); ``sync_async`` only sends the fsync itself to a worker thread.
 
-    Public attributes: ``path``, ``fsync``, ``segment_bytes_max``, ``durable_seq``,
-    ``fsync_count``, ``warnings``; properties ``first_seq``, ``last_seq``,
-    ``recovered_seq``.
+    Public attributes: ``path``, ``fsync``, ``preallocate``, ``segment_bytes_max``,
+    ``durable_seq``, ``fsync_count``, ``prealloc_waits``, ``prealloc_wait_seconds``,
+    ``warnings``; properties ``first_seq``, ``last_seq``, ``recovered_seq``.
     """
 
     def __init__(self, path: str, *, fsync: bool, segment_bytes_max: int,
-                 buffer_bytes_max: int, dir_fd: int):
+                 buffer_bytes_max: int, dir_fd: int, preallocate: bool = True):
         """Private: use ``Wal.open``."""
         self.path = path  #: the WAL directory
         #: False: ``sync`` only hands data to the OS. UNSAFE: a power cut or kernel
         #: crash can lose records the caller was told were durable. Tests, benchmarks.
         self.fsync = fsync
         self.segment_bytes_max = segment_bytes_max  #: rotate before a segment exceeds this
+        #: Create segments zero-filled to ``segment_bytes_max`` (see the module doc).
+        self.preallocate = preallocate
+        #: Segment creations that had to wait for (or write) the zero fill, and how long.
+        self.prealloc_waits = 0
+        self.prealloc_wait_seconds = 0.0
+        # The spare (next segment) is started once the current one holds this much.
+        self._spare_at = (max(SEGMENT_HEADER_SIZE, segment_bytes_max // 2)
+                          if preallocate and fsync else 1 << 62)
+        self._spare: _Spare | None = None
         self._buffer_bytes_max = buffer_bytes_max  # auto-flush above this, bounding memory
         self._dir_fd = dir_fd  # open and flock'ed for the Wal's lifetime; fsynced too
         #: Highest seq known durable (fdatasync'ed, or just flushed if ``fsync`` is
@@ -488,8 +629,10 @@ class Wal:
         # First seqs of the segments, ascending; segment i holds seqs
         # _segments[i] .. _segments[i+1]-1; the last one is the current segment.
         self._segments: list[int] = []
-        self._fd = -1  # current segment, O_APPEND; every byte in it is validated/ours
-        self._seg_bytes = 0  # size of the current segment including self._buf
+        # The current segment, positioned at _seg_bytes - len(_buf): the end of its
+        # records on disk. Every byte in it is validated/ours; past that, zeros.
+        self._fd = -1
+        self._seg_bytes = 0  # end of the current segment's records, including self._buf
         self._buf = bytearray()  # encoded records not yet written; all go to self._fd
         self._next_seq = 1  # seq of the next append
         self._written_seq = 0  # highest seq handed to the OS; those above are in _buf
@@ -519,14 +662,17 @@ class Wal:
         segment_bytes_max: int = SEGMENT_BYTES_MAX_DEFAULT,
         fsync: bool = True,
         buffer_bytes_max: int = BUFFER_BYTES_MAX_DEFAULT,
+        preallocate: bool = True,
     ) -> "Wal":
         """Open (creating if missing) and lock the WAL in directory ``path``, recover it.
 
         Every segment is read and checked (one at a time); a torn tail of the last
-        segment is cut (see the module docstring). Raises ``WalCorruptError`` for
+        segment is zeroed (see the module docstring). Raises ``WalCorruptError`` for
         damage that is not a torn tail and ``StorageError`` if another ``Wal`` has the
         directory open. Call ``replay()`` to read the recovered records.
-        ``fsync=False`` is UNSAFE (see the ``fsync`` attribute).
+        ``fsync=False`` is UNSAFE (see the ``fsync`` attribute). ``preallocate=False``
+        makes segments that grow as they are written (slower fdatasyncs; the module
+        docstring says why).
         """
         if segment_bytes_max < SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE + 1:
             raise ValueError(f"segment_bytes_max {segment_bytes_max} is too small")
@@ -543,16 +689,22 @@ class Wal:
         if dir_fd is None:
             raise StorageError(f"wal {path} is in use (locked by another opener)")
         wal = cls(path, fsync=fsync, segment_bytes_max=segment_bytes_max,
-                  buffer_bytes_max=buffer_bytes_max, dir_fd=dir_fd)
+                  buffer_bytes_max=buffer_bytes_max, dir_fd=dir_fd,
+                  preallocate=preallocate)
         try:
             wal._recover()
         except BaseException:
+            wal._drop_spare()
             wal._close_fds()
             raise
         return wal
 
     def _segment_path(self, first_seq: int) -> str:
         return os.path.join(self.path, segment_name(first_seq))
+
+    @property
+    def _spare_path(self) -> str:
+        return os.path.join(self.path, SPARE_FILE)
 
     def _list_segments(self) -> list[int]:
         firsts = []
@@ -567,14 +719,19 @@ class Wal:
         return firsts
 
     def _recover(self) -> None:
+        try:
+            os.unlink(self._spare_path)  # a leftover: not part of the log
+        except FileNotFoundError:
+            pass
         firsts = self._list_segments()
         if not firsts:
             self._segments = [1]
-            self._fd = self._create_segment(1)
+            self._fd = self._new_segment(1)
             self._seg_bytes = SEGMENT_HEADER_SIZE
             self._sync_new_segment()
             return
         next_seq = firsts[0]
+        end = SEGMENT_HEADER_SIZE
         for i, first in enumerate(firsts):
             file = self._segment_path(first)
             if first != next_seq:
@@ -582,7 +739,8 @@ class Wal:
                     f"{file}: segment starts at seq {first} but the previous segment "
                     f"ends at seq {next_seq - 1} (a segment is missing or extra)"
                 )
-            next_seq = first + self._recover_segment(file, first, last=i == len(firsts) - 1)
+            count, end = self._recover_segment(file, first, last=i == len(firsts) - 1)
+            next_seq = first + count
         if self.fsync:
             # What we found may sit only in the page cache (written by a process that
             # died before its fsync); it counts as durable from now on, so make it so.
@@ -593,11 +751,14 @@ class Wal:
         self._next_seq = next_seq
         self._written_seq = self._recovered_seq = self.durable_seq = next_seq - 1
         current = self._segment_path(firsts[-1])
-        self._fd = os.open(current, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        self._seg_bytes = os.fstat(self._fd).st_size
+        self._fd = os.open(current, os.O_WRONLY | os.O_CLOEXEC)
+        os.lseek(self._fd, end, os.SEEK_SET)  # appends go right after the last record
+        self._seg_bytes = end
+        self._maybe_start_spare()
 
-    def _recover_segment(self, file: str, first: int, last: bool) -> int:
-        """Check one segment (cutting a torn tail if ``last``); its record count."""
+    def _recover_segment(self, file: str, first: int, last: bool) -> tuple[int, int]:
+        """Check one segment (zeroing a torn tail if ``last``); return its record count
+        and the end of its last record."""
         with open(file, "rb") as f:
             data = f.read()
         expected = _segment_header(first)
@@ -605,37 +766,62 @@ class Wal:
         if head != expected:
             torn = last and _header_is_torn(head, expected)
             if torn and _valid_record_after(data, 0) is None:
-                self._reset_segment(file, first, len(data))
-                return 0
+                self._reset_segment(file, first, data)
+                return 0, SEGMENT_HEADER_SIZE
             raise WalCorruptError(f"{file}: bad segment header at offset 0: {head!r}")
         count, end, problem = _scan_records(data, SEGMENT_HEADER_SIZE)
-        if problem is None:
-            return count
-        if not last:
-            raise WalCorruptError(
-                f"{file}: bad record at offset {end} ({problem}) in a segment that is "
-                f"not the last one"
-            )
-        after = _valid_record_after(data, end + 1)
-        if after is not None:
-            raise WalCorruptError(
-                f"{file}: bad record at offset {end} ({problem}) followed by a valid "
-                f"record at offset {after}"
-            )
-        cut = len(data) - end
-        os.truncate(file, end)
-        _fsync_path(file)  # always: a recovery action, cheap and rare
-        self._warn(f"{file}: cut {cut} bytes of torn tail at offset {end} ({problem})")
-        return count
+        data_end = end if problem is None else _data_end(data, end)
+        if data_end > end:  # non-zero bytes after the last good record
+            if not last:
+                raise WalCorruptError(
+                    f"{file}: bad record at offset {end} ({problem}) in a segment that "
+                    f"is not the last one"
+                )
+            after = _valid_record_after(data, end + 1, data_end)
+            if after is not None:
+                raise WalCorruptError(
+                    f"{file}: bad record at offset {end} ({problem}) followed by a valid "
+                    f"record at offset {after}"
+                )
+            self._rewrite(file, len(data), end, data_end)
+            self._warn(f"{file}: zeroed {data_end - end} bytes of torn tail at offset "
+                       f"{end} ({problem})")
+        elif last and self._short(len(data)):
+            self._rewrite(file, len(data))
+        return count, end
 
-    def _reset_segment(self, file: str, first: int, size: int) -> None:
-        fd = os.open(file, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+    def _short(self, size: int) -> bool:
+        """Whether a last segment of ``size`` bytes needs extending with zeros."""
+        return self.preallocate and size < self.segment_bytes_max
+
+    def _rewrite(self, file: str, size: int, zero_from: int = 0, zero_to: int = 0,
+                 header: bytes = b"") -> None:
+        """Repair the last segment: write ``header`` at 0, zeros over
+        ``[zero_from, zero_to)``, extend it to its preallocated size if short; fsync."""
+        fd = os.open(file, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            _write_all(fd, _segment_header(first))
-            os.fsync(fd)
+            if header:
+                with memoryview(header) as view:
+                    done = 0
+                    while done < len(view):
+                        done += os.pwrite(fd, view[done:], done)
+                size = max(size, len(header))
+            _write_zeros(fd, zero_from, zero_to)
+            if self._short(size):
+                if self.fsync:
+                    _write_zeros(fd, size, self.segment_bytes_max)
+                else:
+                    os.ftruncate(fd, self.segment_bytes_max)
         finally:
             os.close(fd)
-        self._warn(f"{file}: reset a segment with a torn header ({size} bytes, no records)")
+        _fsync_path(file)  # always: a recovery action, cheap and rare
+
+    def _reset_segment(self, file: str, first: int, data: bytes) -> None:
+        header = _segment_header(first)
+        self._rewrite(file, len(data), SEGMENT_HEADER_SIZE,
+                      _data_end(data, SEGMENT_HEADER_SIZE), header=header)
+        self._warn(f"{file}: reset a segment with a torn header ({len(data)} bytes, "
+                   f"no records)")
 
     def _warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -781,6 +967,13 @@ class Wal:
                 raise
             buf.clear()
             self._written_seq = self._next_seq - 1
+        if self._seg_bytes >= self._spare_at and self._spare is None:
+            self._maybe_start_spare()
+
+    def _maybe_start_spare(self) -> None:
+        """Start zero-filling the next segment once the current one is half full."""
+        if self._seg_bytes >= self._spare_at and self._spare is None:
+            self._spare = _Spare(self._spare_path, self.segment_bytes_max)
 
     def _rotate(self) -> None:
         """Finish the current segment (durably) and start a new one at ``_next_seq``."""
@@ -797,7 +990,7 @@ class Wal:
             self.fsync_count += 1
         first = self._next_seq
         try:
-            self._fd = self._create_segment(first)
+            self._fd = self._new_segment(first)
         except BaseException as e:
             self._fail(e)
             raise
@@ -809,11 +1002,44 @@ class Wal:
         else:
             os.close(old)
 
+    def _new_segment(self, first: int) -> int:
+        """Create the segment whose first record is ``first``; return its fd, positioned
+        after the header (the caller makes the directory entry durable)."""
+        if not (self.preallocate and self.fsync):
+            return self._create_segment(first)
+        spare, self._spare = self._spare, None
+        if spare is None:  # a fresh WAL, or a rotation before the spare was due
+            spare = _Spare(self._spare_path, self.segment_bytes_max)
+        if not spare.ready():
+            started = time.perf_counter()
+            fd = spare.take()
+            self.prealloc_waits += 1
+            self.prealloc_wait_seconds += time.perf_counter() - started
+        else:
+            fd = spare.take()
+        try:
+            header = _segment_header(first)
+            if os.pwrite(fd, header, 0) != len(header):
+                raise OSError("short write of a segment header")
+            os.lseek(fd, len(header), os.SEEK_SET)
+            path = self._segment_path(first)
+            if os.path.lexists(path):  # what O_EXCL would say: never replace a segment
+                raise FileExistsError(f"wal segment {path} exists already")
+            os.rename(spare.path, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def _create_segment(self, first: int) -> int:
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        """A new segment written in place: header, then (preallocating without fsync)
+        a sparse zero fill. Used when there is no spare."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         fd = os.open(self._segment_path(first), flags, 0o644)
         try:
             _write_all(fd, _segment_header(first))
+            if self.preallocate:
+                os.ftruncate(fd, self.segment_bytes_max)
         except BaseException:
             os.close(fd)
             raise
@@ -977,6 +1203,7 @@ class Wal:
         """
         if self._closed:
             return
+        self._spare_at = 1 << 62  # the last flush must not start a spare
         try:
             if self._failed is None:
                 self.sync()
@@ -993,7 +1220,16 @@ class Wal:
                 event, self._sync_event = self._sync_event, None
                 if event is not None:
                     event.set()   # its waiters find the Wal closed
+            self._drop_spare()
             self._close_fds()
+
+    def _drop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            try:
+                spare.cancel()
+            except OSError as exc:
+                log.warning("wal %s: could not remove %s: %r", self.path, spare.path, exc)
 
     def _close_fds(self) -> None:
         for fd in [self._fd, self._dir_fd, *self._retired_fds]:

@@ -25,9 +25,10 @@ import time
 
 import cypaxos
 from cypaxos.local import probe_status  # noqa: F401 - also used by test_fuzz_live
+from cypaxos.wal import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
 
 from .netns import Bed, NetnsBed
-from .replica_shim import delay_file, synced_sizes
+from .replica_shim import delay_file, synced_listing, synced_state
 
 PROXY_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "proxy.py")
 SHIM_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "replica_shim.py")
@@ -35,6 +36,17 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cypaxos.__file__)
 PARENT_PID_ENV = "CYPAXOS_PARENT_PID"
 REPLICA_PORT = 7000        # in netns mode every replica listens on its own address:7000
 PROXY_PORT_BASE = 7100     # proxy for link i->j listens on address_i:7100+j
+
+
+def wal_records_end(data: bytes) -> int:
+    """Where the records of a WAL segment's bytes end (the rest is preallocated zeros)."""
+    off = SEGMENT_HEADER_SIZE
+    while off + RECORD_HEADER_SIZE <= len(data):
+        (length,) = struct.unpack_from("<I", data, off)
+        if length == 0 or off + RECORD_HEADER_SIZE + length > len(data):
+            break
+        off += RECORD_HEADER_SIZE + length
+    return off
 
 
 class ClusterError(RuntimeError):
@@ -300,9 +312,11 @@ class JepsenCluster:
         self._write_clock(i, r.clock_offset)
         self.note(f"clock of replica {i} jumps {seconds:+.1f}s (offset now {r.clock_offset:+.1f}s)")
 
-    def tear_wal_tail(self, i: int, rng: random.Random) -> str:
-        """Append the remains of an interrupted, never-fsynced append to the last WAL
-        segment of stopped replica i (what a crash mid-write leaves); describe it."""
+    def tear_wal_tail(self, i: int, rng: random.Random) -> tuple[str, bool]:
+        """Leave the remains of an interrupted, never-fsynced append at the end of the
+        last WAL segment's records of stopped replica i (what a crash mid-write leaves);
+        return a description and whether the replica must report a torn tail (zeros
+        after the records are unused space, not reported)."""
         r = self.replicas[i]
         if r.running():
             raise ClusterError("tear the WAL only of a stopped replica")
@@ -311,7 +325,7 @@ class JepsenCluster:
         path = os.path.join(wal_dir, segments[-1])
         kind = rng.choice(["short_header", "short_payload", "bad_crc", "zeros"])
         if kind == "short_header":
-            junk = os.urandom(rng.randint(1, 7))
+            junk = bytes([rng.randint(1, 255)]) + os.urandom(rng.randint(0, 6))
         elif kind == "short_payload":
             length = rng.randint(64, 4096)
             junk = struct.pack("<II", length, rng.getrandbits(32)) + os.urandom(rng.randint(0, length - 1))
@@ -320,32 +334,65 @@ class JepsenCluster:
             junk = struct.pack("<II", length, rng.getrandbits(32)) + os.urandom(length)
         else:
             junk = b"\0" * rng.randint(1, 8192)
-        with open(path, "ab") as f:
+        with open(path, "r+b") as f:
+            if kind == "zeros":
+                f.seek(0, os.SEEK_END)  # a size change whose data never came
+            else:
+                f.seek(wal_records_end(f.read()))  # over the preallocated zeros
             f.write(junk)
-        desc = f"{kind}: {len(junk)} bytes appended to {os.path.basename(path)}"
+        desc = f"{kind}: {len(junk)} bytes written to {os.path.basename(path)}"
         self.note(f"torn WAL tail on replica {i}: {desc}")
-        return desc
+        return desc, kind != "zeros"
 
     def drop_unsynced(self, i: int) -> str:
-        """After a SIGKILL: cut every WAL segment of replica i back to what its fsyncs
-        made durable, as a power cut may (see replica_shim.py); describe what went."""
+        """After a SIGKILL: undo in replica i's WAL what its syncs had not made durable,
+        as a power cut may (see replica_shim.py); describe what went."""
         r = self.replicas[i]
         if r.running():
             raise ClusterError("drop the unsynced tail only of a stopped replica")
-        sizes = synced_sizes(self.synced_log(i))
+        synced_dir = self.synced_log(i)
+        state = synced_state(synced_dir)
+        listing = synced_listing(synced_dir)
         wal_dir = os.path.realpath(os.path.join(r.data_dir, "wal"))
-        dropped = 0
-        files = 0
+        dropped = files = vanished = emptied = 0
         for name in sorted(os.listdir(wal_dir)):
             path = os.path.join(wal_dir, name)
-            if not name.endswith(".wal") or name not in sizes:
-                continue  # never synced by this shim: keep it (keeping more is legal)
-            size = os.path.getsize(path)
-            if size > sizes[name]:
-                os.truncate(path, sizes[name])
-                dropped += size - sizes[name]
+            if not name.endswith(".wal"):
+                continue  # the spare: not part of the log (the WAL deletes a leftover)
+            if listing is not None and name not in listing:
+                # Created or renamed into place after the last directory sync.
+                os.unlink(path)
+                try:
+                    os.unlink(os.path.join(synced_dir, name))  # a record of a former file
+                except FileNotFoundError:
+                    pass
+                vanished += 1
+                continue
+            if name not in state:
+                if listing is not None:  # its entry is durable, no data sync completed
+                    os.truncate(path, 0)
+                    emptied += 1
+                continue  # no directory sync either: keep it (keeping more is legal)
+            data_end, size = state[name]
+            with open(path, "r+b") as f:
+                f.seek(0, os.SEEK_END)
+                current = f.tell()
+                cut = 0
+                if current > size:
+                    f.truncate(size)
+                    cut = current - size
+                    current = size
+                f.seek(data_end)
+                unsynced = len(f.read(max(0, current - data_end)).rstrip(b"\0"))
+                if unsynced:
+                    f.seek(data_end)
+                    f.write(bytes(unsynced))
+            if cut or unsynced:
+                dropped += cut + unsynced
                 files += 1
         desc = f"dropped {dropped} unsynced bytes from {files} segment(s)"
+        if vanished or emptied:
+            desc += f", {vanished} new segment(s) vanished, {emptied} came back empty"
         self.note(f"power loss on replica {i}: {desc}")
         return desc
 

@@ -13,9 +13,10 @@ process
 ``kill_leader``           kill -9 the leader; restart it after the hold
 ``kill_follower``         kill -9 a follower; restart it after the hold
 ``kill_minority``         kill -9 f replicas at once (5+ replicas); restart them
-``torn_tail``             kill -9 a replica, append a torn, never-synced record to its
-                          last WAL segment, restart: it must cut the tail and rejoin
-``power_loss``            kill -9 one replica and drop the WAL bytes its fsyncs had not
+``torn_tail``             kill -9 a replica, write a torn, never-synced record after the
+                          records of its last WAL segment, restart: it must zero the tail
+                          and rejoin (zeros alone are unused space: nothing to report)
+``power_loss``            kill -9 one replica and undo the WAL writes its syncs had not
                           made durable (what a power cut may lose), restart it
 ``power_outage``          the same on every replica at once (the whole cluster loses
                           power); only acknowledged = fsynced-by-a-majority data survives
@@ -170,15 +171,15 @@ class Nemesis:
             target = self._pick(kind == "kill_leader" if kind != "torn_tail" else None)
             c.kill(target)
             desc = f"kill -9 replica {target}"
-            tear = None
+            expect_cut = False
             if kind == "torn_tail":
-                tear = c.tear_wal_tail(target, rng)
+                tear, expect_cut = c.tear_wal_tail(target, rng)
                 desc += f", torn tail ({tear})"
 
             def heal():
                 if not c.replicas[target].running():
                     c.start(target)
-                if tear is not None:
+                if expect_cut:
                     self._expect_tail_cut(target)
             return desc, heal
         if kind in ("power_loss", "power_outage"):
@@ -282,7 +283,7 @@ class Nemesis:
         raise ValueError(f"unknown fault kind {kind!r}")
 
     def _expect_tail_cut(self, target: int) -> None:
-        """After restarting a replica with a torn tail, its log must say it cut it."""
+        """After restarting a replica with a torn tail, its log must say it zeroed it."""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             text = self.c.log_text(target)

@@ -3,28 +3,44 @@
     python replica_shim.py SYNCED_DIR serve --id 1 ... --data-dir DIR ...
 
 Before handing over to the real command line, this wraps ``os.fsync`` and
-``os.fdatasync`` (which the WAL calls through the ``os`` module): after every
-successful sync of a regular file ``DIR/wal/NAME`` it writes the file's size when the
-sync *started* into ``SYNCED_DIR/NAME`` (one fixed-width record rewritten in place
-with a single ``pwrite``, so it never grows and a kill cannot tear it).  Everything below
-that size was on stable storage when the replica learned that the sync succeeded, so
-it is the only part of the file a power cut is guaranteed to spare.
+``os.fdatasync`` (which the WAL calls through the ``os`` module) to record what each
+successful sync of the WAL made durable, as of when the sync *started*:
 
-The power-loss nemesis kills the replica with SIGKILL and then truncates each WAL
-segment to its last recorded size: the page-cache data a real power cut could lose
-(kill -9 alone loses nothing that reached the kernel).  A size is written only after
-the sync returned and before the replica could act on it, so truncating to it never
-removes data the replica was told is durable.  The replica's logic is unchanged:
-the two os functions are wrapped, in this process, and the WAL's native fsync thread
-(`cypaxos.fsyncthread.FsyncThread`, which calls fdatasync from C, out of the wrappers'
-reach) is replaced by `PythonFsyncThread`, a Python thread with the same protocol
-that calls the wrapped `os.fdatasync`/`os.fsync`.
+* a sync of a segment ``DIR/wal/NAME.wal``: its *data end* and its size, written into
+  ``SYNCED_DIR/NAME.wal`` (one fixed-width record rewritten in place with a single
+  ``pwrite``, so it never grows and a kill cannot tear it). Segments are preallocated
+  (zero-filled to their full size before use), so the size no longer says where the
+  data ends: the WAL writes a segment sequentially through one fd positioned at the
+  end of its records, so for a writable fd the data end is the fd's file position;
+  any other sync of a segment (recovery's, through a read-only fd) makes the whole
+  file durable, whose data ends at its last non-zero byte.  Everything below the data
+  end was on stable storage when the replica learned that the sync succeeded; past
+  it, the file held only zeros then.
+* a sync of the directory ``DIR/wal``: the segment names it held, written to
+  ``SYNCED_DIR/wal.dir`` (a temporary file renamed over it). A segment not in that
+  list was created (or renamed into place: the WAL's next segment is prepared as
+  ``spare.tmp``) after the last directory sync, so a power cut may lose its directory
+  entry.
+
+The power-loss nemesis kills the replica with SIGKILL and then, for each WAL segment,
+undoes what a power cut could undo (kill -9 alone loses nothing that reached the
+kernel): a segment missing from the last synced directory list vanishes; one listed
+but with no completed data sync comes back empty; one whose data sync completed is cut
+back to its synced size and everything past its synced data end is overwritten with
+zeros (the preallocated zeros it held, durably, before the unsynced writes).  A record
+is written only after the sync returned and before the replica could act on it, so
+this never removes data the replica was told is durable.  The replica's logic is
+unchanged: the two os functions are wrapped, in this process, and the WAL's native
+fsync thread (`cypaxos.fsyncthread.FsyncThread`, which calls fdatasync from C, out of
+the wrappers' reach) is replaced by `PythonFsyncThread`, a Python thread with the same
+protocol that calls the wrapped `os.fdatasync`/`os.fsync`.
 
 The same wrapper makes a *slow disk* on demand: while ``SYNCED_DIR/delay`` holds a
 positive number of seconds, every WAL sync first sleeps that long (in the WAL's
 worker thread, as a slow device would block it), which widens the window between a
 record's write and its durability.
 """
+import fcntl
 import os
 import stat
 import sys
@@ -33,6 +49,8 @@ import time
 
 
 DELAY = "delay"
+LISTING = "wal.dir"  # the segment names of the last synced directory
+_RECORD = b"%20d %20d\n"
 
 
 def delay_file(synced_dir: str) -> str:
@@ -40,8 +58,22 @@ def delay_file(synced_dir: str) -> str:
     return os.path.join(synced_dir, DELAY)
 
 
+def last_nonzero_end(fd: int, size: int, step: int = 1 << 16) -> int:
+    """Offset just past the last non-zero byte of a file opened for reading (0 if none)."""
+    pos = size
+    while pos > 0:
+        lo = max(0, pos - step)
+        chunk = os.pread(fd, pos - lo, lo)
+        stripped = chunk.rstrip(b"\0")
+        if stripped:
+            return lo + len(stripped)
+        pos = lo
+    return 0
+
+
 def install(synced_dir: str, data_dir: str) -> None:
-    wal_dir = os.path.join(os.path.realpath(data_dir), "wal") + os.sep
+    wal_path = os.path.join(os.path.realpath(data_dir), "wal")
+    wal_dir = wal_path + os.sep
     os.makedirs(synced_dir, exist_ok=True)
     control = delay_file(synced_dir)
     cache = {"mtime": None, "delay": 0.0}
@@ -62,14 +94,26 @@ def install(synced_dir: str, data_dir: str) -> None:
             cache["mtime"] = mtime
         return cache["delay"]
 
-    def record(path: str, size: int) -> None:
+    def record(path: str, data_end: int, size: int) -> None:
         name = os.path.basename(path)
         with lock:
             fd = fds.get(name)
             if fd is None:
                 fd = fds[name] = os.open(os.path.join(synced_dir, name),
                                          os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            os.pwrite(fd, b"%20d\n" % size, 0)
+            os.pwrite(fd, _RECORD % (data_end, size), 0)
+
+    def record_listing(names: list[str]) -> None:
+        target = os.path.join(synced_dir, LISTING)
+        with lock:
+            with open(target + ".tmp", "w") as f:
+                f.write("".join(name + "\n" for name in names))
+            os.replace(target + ".tmp", target)
+
+    def data_end_of(number: int, size: int) -> int:
+        if fcntl.fcntl(number, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+            return os.lseek(number, 0, os.SEEK_CUR)  # the WAL's write position
+        return last_nonzero_end(number, size)
 
     def wrap(real):
         def sync(fd):
@@ -77,18 +121,24 @@ def install(synced_dir: str, data_dir: str) -> None:
             path = None
             try:
                 st = os.fstat(number)
-                if stat.S_ISREG(st.st_mode):
+                if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
                     path = os.readlink(f"/proc/self/fd/{number}")
             except OSError:
                 path = None
-            mine = path is not None and path.startswith(wal_dir)
-            if mine:
+            segment = listing = None
+            if path is not None and stat.S_ISREG(st.st_mode) and path.startswith(wal_dir):
                 delay = current_delay()
                 if delay:
                     time.sleep(delay)  # a slow disk (in the WAL's worker thread)
+                if path.endswith(".wal"):  # not the spare being prepared
+                    segment = (path, data_end_of(number, st.st_size), st.st_size)
+            elif path == wal_path:
+                listing = sorted(n for n in os.listdir(wal_path) if n.endswith(".wal"))
             real(fd)
-            if mine:
-                record(path, st.st_size)
+            if segment is not None:
+                record(*segment)
+            elif listing is not None:
+                record_listing(listing)
         sync.__name__ = real.__name__
         return sync
 
@@ -170,22 +220,32 @@ class PythonFsyncThread:
             os.write(self._write, b"x")
 
 
-def synced_sizes(synced_dir: str) -> dict[str, int]:
-    """Segment file name -> the size its last completed sync made durable."""
-    sizes: dict[str, int] = {}
+def synced_state(synced_dir: str) -> dict[str, tuple[int, int]]:
+    """Segment file name -> (data end, size) that its last completed sync made durable."""
+    state: dict[str, tuple[int, int]] = {}
     try:
         names = os.listdir(synced_dir)
     except FileNotFoundError:
-        return sizes
+        return state
     for name in names:
-        if name == DELAY or name.endswith(".tmp"):
+        if not name.endswith(".wal"):
             continue
         try:
             with open(os.path.join(synced_dir, name), "rb") as f:
-                sizes[name] = int(f.read().strip())
+                data_end, size = map(int, f.read().split())
         except (OSError, ValueError):
             continue  # created but never written: no sync completed
-    return sizes
+        state[name] = (data_end, size)
+    return state
+
+
+def synced_listing(synced_dir: str) -> set[str] | None:
+    """The segment names of the WAL directory's last completed sync (None: none yet)."""
+    try:
+        with open(os.path.join(synced_dir, LISTING)) as f:
+            return set(f.read().split())
+    except FileNotFoundError:
+        return None
 
 
 def main() -> int:
