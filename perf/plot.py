@@ -102,12 +102,14 @@ def plot(args):
     if runs:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         series = _group(runs, lambda r: (r["settings"]["read_ratio"], r["settings"]["clients"],
-                                         r["settings"]["processes"]))
-        for (ratio, clients, processes), group in series.items():
-            points = _group(group, lambda r: r["settings"]["outstanding"] * clients)
+                                         r["settings"]["processes"],
+                                         r["settings"].get("batch", 1)))
+        for (ratio, clients, processes, batch), group in series.items():
+            points = _group(group, lambda r: r["settings"]["outstanding"] * clients * batch)
             metric = "reads_per_s" if ratio == 1 else "ops_per_s"
             label = (f"{'reads' if ratio == 1 else 'writes' if ratio == 0 else f'ops (read ratio {ratio:g})'}"
-                     f", {clients} clients / {processes} processes")
+                     f", {clients} clients / {processes} processes"
+                     + (f", bulk calls of {batch}" if batch > 1 else ""))
             xs = list(points)
             for x in xs:
                 ax.scatter([x] * len(points[x]), [r[metric] for r in points[x]], s=8,
@@ -115,7 +117,7 @@ def plot(args):
             ax.plot(xs, [statistics.median(r[metric] for r in points[x]) for x in xs],
                     marker="o", label=label)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("operations outstanding in all (clients x --outstanding)")
+        ax.set_xlabel("operations outstanding in all (clients x --outstanding x --batch)")
         ax.set_ylabel("operations / s")
         ax.set_title("cypaxos bench: throughput vs outstanding operations\n"
                      "3 replicas on loopback, fsync always, 64-byte values")

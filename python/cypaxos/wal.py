@@ -1071,6 +1071,11 @@ class Wal:
             self.durable_seq = target
         return self.durable_seq
 
+    @property
+    def sync_in_flight(self) -> bool:
+        """Whether an fsync started by `start_sync` has not ended yet."""
+        return self._sync_event is not None
+
     def start_sync(self) -> bool:
         """Begin making every record appended so far durable; don't wait for it.
 
