@@ -18,7 +18,9 @@ import trio
 import cypaxos
 from cypaxos import commands, wire
 from cypaxos.local import LocalCluster, free_ports
-from cypaxos.wal import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from jepsen.cluster import wal_records_end  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -196,17 +198,6 @@ def test_oversized_command_is_refused_and_cluster_keeps_serving(cluster):
 
 def serve_command(cluster, replica_id):
     return cluster.command(replica_id)
-
-
-def wal_records_end(data):
-    """Where the records of a WAL segment's bytes end (then preallocated zeros)."""
-    off = SEGMENT_HEADER_SIZE
-    while off + RECORD_HEADER_SIZE <= len(data):
-        (length,) = struct.unpack_from("<I", data, off)
-        if length == 0 or off + RECORD_HEADER_SIZE + length > len(data):
-            break
-        off += RECORD_HEADER_SIZE + length
-    return off
 
 
 def test_corrupt_wal_record_before_the_tail_refuses_to_start(cluster):

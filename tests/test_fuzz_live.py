@@ -28,10 +28,10 @@ from hypothesis import strategies as st
 
 import cypaxos
 from cypaxos import wire
-from cypaxos.wal import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
+from cypaxos.wal import RECORD_HEADER_SIZE
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from jepsen.cluster import JepsenCluster, probe_status  # noqa: E402
+from jepsen.cluster import JepsenCluster, probe_status, wal_records  # noqa: E402
 from jepsen.netns import LoopbackBed  # noqa: E402
 
 FUZZ = settings(max_examples=int(os.environ.get("CYPAXOS_FUZZ_EXAMPLES", "120")),
@@ -376,15 +376,8 @@ def _filled_data_dir(tmp_path, keys=40):
 
 def _records(path):
     """(offset, length) of every record of a WAL segment."""
-    data = open(path, "rb").read()
-    off, out = SEGMENT_HEADER_SIZE, []
-    while off + RECORD_HEADER_SIZE <= len(data):
-        length = struct.unpack_from("<I", data, off)[0]
-        if length == 0 or off + RECORD_HEADER_SIZE + length > len(data):
-            break
-        out.append((off, length))
-        off += RECORD_HEADER_SIZE + length
-    return out
+    with open(path, "rb") as f:
+        return wal_records(f.read())
 
 
 def _flip(path, offset):

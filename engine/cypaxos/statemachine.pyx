@@ -221,15 +221,17 @@ cdef class KVStore(StateMachine):
         cdef uint32_t ahead = 0, k, n
         cdef Py_ssize_t slot
         cdef KVEntry* e
-        while ahead < count and ahead < _PREFETCH_AHEAD:
-            n = load_u32(ahead_at)
-            slot = self.home_slot(ahead_at + 4, n)
-            if slot >= 0:
-                __builtin_prefetch(&self.slots[slot])
-            ring[ahead % _PREFETCH_AHEAD] = slot
-            ahead_at += 4 + n
-            ahead += 1
         for k in range(count):
+            # Keep the slots of commands k .. k + _PREFETCH_AHEAD - 1 on their way
+            # (the first pass starts them all).
+            while ahead < count and ahead < k + _PREFETCH_AHEAD:
+                n = load_u32(ahead_at)
+                slot = self.home_slot(ahead_at + 4, n)
+                if slot >= 0:
+                    __builtin_prefetch(&self.slots[slot])
+                ring[ahead % _PREFETCH_AHEAD] = slot
+                ahead_at += 4 + n
+                ahead += 1
             if k + _PREFETCH_AHEAD // 2 < ahead:
                 slot = ring[(k + _PREFETCH_AHEAD // 2) % _PREFETCH_AHEAD]
                 if slot >= 0:
@@ -239,14 +241,6 @@ cdef class KVStore(StateMachine):
             n = load_u32(packed)
             self.apply_command(packed + 4, n, out)
             packed += 4 + n
-            if ahead < count:
-                n = load_u32(ahead_at)
-                slot = self.home_slot(ahead_at + 4, n)
-                if slot >= 0:
-                    __builtin_prefetch(&self.slots[slot])
-                ring[ahead % _PREFETCH_AHEAD] = slot
-                ahead_at += 4 + n
-                ahead += 1
         return 0
 
     cdef Py_ssize_t find(self, const char* key, Py_ssize_t klen, uint64_t h) noexcept:

@@ -246,12 +246,20 @@ async def read_frames(stream: trio.SocketStream, decoder: wire.FrameDecoder):
         # one packet, say) come out before we wait for more bytes.
         while (frame := decoder.next_frame()) is not None:
             yield frame
-        data = await stream.receive_some(RECEIVE_BYTES)
-        if not data:
-            if decoder.buffered:
-                raise wire.ProtocolError("connection closed in the middle of a frame")
+        if not await receive_into(stream, decoder):
             return
-        decoder.feed(data)
+
+
+async def receive_into(stream: trio.SocketStream, decoder: wire.FrameDecoder) -> bool:
+    """Wait for bytes and feed them to `decoder`; False at EOF between frames
+    (ProtocolError at EOF in the middle of one)."""
+    data = await stream.receive_some(RECEIVE_BYTES)
+    if not data:
+        if decoder.buffered:
+            raise wire.ProtocolError("connection closed in the middle of a frame")
+        return False
+    decoder.feed(data)
+    return True
 
 
 class ReplicaServer:
@@ -652,12 +660,8 @@ class ReplicaServer:
                 self.drive()
             else:
                 self.flush()
-            data = await stream.receive_some(RECEIVE_BYTES)
-            if not data:
-                if decoder.buffered:
-                    raise wire.ProtocolError("connection closed in the middle of a frame")
+            if not await receive_into(stream, decoder):
                 return
-            decoder.feed(data)
 
     def drive(self) -> None:
         """Handle everything the core has to say now (what the driver does, inline)."""

@@ -38,15 +38,27 @@ REPLICA_PORT = 7000        # in netns mode every replica listens on its own addr
 PROXY_PORT_BASE = 7100     # proxy for link i->j listens on address_i:7100+j
 
 
-def wal_records_end(data: bytes) -> int:
-    """Where the records of a WAL segment's bytes end (the rest is preallocated zeros)."""
-    off = SEGMENT_HEADER_SIZE
+def wal_records(data: bytes) -> list[tuple[int, int]]:
+    """(offset, length) of every record of a WAL segment's bytes, read by their length
+    fields alone (no checksums): they end at a zero length (the preallocated rest) or
+    at the end of the bytes."""
+    off, records = SEGMENT_HEADER_SIZE, []
     while off + RECORD_HEADER_SIZE <= len(data):
         (length,) = struct.unpack_from("<I", data, off)
         if length == 0 or off + RECORD_HEADER_SIZE + length > len(data):
             break
+        records.append((off, length))
         off += RECORD_HEADER_SIZE + length
-    return off
+    return records
+
+
+def wal_records_end(data: bytes) -> int:
+    """Where the records of a WAL segment's bytes end (the rest is preallocated zeros)."""
+    records = wal_records(data)
+    if not records:
+        return SEGMENT_HEADER_SIZE
+    off, length = records[-1]
+    return off + RECORD_HEADER_SIZE + length
 
 
 class ClusterError(RuntimeError):
