@@ -42,8 +42,10 @@ from typing import Optional, Union
 
 import trio
 
+from . import clientops as _ops
 from . import commands as _cmd
 from . import wire
+from .clientops import Op as _Op
 from .errors import (
     ClientError, ClosedError, CommandError, ConfigError, RequestError,
     SessionExpiredError, TimeoutError, UnavailableError,
@@ -96,7 +98,8 @@ _STALL_TIMEOUT = 2.0        # requests pending and no reply this long: try anoth
 _RECEIVE_BYTES = 1 << 16
 
 # Op states.
-_NEW, _QUEUED, _SENT, _DONE, _ABANDONED = range(5)
+_NEW, _QUEUED, _SENT, _DONE, _ABANDONED = (
+    _ops.NEW, _ops.QUEUED, _ops.SENT, _ops.DONE, _ops.ABANDONED)
 
 
 # ---------------------------------------------------------------------------
@@ -160,45 +163,12 @@ def _as_bytes(value: Bytes, what: str) -> bytes:
 # ---------------------------------------------------------------------------
 # Internal records
 
-class _Op:
-    """One pending call: a command or a query, and how it ended.
+async def _park(op: _Op) -> None:
+    """Sleep until `op` finishes or expires (or the caller is cancelled).
 
-    Its caller parks on it (`_park`); `finish` or the deadline timer wakes it.  That is
-    a plain reschedule rather than an Event and a cancel scope per call: at tens of
+    A plain reschedule rather than an Event and a cancel scope per call: at tens of
     thousands of calls a second those were most of the client's CPU time.
     """
-
-    __slots__ = ("payload", "task", "state", "sent", "value", "error", "deadline",
-                 "expired")
-
-    def __init__(self, payload: bytes, deadline: float) -> None:
-        self.payload = payload
-        self.task = None      # the parked caller, until someone wakes it
-        self.state = _NEW
-        self.sent = False     # did it ever leave the client (maybe_applied)
-        self.value = None
-        self.error = None
-        self.deadline = deadline
-        self.expired = False
-
-    def finish(self, value=None, error=None) -> None:
-        if self.state == _DONE:
-            return
-        self.value = value
-        self.error = error
-        self.state = _DONE
-        self.payload = None   # never sent again; do not keep it alive in a timer FIFO
-        self.wake()
-
-    def wake(self) -> None:
-        task = self.task
-        if task is not None:
-            self.task = None
-            trio.lowlevel.reschedule(task)
-
-
-async def _park(op: _Op) -> None:
-    """Sleep until `op` finishes or expires (or the caller is cancelled)."""
     op.task = trio.lowlevel.current_task()
 
     def abort(raise_cancel):
@@ -428,11 +398,15 @@ class Client:
         Linearizable by default: every value is at least as new as any write that
         completed before this call began.
         """
-        queries = [_cmd.encode_get(_as_bytes(key, "key")) for key in keys]
-        results = await self._many(queries, False, stale, timeout, False)
-        decode = _cmd.decode_get
+        if type(keys) is not list:
+            keys = list(keys)
         try:
-            return [decode(result) for result in results]
+            queries = _cmd.encode_gets(keys)
+        except TypeError:   # str, bytearray, ... (or a wrong type: said per key)
+            queries = [_cmd.encode_get(_as_bytes(key, "key")) for key in keys]
+        results = await self._many(queries, False, stale, timeout, False)
+        try:
+            return _cmd.decode_gets(results)
         except ValueError as exc:
             raise ClientError(f"malformed result from the cluster: {exc}",
                               maybe_applied=True) from None
@@ -599,7 +573,7 @@ class Client:
             for payload in payloads:
                 _check_size(payload, what)
         start, deadline, timeout = self._deadline(timeout)
-        ops = [_Op(payload, deadline) for payload in payloads]
+        ops = _ops.make_ops(payloads, deadline)
         count = len(ops)
         total_size = sum(map(len, payloads)) + 4 * count
         queued = 0     # ops[:queued] have been queued (and armed)
@@ -636,8 +610,7 @@ class Client:
                     end = queued + 1
                     size = len(ops[queued].payload) + 4
                 chunk = ops[queued:end]
-                for op in chunk:
-                    op.state = _QUEUED
+                _ops.mark(chunk, _QUEUED)
                 queue.extend(chunk)
                 if write:
                     self._queued_count += len(chunk)
@@ -656,31 +629,24 @@ class Client:
             # Park on the last unfinished op: in the common case they finish in order
             # and this is the one wake-up.  All share the deadline, so once it has
             # passed none is waited for any longer.
-            index = queued - 1
+            index = _ops.last_unfinished(ops, queued - 1)
             while index >= 0:
                 op = ops[index]
-                if op.state == _DONE:
-                    index -= 1
-                    continue
                 if op.expired or trio.current_time() >= deadline:
                     break
                 await _park(op)
+                index = _ops.last_unfinished(ops, index)
         finally:
-            dropped = dropped_bytes = 0
-            for op in ops:
-                state = op.state
-                if state == _QUEUED:
-                    op.state = _ABANDONED
-                    dropped += 1
-                    dropped_bytes += len(op.payload) + 4
-                elif state == _SENT:
-                    op.state = _ABANDONED
+            dropped, dropped_bytes = _ops.abandon(ops)
             if dropped:
                 if write:
                     self._forget_queued_writes(dropped, dropped_bytes)
                 else:
                     self._room.unpark_all()
                     self._forget_queued_reads(dropped)
+        results = _ops.values_if_all_done(ops)
+        if results is not None:
+            return results
         results = []
         for op in ops:
             if op.error is not None:
@@ -741,19 +707,7 @@ class Client:
 
     def _sweep(self, now: float) -> float:
         """Expire due ops, drop finished ones at the heads; the next deadline (or inf)."""
-        next_at = math.inf
-        fifo = self._fifo
-        while fifo:
-            op = fifo[0]
-            if op.state == _DONE or op.state == _ABANDONED or op.expired:
-                fifo.popleft()
-            elif op.deadline <= now:
-                fifo.popleft()
-                op.expired = True
-                op.wake()
-            else:
-                next_at = op.deadline
-                break
+        next_at = _ops.sweep_fifo(self._fifo, now)
         heap = self._heap
         while heap:
             deadline, _, op = heap[0]
@@ -1128,14 +1082,8 @@ class Client:
             completed = self._completed
             while self._acked_seq + 1 in completed:
                 self._acked_seq += completed.pop(self._acked_seq + 1)
-        if results is None:   # all OK, no result bytes: _Op.finish(b""), inlined
-            for op in batch.ops:
-                if op.state == _SENT:
-                    op.value = b""
-                    op.state = _DONE
-                    op.payload = None
-                    if op.task is not None:
-                        op.wake()
+        if results is None:   # all OK, no result bytes
+            _ops.finish_ok_empty(batch.ops)
             results = ()
         for op, (status, data) in zip(batch.ops, results):
             if op.state != _SENT:
@@ -1165,9 +1113,7 @@ class Client:
             self._redirect_streak = 0
         read.done = True
         self._inflight_reads.remove(read)
-        for op, value in zip(read.ops, payload):
-            if op.state == _SENT:
-                op.finish(value)
+        _ops.finish_values(read.ops, payload)
         self._sweep(trio.current_time())
         self._kick.set()
 
@@ -1268,8 +1214,7 @@ class Client:
         return self._request_id
 
     def _pack(self, epoch, session_id, first_seq, acked_seq, ops) -> _Batch:
-        data = _cmd.pack_client_batch(session_id, first_seq, acked_seq,
-                                      [op.payload for op in ops])
+        data = _ops.pack_ops(session_id, first_seq, acked_seq, ops)
         return _Batch(epoch, session_id, first_seq, ops, data)
 
     def _submit_frame(self, conn: _Conn, batch: _Batch) -> bytes:
@@ -1388,7 +1333,7 @@ class Client:
         # Reads: linearizable ones in one request, stale ones in another.
         for queue, stale in ((self._reads, False), (self._stale_reads, True)):
             while queue and len(self._inflight_reads) < INFLIGHT_READS_MAX:
-                ops, _ = _take(queue, self._request_cap(True), BATCH_BYTES_MAX)
+                ops, _ = _ops.take(queue, self._request_cap(True), BATCH_BYTES_MAX)
                 if not ops:
                     break
                 read = _Read(ops, stale)
@@ -1405,7 +1350,7 @@ class Client:
         # Writes: one batch per ~1 MiB, consecutive seqs of the session.
         if not held:
             while self._queued_count and len(self._outstanding) < INFLIGHT_BATCHES_MAX:
-                ops, size = _take(self._queue, self._request_cap(False), BATCH_BYTES_MAX)
+                ops, size = _ops.take(self._queue, self._request_cap(False), BATCH_BYTES_MAX)
                 if not ops:
                     break
                 self._queued_count -= len(ops)
@@ -1425,33 +1370,6 @@ def _check_size(payload: bytes, what: str) -> None:
     if len(payload) > COMMAND_BYTES_MAX:
         raise RequestError(f"{what} of {len(payload)} bytes exceeds the limit of "
                            f"{COMMAND_BYTES_MAX} bytes")
-
-
-def _take(queue, max_count, max_bytes) -> tuple[list, int]:
-    """Pop up to max_count live ops (about max_bytes) off a queue; mark them sent.
-
-    Returns them and their size as the queue accounts it (payload + 4 bytes each).
-    """
-    ops = []
-    append = ops.append
-    popleft = queue.popleft
-    size = 0
-    left = max_count
-    while queue and left:
-        op = queue[0]
-        if op.state != _QUEUED:
-            popleft()    # abandoned by a caller that timed out
-            continue
-        n = len(op.payload) + 4
-        if size + n > max_bytes and ops:
-            break
-        popleft()
-        op.state = _SENT
-        op.sent = True
-        append(op)
-        size += n
-        left -= 1
-    return ops, size
 
 
 def _live(queue):

@@ -1,17 +1,22 @@
 """Byte formats of client batches, packed results and key-value commands.
 
 See docs/internals.md, "Slot values and client batches" and "Key-value commands".
-All integers are little-endian.  These are plain-Python helpers for clients, tests
-and tools; the core parses batches itself.  Malformed input raises ValueError.
+All integers are little-endian.  These are helpers for clients, tests and tools (the
+ones on the client's hot path are compiled, in clientops.pyx); the core parses
+batches itself.  Malformed input raises ValueError.
 """
 import struct
 from typing import NamedTuple
+
+# The client's hot path, compiled: built there, exported from here.
+from .clientops import (BATCH_HEADER_BYTES, SEQ_LIMIT, decode_gets, encode_gets,
+                        encode_puts, pack_client_batch)
 
 __all__ = [
     "RESULT_OK", "RESULT_ERROR", "RESULT_SESSION_EXPIRED", "RESULT_RETRY",
     "BATCH_HEADER_BYTES", "SEQ_LIMIT", "ClientBatch", "pack_client_batch",
     "unpack_client_batch", "unpack_client_batches", "pack_results", "unpack_results",
-    "all_ok_empty", "encode_puts",
+    "all_ok_empty", "encode_puts", "encode_gets", "decode_gets",
     "encode_put", "encode_delete", "encode_cas", "encode_get", "decode_command",
     "decode_get", "decode_bool",
 ]
@@ -30,16 +35,9 @@ _U32 = struct.Struct("<I")
 _RESULT_HEADER = struct.Struct("<BI")    # status, len
 _CAS_EXPECTED = struct.Struct("<BI")     # has_expected, elen
 
-BATCH_HEADER_BYTES = _BATCH_HEADER.size
-"""Bytes before a client batch's payload (32)."""
-
-SEQ_LIMIT = 2**62
-"""The core refuses a batch unless 1 <= first_seq and first_seq + count <= SEQ_LIMIT."""
-
+assert BATCH_HEADER_BYTES == _BATCH_HEADER.size
 _U32_MAX = 0xFFFFFFFF
 _OK_EMPTY = _RESULT_HEADER.pack(RESULT_OK, 0)
-_PUT_PREFIX_16 = b"P" + _U32.pack(16)
-_U64_MAX = 2**64 - 1
 
 
 class ClientBatch(NamedTuple):
@@ -49,35 +47,6 @@ class ClientBatch(NamedTuple):
     first_seq: int
     acked_seq: int
     commands: list
-
-
-def pack_client_batch(session_id, first_seq, acked_seq, commands):
-    """Return a client batch (bytes) holding `commands` (a non-empty list of bytes).
-
-    Refuses what the core would refuse (no commands, first_seq 0, sequence numbers
-    reaching SEQ_LIMIT) so a client learns about it before sending.
-    """
-    if not commands:
-        raise ValueError("a client batch needs at least one command")
-    if not (0 <= session_id <= _U64_MAX and 0 <= acked_seq <= _U64_MAX):
-        raise ValueError("session_id and acked_seq must be in [0, 2**64)")
-    if not 1 <= first_seq or first_seq + len(commands) > SEQ_LIMIT:
-        raise ValueError("sequence numbers must be in [1, 2**62)")
-    # Checked with C-speed builtins, not per command in Python: this is the
-    # client's hot path.
-    if commands and set(map(type, commands)) != {bytes}:
-        raise TypeError("commands must be bytes")
-    lengths = list(map(len, commands))
-    if lengths and max(lengths) > _U32_MAX:
-        raise ValueError("command longer than 2**32 - 1 bytes")
-    payload_len = 4 * len(commands) + sum(lengths)
-    if payload_len > _U32_MAX:
-        raise ValueError("client batch payload longer than 2**32 - 1 bytes")
-    u32 = _U32.pack
-    parts = [_BATCH_HEADER.pack(session_id, first_seq, acked_seq, len(commands),
-                                payload_len)]
-    parts += [u32(n) + command for n, command in zip(lengths, commands)]
-    return b"".join(parts)
 
 
 def unpack_client_batch(data, offset=0):
@@ -169,23 +138,6 @@ def encode_put(key, value):
     """Command setting key to value; its result is b""."""
     _check_key(key)
     return b"".join((b"P", _U32.pack(len(key)), key, value))
-
-
-def encode_puts(items):
-    """Commands setting each `(key, value)` of `items` (bytes), in order; like
-    `encode_put` for each, in one pass (the bulk client calls' hot path)."""
-    if not items:
-        return []
-    keys, values = zip(*items)
-    # Checked with C-speed builtins rather than per item in Python.
-    if set(map(type, keys)) != {bytes} or set(map(type, values)) != {bytes}:
-        raise TypeError("keys and values must be bytes")
-    if max(map(len, keys)) > _U32_MAX:
-        raise ValueError("key longer than 2**32 - 1 bytes")
-    u32 = _U32.pack
-    prefix16 = _PUT_PREFIX_16   # most keys are short: skip a pack per command
-    return [(prefix16 if len(key) == 16 else b"P" + u32(len(key))) + key + value
-            for key, value in items]
 
 
 def encode_delete(key):
