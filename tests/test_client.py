@@ -662,6 +662,35 @@ async def test_bulk_call_failures(nursery):
         assert await kv.get(b"a") == b"1"
 
 
+async def test_raised_errors_leave_nothing_uncollectable(nursery):
+    # Ops are not tracked by the cyclic GC, so an op keeping the exception its
+    # caller raised (whose traceback holds the caller's frame, which holds the op)
+    # would leak a frame per failed call.
+    import gc
+    import types
+
+    fake = await start_fake(nursery)
+    bad = b"Pbad"
+    fake.submit_hook = refuse_batches_with(bad)
+
+    def frames_alive():
+        gc.collect()
+        return sum(type(o) is types.TracebackType for o in gc.get_objects())
+
+    async with open_client(fake.address) as kv:
+        good = commands.encode_put(b"a", b"1")
+        for _ in range(5):   # warm up (first-time allocations)
+            with pytest.raises(RequestError):
+                await kv.submit(bad)
+        before = frames_alive()
+        for _ in range(100):
+            with pytest.raises(RequestError):
+                await kv.submit(bad)
+            with pytest.raises(RequestError):
+                await kv.submit_many([good, bad])
+        assert frames_alive() - before < 20
+
+
 async def test_bulk_call_deadline_and_cancel(nursery):
     fake = await start_fake(nursery)
     fake.submit_hook = lambda f, rid, batch: SILENT

@@ -775,3 +775,25 @@ async def test_soak_data_dir_and_rss_stay_flat(tmp_path):
     for i, size in observed["max_dir_bytes"].items():
         assert size <= bound, (i, size, bound)
     assert all(v[0] for v in verdicts.values()), report["flatness"]
+
+
+# ---------------------------------------------------------------------------
+# The file format (no cluster)
+
+@pytest.mark.parametrize("state_bytes", [0, 1, 23, 24, 255, 256, 65535, 65536, 300_000])
+def test_file_pieces_are_the_plain_encoding(tmp_path, state_bytes):
+    import cbor2
+    import google_crc32c
+
+    state = os.urandom(state_bytes)
+    snapshot = (1234, 5 << 16 | 2, [[7, 8, 9]], state)
+    body = cbor2.dumps([snapshots.FORMAT, "c1", 1234, 5 << 16 | 2, [[7, 8, 9]], state])
+    plain = snapshots.HEADER.pack(snapshots.MAGIC, google_crc32c.value(body), len(body)) + body
+    parts = snapshots.encode_parts("c1", snapshot)
+    assert parts[-1] is state            # written from, not copied
+    assert b"".join(parts) == plain == snapshots.encode("c1", snapshot)
+    assert snapshots.decode(plain, "c1") == (1234, 5 << 16 | 2, [[7, 8, 9]], state)
+    store = snapshots.SnapshotStore(str(tmp_path))
+    store.write(1234, parts)
+    assert store.read(1234) == plain
+    assert store.load_latest("c1")[3] == state

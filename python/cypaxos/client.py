@@ -163,6 +163,17 @@ def _as_bytes(value: Bytes, what: str) -> bytes:
 # ---------------------------------------------------------------------------
 # Internal records
 
+def _error_of(op: _Op) -> BaseException:
+    """Take `op`'s error off it, to be raised.
+
+    Ops are not tracked by the cyclic GC (there are hundreds of thousands a second):
+    an op still holding an exception whose traceback holds the op (through the
+    raising frame) would be a cycle nothing collects.
+    """
+    error, op.error = op.error, None
+    return error
+
+
 async def _park(op: _Op) -> None:
     """Sleep until `op` finishes or expires (or the caller is cancelled).
 
@@ -525,7 +536,7 @@ class Client:
             elif op.state == _SENT:
                 op.state = _ABANDONED   # its batch still goes through; nobody waits
         if op.error is not None:
-            raise op.error
+            raise _error_of(op)
         if op.state == _DONE:
             return op.value
         raise self._expired(op, start, deadline)
@@ -556,7 +567,7 @@ class Client:
                 if queued:
                     self._forget_queued_reads(1)
         if op.error is not None:
-            raise op.error
+            raise _error_of(op)
         if op.state == _DONE:
             return op.value
         op.sent = False   # a read never changes anything
@@ -650,7 +661,7 @@ class Client:
         results = []
         for op in ops:
             if op.error is not None:
-                outcome = op.error
+                outcome = _error_of(op)
             elif op.state == _DONE:
                 results.append(op.value)
                 continue

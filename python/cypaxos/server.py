@@ -294,6 +294,8 @@ class ReplicaServer:
             self.data_dir.close()
             raise
         self.peer_links = {p: Outbox(PEER_QUEUE_MAX) for p in self.cluster if p != self.replica_id}
+        self.last_peer_msg = None    # the last message send_peer encoded, and its frame
+        self.last_peer_frame = b""
         self.dirty: set[Outbox] = set()  # outboxes with frames put since the last flush
         self.pending_submits: dict[tuple[int, int], tuple[Conn, int]] = {}
         self.pending_reads: dict[int, tuple[Conn, int, list]] = {}
@@ -475,12 +477,13 @@ class ReplicaServer:
             cut, restate_end = self.flush_restatement()
             self.wal_bytes_since_snapshot = 0
             index = snapshot[0]
-            data = snapshots.encode(self.cluster_id, snapshot)
+            parts = snapshots.encode_parts(self.cluster_id, snapshot)
             del snapshot
-            await trio.to_thread.run_sync(self.snapshots.write, index, data)
+            await trio.to_thread.run_sync(self.snapshots.write, index, parts)
             self.stats["snapshots_taken"] += 1
             await self.compact(index, cut, restate_end)
-            log.info("snapshot at slot %d written (%d bytes); log compacted", index, len(data))
+            log.info("snapshot at slot %d written (%d bytes); log compacted", index,
+                     sum(map(len, parts)))
             return index
 
     def flush_restatement(self) -> tuple[int, int]:
@@ -585,7 +588,15 @@ class ReplicaServer:
         """Queue a message for a peer; it leaves at the next flush (dropped if the
         link's queue is full: the core resends what matters)."""
         outbox = self.peer_links[to]
-        if outbox.put(wire.encode_frame(msg)):
+        # The core gives each peer its own tuple of one ACCEPT (sharing the values
+        # list, so the comparison is cheap): encode it once for all of them.
+        if msg == self.last_peer_msg:
+            frame = self.last_peer_frame
+        else:
+            frame = wire.encode_frame(msg)
+            self.last_peer_msg = msg
+            self.last_peer_frame = frame
+        if outbox.put(frame):
             self.dirty.add(outbox)
         else:
             self.stats["peer_drops"] += 1

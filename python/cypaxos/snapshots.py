@@ -34,9 +34,34 @@ class SnapshotCorruptError(StorageError):
 
 def encode(cluster_id: str, snapshot: tuple) -> bytes:
     """A snapshot tuple `(index, promised, sessions, state)` as file bytes."""
+    return b"".join(encode_parts(cluster_id, snapshot))
+
+
+def encode_parts(cluster_id: str, snapshot: tuple) -> list[bytes]:
+    """`encode`'s bytes in pieces whose last is the state itself, not a copy of it.
+
+    The state is most of a snapshot (megabytes, several times a second under heavy
+    writes): the body is the CBOR of everything else, with the state's byte string
+    header in place of an empty one, and the file is written from the pieces.
+    """
     index, promised, sessions, state = snapshot
-    body = cbor2.dumps([FORMAT, cluster_id, index, promised, sessions, state])
-    return HEADER.pack(MAGIC, google_crc32c.value(body), len(body)) + body
+    if type(state) is not bytes:
+        state = bytes(state)
+    head = cbor2.dumps([FORMAT, cluster_id, index, promised, sessions, b""])
+    # An empty byte string is the one byte 0x40 (major type 2, length 0), at the end.
+    head = head[:-1] + _bytes_header(len(state))
+    crc = google_crc32c.extend(google_crc32c.value(head), state)
+    return [HEADER.pack(MAGIC, crc, len(head) + len(state)), head, state]
+
+
+def _bytes_header(length: int) -> bytes:
+    """The CBOR header of a byte string of `length` bytes (the shortest form)."""
+    if length < 24:
+        return bytes((0x40 + length,))
+    for code, fmt in ((0x58, ">B"), (0x59, ">H"), (0x5A, ">I"), (0x5B, ">Q")):
+        if length < 1 << (8 * struct.calcsize(fmt)):
+            return bytes((code,)) + struct.pack(fmt, length)
+    raise ValueError("snapshot state longer than 2**64 - 1 bytes")
 
 
 def decode(data: bytes, cluster_id: str, origin: str = "snapshot") -> tuple:
@@ -114,15 +139,20 @@ class SnapshotStore:
             raise SnapshotCorruptError(f"{path} holds index {snapshot[0]}")
         return snapshot
 
-    def write(self, index: int, data: bytes) -> str:
-        """Write a snapshot file atomically and durably; prune old ones.  Blocking."""
+    def write(self, index: int, data) -> str:
+        """Write a snapshot file atomically and durably; prune old ones.  Blocking.
+
+        `data` is the file's bytes, or a list of pieces of them (`encode_parts`).
+        """
         final = self.file_path(index)
         tmp = final + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for part in ([data] if isinstance(data, (bytes, bytearray, memoryview))
+                         else data):
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -905,7 +905,8 @@ class Wal:
         seg_bytes = self._seg_bytes
         if seg_bytes + size > self.segment_bytes_max and seg_bytes > SEGMENT_HEADER_SIZE:
             self._rotate()
-        self._buf += _RECORD_HEADER.pack(n, _crc32c(payload)) + payload
+        self._buf += _RECORD_HEADER.pack(n, _crc32c(payload))
+        self._buf += payload
         self._seg_bytes += size
         seq = self._next_seq
         self._next_seq = seq + 1
@@ -937,7 +938,8 @@ class Wal:
                     self._seg_bytes, self._next_seq = seg_bytes, seq
                     self._rotate()
                     seg_bytes = self._seg_bytes
-                buf += pack(n, crc32c(payload)) + payload
+                buf += pack(n, crc32c(payload))
+                buf += payload
                 seg_bytes += size
                 seq += 1
                 if len(buf) >= buf_max:
