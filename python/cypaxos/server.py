@@ -42,6 +42,7 @@ import cbor2
 import trio
 
 from cypaxos import snapshots, wire
+from cypaxos.cborenc import dumps as cbor_dumps
 from cypaxos.core import NOT_LEADER, PROPOSED, BatchError, Config, MessageError, Replica
 from cypaxos.errors import ConfigError, Error, WalCorruptError
 from cypaxos.statemachine import KVStore, PyStateMachine
@@ -366,7 +367,7 @@ class ReplicaServer:
                 self.send_peer(to, msg)
             self.flush()
         if rd.records:
-            payloads = [cbor2.dumps(r) for r in rd.records]
+            payloads = [cbor_dumps(r) for r in rd.records]
             wal.append_many(payloads)
             self.wal_bytes_since_snapshot += sum(map(len, payloads))
             if not self.sync_inline():

@@ -18,6 +18,8 @@ import warnings
 
 import cbor2
 
+from .cborenc import encode_frame as _encode_frame
+
 __all__ = [
     "ProtocolError", "FRAME_BYTES_MAX", "INT_LIMIT", "CBOR_ACCELERATED",
     "FrameDecoder", "decode_body", "encode_frame", "encode_frames",
@@ -77,7 +79,6 @@ CBOR_ACCELERATED = type(cbor2.loads).__name__ == "builtin_function_or_method"
 """True when cbor2 runs compiled code; False means cbor2 5.x's pure-Python fallback."""
 
 _loads = cbor2.loads
-_dumps = cbor2.dumps
 
 
 def decode_body(body):
@@ -182,11 +183,11 @@ class FrameDecoder:
 
 
 def encode_frame(obj):
-    """Return `obj` CBOR-encoded as one frame (bytes).  Tuples become arrays."""
-    body = _dumps(obj)
-    if len(body) > _LENGTH_MAX:
-        raise ValueError("frame body longer than 2**32 - 1 bytes")
-    return _LENGTH.pack(len(body)) + body
+    """Return `obj` CBOR-encoded as one frame (bytes).  Tuples become arrays.
+
+    The body is what cbor2.dumps writes, encoded by cborenc in one pass and one copy.
+    """
+    return _encode_frame(obj)
 
 
 def encode_frames(objs):
