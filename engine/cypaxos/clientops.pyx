@@ -96,14 +96,16 @@ cdef class Op:
             _reschedule(task)
 
 
-cdef inline void _ok_empty(Op op):
-    op.value = _EMPTY
+cdef inline int _done(Op op, object value) except -1:
+    """Op.finish(value) for an op known not to be DONE yet."""
+    op.value = value
     op.state = _DONE
     op.payload = None
     if op.task is not None:
         task = op.task
         op.task = None
         _reschedule(task)
+    return 0
 
 
 def make_ops(list payloads, double deadline):
@@ -198,7 +200,7 @@ def finish_ok_empty(list ops):
     cdef Op op
     for op in ops:
         if op.state == _SENT:
-            _ok_empty(op)
+            _done(op, _EMPTY)
 
 
 def finish_values(list ops, list values):
@@ -210,13 +212,7 @@ def finish_values(list ops, list values):
     for i in range(n):
         op = <Op>PyList_GET_ITEM(ops, i)
         if op.state == _SENT:
-            op.value = <object>PyList_GET_ITEM(values, i)
-            op.state = _DONE
-            op.payload = None
-            if op.task is not None:
-                task = op.task
-                op.task = None
-                _reschedule(task)
+            _done(op, <object>PyList_GET_ITEM(values, i))
 
 
 def sweep_fifo(fifo, double now):
