@@ -42,6 +42,8 @@ import cbor2
 import trio
 
 from cypaxos import snapshots, wire
+from cypaxos.cbordec import FALLBACK as CBOR_FALLBACK
+from cypaxos.cbordec import decode as cbor_decode
 from cypaxos.cborenc import dumps as cbor_dumps
 from cypaxos.core import NOT_LEADER, PROPOSED, BatchError, Config, MessageError, Replica
 from cypaxos.errors import ConfigError, Error, WalCorruptError
@@ -317,6 +319,10 @@ class ReplicaServer:
 
     def _replayed_records(self):
         for seq, payload in self.wal.replay():
+            record = cbor_decode(payload)
+            if record is not CBOR_FALLBACK:
+                yield record
+                continue
             try:
                 yield cbor2.loads(payload)
             except Exception as exc:
