@@ -56,3 +56,13 @@ def test_frames_decode_back():
     decoder = wire.FrameDecoder()
     decoder.feed(wire.encode_frame(message))
     assert decoder.next_frame() == list(message[:4]) + [list(message[4]), message[5]]
+
+
+@pytest.mark.parametrize("size", [0, 23, 24, 255, 256, 65535, 65536, 1 << 20])
+def test_bytes_header_is_the_head_of_a_byte_string(size):
+    data = b"x" * size
+    assert cborenc.bytes_header(size) + data == cbor2.dumps(data)
+    assert cborenc.bytes_header(2**64 - 1) == b"\x5b" + b"\xff" * 8
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError):
+            cborenc.bytes_header(bad)

@@ -10,8 +10,7 @@ check this); anything else (floats, maps, int subclasses, ints beyond 64 bits, d
 nesting) is handed to cbor2 whole.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
-from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.sequence cimport PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport int64_t, uint64_t
@@ -97,12 +96,10 @@ cdef Py_ssize_t _size(object obj, int depth) except -2:
     if kind is list or kind is tuple:
         if depth >= _DEPTH_MAX:
             return -1
-        n = len(obj)
+        n = PySequence_Fast_GET_SIZE(obj)
         total = _head_size(<uint64_t>n)
         for i in range(n):
-            item = <object>(PyList_GET_ITEM(obj, i) if kind is list
-                            else PyTuple_GET_ITEM(obj, i))
-            part = _size(item, depth + 1)
+            part = _size(<object>PySequence_Fast_GET_ITEM(obj, i), depth + 1)
             if part < 0:
                 return -1
             total += part
@@ -130,17 +127,11 @@ cdef char *_write(char *p, object obj) except NULL:
     if kind is int:
         _int_head(obj, &major, &arg)
         return _head(p, major, arg)
-    if kind is list:
-        n = PyList_GET_SIZE(obj)
+    if kind is list or kind is tuple:
+        n = PySequence_Fast_GET_SIZE(obj)
         p = _head(p, 4, <uint64_t>n)
         for i in range(n):
-            p = _write(p, <object>PyList_GET_ITEM(obj, i))
-        return p
-    if kind is tuple:
-        n = PyTuple_GET_SIZE(obj)
-        p = _head(p, 4, <uint64_t>n)
-        for i in range(n):
-            p = _write(p, <object>PyTuple_GET_ITEM(obj, i))
+            p = _write(p, <object>PySequence_Fast_GET_ITEM(obj, i))
         return p
     if kind is str:
         utf8 = PyUnicode_AsUTF8AndSize(obj, &n)
@@ -172,6 +163,17 @@ cdef bytes _encode(object obj, Py_ssize_t prefix):
         p[2] = <char>((size >> 8) & 0xFF)
         p[3] = <char>(size & 0xFF)
     _write(p + prefix, obj)
+    return out
+
+
+def bytes_header(length):
+    """The CBOR header of a byte string of `length` bytes, without the bytes (for a
+    body written in pieces: the string itself need not be copied into it)."""
+    if not 0 <= length <= 0xFFFFFFFFFFFFFFFF:
+        raise ValueError("a CBOR byte string has 0 .. 2**64 - 1 bytes")
+    cdef uint64_t n = length
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, _head_size(n))
+    _head(PyBytes_AS_STRING(out), 2, n)
     return out
 
 

@@ -82,18 +82,20 @@ cdef class Op:
         """End the op with `value` or `error` (once: later calls do nothing)."""
         if self.state == _DONE:
             return
-        self.value = value
         self.error = error
-        self.state = _DONE
-        self.payload = None
-        self.wake()
+        _done(self, value)
 
     def wake(self):
         """Reschedule the parked caller, if there is one."""
-        task = self.task
-        if task is not None:
-            self.task = None
-            _reschedule(task)
+        _wake(self)
+
+
+cdef inline int _wake(Op op) except -1:
+    task = op.task
+    if task is not None:
+        op.task = None
+        _reschedule(task)
+    return 0
 
 
 cdef inline int _done(Op op, object value) except -1:
@@ -101,11 +103,7 @@ cdef inline int _done(Op op, object value) except -1:
     op.value = value
     op.state = _DONE
     op.payload = None
-    if op.task is not None:
-        task = op.task
-        op.task = None
-        _reschedule(task)
-    return 0
+    return _wake(op)
 
 
 def make_ops(list payloads, double deadline):
@@ -229,7 +227,7 @@ def sweep_fifo(fifo, double now):
         elif op.deadline <= now:
             popleft()
             op.expired = True
-            op.wake()
+            _wake(op)
         else:
             return op.deadline
     return float("inf")

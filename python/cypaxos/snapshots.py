@@ -18,6 +18,7 @@ import struct
 import cbor2
 import google_crc32c
 
+from cypaxos import cborenc
 from cypaxos.errors import StorageError
 
 MAGIC = b"CYPXSNP1"
@@ -47,21 +48,11 @@ def encode_parts(cluster_id: str, snapshot: tuple) -> list[bytes]:
     index, promised, sessions, state = snapshot
     if type(state) is not bytes:
         state = bytes(state)
-    head = cbor2.dumps([FORMAT, cluster_id, index, promised, sessions, b""])
+    head = cborenc.dumps([FORMAT, cluster_id, index, promised, sessions, b""])
     # An empty byte string is the one byte 0x40 (major type 2, length 0), at the end.
-    head = head[:-1] + _bytes_header(len(state))
+    head = head[:-1] + cborenc.bytes_header(len(state))
     crc = google_crc32c.extend(google_crc32c.value(head), state)
     return [HEADER.pack(MAGIC, crc, len(head) + len(state)), head, state]
-
-
-def _bytes_header(length: int) -> bytes:
-    """The CBOR header of a byte string of `length` bytes (the shortest form)."""
-    if length < 24:
-        return bytes((0x40 + length,))
-    for code, fmt in ((0x58, ">B"), (0x59, ">H"), (0x5A, ">I"), (0x5B, ">Q")):
-        if length < 1 << (8 * struct.calcsize(fmt)):
-            return bytes((code,)) + struct.pack(fmt, length)
-    raise ValueError("snapshot state longer than 2**64 - 1 bytes")
 
 
 def decode(data: bytes, cluster_id: str, origin: str = "snapshot") -> tuple:

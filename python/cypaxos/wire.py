@@ -92,8 +92,10 @@ def decode_body(body):
     length prefix already delimits the frame, so they cannot desynchronize the stream).
     """
     obj = _decode_fast(body)
-    if obj is not _FALLBACK:
-        return obj
+    return obj if obj is not _FALLBACK else _decode_cbor2(body)
+
+
+def _decode_cbor2(body):
     try:
         return _loads(body, **_SAFE_OPTIONS)
     except ProtocolError:
@@ -183,7 +185,7 @@ class FrameDecoder:
         else:
             self._offset = end
         if obj is _FALLBACK:
-            obj = decode_body(body)
+            obj = _decode_cbor2(body)
         if obj is None:
             raise ProtocolError("frame body is CBOR null")
         return obj
