@@ -75,12 +75,14 @@ from __future__ import annotations
 
 import struct
 
-from cypaxos.core import CHOSEN_BALLOT, MESSAGE_NAMES, NOT_LEADER, PROPOSED, Config, Replica
+from cypaxos.core import NOT_LEADER, PROPOSED, Config, Replica
+from cypaxos.protocol import (
+    CHOSEN_BALLOT, MESSAGE_NAMES, RECORD_NAMES, RESULT_ERROR, RESULT_NAMES, RESULT_OK,
+)
 from cypaxos.statemachine import KVStore
 
 MESSAGE_TYPES = {name: kind for kind, name in MESSAGE_NAMES.items()}
-RECORD_NAMES = {1: "PROMISE", 2: "ACCEPT", 3: "COMMIT"}
-RESULT_STATUS = {0: "ok", 1: "error", 2: "session-expired", 3: "retry"}
+RESULT_STATUS = {status: name.lower().replace("_", "-") for status, name in RESULT_NAMES.items()}
 MAX_VALUES_SHOWN = 8
 
 
@@ -390,9 +392,9 @@ class Transcript:
         words = []
         for k, (status, data) in enumerate(unpack_results(packed)):
             word = RESULT_STATUS.get(status, f"status{status}")
-            if status == 1:
+            if status == RESULT_ERROR:
                 word += f"({data.decode(errors='replace')})"
-            elif status == 0 and k < len(cmds) and cmds[k][:1] in (b"D", b"C"):
+            elif status == RESULT_OK and k < len(cmds) and cmds[k][:1] in (b"D", b"C"):
                 if cmds[k][:1] == b"D":
                     word += "(existed)" if data == b"\x01" else "(absent)"
                 else:
@@ -435,7 +437,7 @@ class Transcript:
                 del n.proposed[(sid, first)]
             client = next((c for c in self.clients.values() if c.session == sid), None)
             statuses = [status for status, _ in unpack_results(packed)]
-            if client is not None and all(st in (0, 1) for st in statuses):
+            if client is not None and all(st in (RESULT_OK, RESULT_ERROR) for st in statuses):
                 client.answered.update(range(first, first + len(statuses)))
             self.say(f"  result: {self.fmt_results(sid, first, packed)}")
         if elsewhere:

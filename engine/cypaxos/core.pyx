@@ -42,29 +42,17 @@ from libc.string cimport memcpy
 
 from collections import OrderedDict
 
-from cypaxos.statemachine cimport (
-    RESULT_RETRY, RESULT_SESSION_EXPIRED, ResultWriter, StateMachine,
+from cypaxos.protocol cimport (
+    ACCEPT, ACCEPTED, BALLOT_ID_BITS, BALLOT_ID_MASK, CATCHUP_REQ, CHOSEN,
+    CHOSEN_BALLOT_C, CLIENT_BATCH_HEADER_BYTES, HEARTBEAT, HEARTBEAT_ACK, NACK, PREPARE,
+    PREVOTE, PREVOTE_ACK, PROMISE, REC_ACCEPT, REC_COMMIT, REC_PROMISE, RESULT_RETRY,
+    RESULT_SESSION_EXPIRED,
 )
+from cypaxos.statemachine cimport ResultWriter, StateMachine
 
-# Message types.
-cdef enum:
-    PREPARE = 1
-    PROMISE = 2
-    NACK = 3
-    ACCEPT = 4
-    ACCEPTED = 5
-    HEARTBEAT = 6
-    HEARTBEAT_ACK = 7
-    CATCHUP_REQ = 8
-    CHOSEN = 9
-    PREVOTE = 12
-    PREVOTE_ACK = 13
-
-# Record types.
-cdef enum:
-    REC_PROMISE = 1
-    REC_ACCEPT = 2
-    REC_COMMIT = 3
+from cypaxos.protocol import (  # noqa: F401 - re-exported, as before
+    CHOSEN_BALLOT, MESSAGE_NAMES, ballot_owner, ballot_round, make_ballot,
+)
 
 # Actions that wait for the caller's persisted().
 cdef enum:
@@ -72,26 +60,16 @@ cdef enum:
     SELF_PROMISE = 2
 
 # Test-only faults that deliberately break the protocol, to prove the simulator
-# notices (tests/test_simulator_faults.py).  Never set in production.
+# notices (tests/test_simulator.py, test_simulator_catches_broken_protocols).  Never
+# set in production.
 FAULT_REPLY_BEFORE_PERSIST = 1
 FAULT_SKIP_ADOPTION = 2
 FAULT_COMMIT_WITHOUT_QUORUM = 4
-
-cdef int64_t CHOSEN_BALLOT_C = 0x7fffffffffffffff
-CHOSEN_BALLOT = CHOSEN_BALLOT_C
-cdef int BALLOT_ID_BITS = 16
-cdef int CLIENT_BATCH_HEADER = 32
 
 PROPOSED = 0
 NOT_LEADER = 1
 BUSY = 2
 
-MESSAGE_NAMES = {
-    PREPARE: "PREPARE", PROMISE: "PROMISE", NACK: "NACK", ACCEPT: "ACCEPT",
-    ACCEPTED: "ACCEPTED", HEARTBEAT: "HEARTBEAT", HEARTBEAT_ACK: "HEARTBEAT_ACK",
-    CATCHUP_REQ: "CATCHUP_REQ", CHOSEN: "CHOSEN", PREVOTE: "PREVOTE",
-    PREVOTE_ACK: "PREVOTE_ACK",
-}
 ROLE_NAMES = ("follower", "candidate", "leader")
 
 
@@ -103,23 +81,8 @@ class BatchError(ValueError):
     """A client batch that does not follow the documented layout."""
 
 
-def make_ballot(round_, replica_id):
-    """The ballot `(round, replica_id)` as the int64 the core compares."""
-    return (round_ << BALLOT_ID_BITS) | replica_id
-
-
-def ballot_round(ballot):
-    """The round of a ballot."""
-    return ballot >> BALLOT_ID_BITS
-
-
-def ballot_owner(ballot):
-    """The replica that owns a ballot."""
-    return ballot & 0xffff
-
-
 cdef inline int owner_of(int64_t ballot) noexcept:
-    return <int>(ballot & 0xffff)
+    return <int>(ballot & BALLOT_ID_MASK)
 
 
 cdef inline uint64_t load_u64(const char* p) noexcept nogil:
@@ -149,7 +112,7 @@ def validate_client_batch(bytes batch):
     cdef Py_ssize_t pos
     cdef uint32_t count, i, plen
     cdef uint64_t first
-    if n < CLIENT_BATCH_HEADER:
+    if n < CLIENT_BATCH_HEADER_BYTES:
         raise BatchError("client batch shorter than its header")
     first = load_u64(p + 8)
     count = load_u32(p + 24)
@@ -158,9 +121,9 @@ def validate_client_batch(bytes batch):
         raise BatchError("client batch with no commands or sequence number 0")
     if first + count > (<uint64_t>1 << 62):
         raise BatchError("client batch sequence numbers out of range")
-    if <Py_ssize_t>plen != n - CLIENT_BATCH_HEADER:
+    if <Py_ssize_t>plen != n - CLIENT_BATCH_HEADER_BYTES:
         raise BatchError("client batch payload length does not match")
-    pos = CLIENT_BATCH_HEADER
+    pos = CLIENT_BATCH_HEADER_BYTES
     for i in range(count):
         if pos + 4 > n:
             raise BatchError("client batch truncated")
@@ -286,7 +249,7 @@ cdef class Replica:
         members = tuple(sorted(set(int(i) for i in replica_ids)))
         if replica_id not in members:
             raise ValueError(f"replica {replica_id} is not among {members}")
-        if len(members) > 63 or min(members) < 1 or max(members) > 0xffff:
+        if len(members) > 63 or min(members) < 1 or max(members) > BALLOT_ID_MASK:
             raise ValueError("replica ids must be 1..65535, at most 63 of them")
         self.replica_id = replica_id
         self.members = members
@@ -1087,13 +1050,13 @@ cdef class Replica:
         cdef StateMachine sm = self.state_machine
         cdef ResultWriter writer = self.writer
         sessions = self.sessions
-        while pos + CLIENT_BATCH_HEADER <= n:
+        while pos + CLIENT_BATCH_HEADER_BYTES <= n:
             sid = load_u64(p + pos)
             first = load_u64(p + pos + 8)
             acked = load_u64(p + pos + 16)
             count = load_u32(p + pos + 24)
             plen = load_u32(p + pos + 28)
-            end = pos + CLIENT_BATCH_HEADER + plen
+            end = pos + CLIENT_BATCH_HEADER_BYTES + plen
             if end > n:
                 break  # cannot happen: batches are validated before they are proposed
             sess = sessions.get(sid)
@@ -1114,7 +1077,7 @@ cdef class Replica:
             while sess.cache and sess.cache[0][0] + sess.cache[0][1] - 1 <= <int64_t>acked:
                 del sess.cache[0]
             if <int64_t>first == sess.next_seq:
-                sm.apply_commands(p + pos + CLIENT_BATCH_HEADER, count, writer)
+                sm.apply_commands(p + pos + CLIENT_BATCH_HEADER_BYTES, count, writer)
                 results = writer.take()
                 sess.cache.append((first, count, results))
                 sess.next_seq = first + count
