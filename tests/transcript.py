@@ -30,7 +30,7 @@ just list what they applied.
 Commands (replica ids are 1..N; `IDS` is an id, a comma list `1,2` or `all`):
 
   cluster N [seed=7] [lease=0] [drift=0] [election=10] [heartbeat=2] [window=64]
-            [resend=4] [check_quorum=true] [accept_ahead=65536]
+            [resend=4] [check_quorum=true] [pre_vote=false] [accept_ahead=65536]
             [batch_bytes=1048576] [message_bytes=4194304]
                               start N fresh replicas (ids 1..N); options set the
                               Config fields (batch_bytes=1: one batch per slot)
@@ -57,7 +57,14 @@ Commands (replica ids are 1..N; `IDS` is an id, a comma list `1,2` or `all`):
   read ID RID [KEY]           register linearizable read RID (a get of KEY) at ID
   crash ID                    the replica dies: unsynced records and held messages
                               are lost (messages already in flight stay in flight)
-  restart ID                  a fresh core recovers from the durable records
+  restart ID                  a fresh core recovers from its snapshot and the
+                              durable records
+  snapshot ID                 take a snapshot (durable at once); its restatement
+                              records come with the next Ready
+  compact ID                  once the restatement is durable, delete the records
+                              before it and compact the core's log up to the snapshot
+  install ID FROM             ID installs FROM's snapshot (as if transferred; asked
+                              for by a Ready's `snapshot to`)
   partition A.. | B.. [| ..]  only replicas in the same group can talk (messages
                               across groups are dropped at delivery)
   heal                        remove the partition
@@ -196,6 +203,9 @@ class Node:
         self.proposed: dict[tuple[int, int], int] = {}  # (session, seq) -> copies awaited
         self.reads: dict = {}  # read id -> query
         self.checked = 0  # slots up to here were checked against the chosen values
+        self.snapshot: tuple | None = None  # the latest durable snapshot
+        self.cut: int | None = None  # records before this one are redundant once the
+        #                              restatement after it is durable
 
     @property
     def up(self) -> bool:
@@ -373,6 +383,10 @@ class Transcript:
             return f"{head} from={m[3]}"
         if kind == "CHOSEN":
             return f"{head} slots={fmt_slots(m[3], len(m[4]))} {self.fmt_values(m[4])}"
+        if kind == "PREVOTE":
+            return head
+        if kind == "PREVOTE_ACK":
+            return f"{head} {'granted' if m[3] else 'refused'}"
         return f"{head} {m[3:]!r}"
 
     def fmt_record(self, r: tuple) -> str:
@@ -454,6 +468,8 @@ class Transcript:
         for rid in rd.reads_failed:
             n.reads.pop(rid, None)
             self.say(f"  read failed: {rid}")
+        for peer in rd.snapshot_to:
+            self.say(f"  snapshot to: {peer}")
         if rd.lost_leadership:
             lost = ", ".join(f"{self.client_name(sid)}#{first}"
                              for (sid, first), k in n.proposed.items()
@@ -513,14 +529,16 @@ class Transcript:
         names = {"lease": "lease_ticks", "drift": "clock_drift_ticks",
                  "election": "election_ticks", "heartbeat": "heartbeat_ticks",
                  "window": "window_slots", "resend": "resend_ticks",
-                 "check_quorum": "check_quorum", "accept_ahead": "accept_ahead_max",
+                 "check_quorum": "check_quorum", "pre_vote": "pre_vote",
+                 "accept_ahead": "accept_ahead_max",
                  "message_bytes": "message_bytes_max", "batch_bytes": "batch_bytes_max"}
         self.seed = int(opts.pop("seed", 7))
         kwargs = {}
         for k, v in opts.items():
             if k not in names:
                 raise ScriptError(f"unknown cluster option {k!r}")
-            kwargs[names[k]] = v.lower() in ("1", "true", "yes") if k == "check_quorum" else int(v)
+            flag = k in ("check_quorum", "pre_vote")
+            kwargs[names[k]] = v.lower() in ("1", "true", "yes") if flag else int(v)
         self.config = Config(check_invariants=True, **kwargs)
         self.nodes = {i: Node(i) for i in range(1, int(pos[0]) + 1)}
         self.net, self.groups, self.clients, self.chosen = [], None, {}, {}
@@ -533,7 +551,7 @@ class Transcript:
         n.incarnation += 1
         n.core = Replica(n.rid, list(self.nodes), KVStore(), self.config,
                          seed=self.seed * 1000 + n.incarnation)
-        n.core.recover([copy_tuple(r) for r in n.durable])
+        n.core.recover([copy_tuple(r) for r in n.durable], n.snapshot)
         n.checked = 0
 
     def cmd_tick(self, args):
@@ -709,6 +727,37 @@ class Transcript:
         c = n.core
         self.say(f"{n.rid} restarted from {len(n.durable)} records: b={fmt_ballot(c.ballot)} "
                  f"commit={c.commit_index} applied={c.applied_index} last={c.last_slot}")
+
+    def cmd_snapshot(self, args):
+        n = self.node(args[0])
+        n.snapshot = n.core.snapshot()
+        n.cut = len(n.durable) + len(n.unsynced)
+        self.say(f"{n.rid} snapshot at slot {n.snapshot[0]} (the next ready restates the log)")
+
+    def cmd_compact(self, args):
+        n = self.node(args[0])
+        if n.cut is None or n.unsynced or len(n.durable) <= n.cut:
+            raise ScriptError(f"{n.rid} has no durable restatement after a snapshot")
+        dropped, n.durable, n.cut = n.cut, n.durable[n.cut:], None
+        n.core.compact(n.snapshot[0])
+        self.say(f"{n.rid} deleted {dropped} records; {len(n.durable)} left; "
+                 f"log starts at slot {n.core.log_start}")
+
+    def cmd_install(self, args):
+        if len(args) != 2:
+            raise ScriptError("install ID FROM")
+        n, source = self.node(args[0]), self.node(args[1], live=False)
+        if source.snapshot is None:
+            raise ScriptError(f"{source.rid} has no snapshot")
+        index, _, sessions, state = source.snapshot
+        before = self.snapshot()
+        if n.core.install_snapshot(index, sessions, state):
+            n.snapshot = source.snapshot
+            n.cut = len(n.durable) + len(n.unsynced)
+            self.say(f"{n.rid} installed {source.rid}'s snapshot at slot {index}")
+        else:
+            self.say(f"{n.rid} ignored {source.rid}'s snapshot at slot {index} (not newer)")
+        self.observe(before)
 
     def cmd_partition(self, args):
         groups, cur = [], set()

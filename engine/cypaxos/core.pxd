@@ -207,5 +207,6 @@ cdef class Replica:
     cdef int on_heartbeat_ack(self, int src, int64_t ballot, int64_t ctx, int64_t commit) except -1
     cdef int on_catchup_req(self, int src, int64_t from_slot) except -1
     cdef int on_chosen(self, int src, int64_t first, list values) except -1
+    cdef int restore_state(self, int64_t index, object sessions, bytes state) except -1
     cdef int restate_log(self) except -1
     cdef int check_invariants(self) except -1

@@ -71,12 +71,13 @@ cdef enum:
     SELF_VOTE = 1
     SELF_PROMISE = 2
 
-# Test-only faults that deliberately break the protocol, to prove the simulator
-# notices (tests/test_simulator.py, test_simulator_catches_broken_protocols).  Never
-# set in production.
+# Test-only faults that deliberately break the protocol, to prove that the simulator
+# notices (tests/test_simulator.py, test_simulator_catches_broken_protocols) and that
+# a debug build's asserts fire (tests/test_core_debug.py).  Never set in production.
 FAULT_REPLY_BEFORE_PERSIST = 1
 FAULT_SKIP_ADOPTION = 2
 FAULT_COMMIT_WITHOUT_QUORUM = 4
+FAULT_UNCHECKED_VALUES = 8   # ACCEPT values from peers are not checked
 
 PROPOSED = 0
 NOT_LEADER = 1
@@ -223,14 +224,6 @@ def validate_client_batch(bytes batch):
     if k != n:
         raise BatchError("client batch has bytes after its payload")
     return load_u64(p), load_u64(p + 8), load_u32(p + 24)
-
-
-def validate_slot_value(value):
-    """Check that `value` is a slot value (docs/internals.md); raise ValueError if not."""
-    cdef int fault = value_fault(value)
-    if fault:
-        raise ValueError(f"slot value holds a client batch {BATCH_FAULTS[fault]}"
-                         if fault != BATCH_NOT_BYTES else "slot value is not bytes")
 
 
 cdef int64_t recovered_ballot(object ballot, str where) except -1:
@@ -553,10 +546,6 @@ cdef class Replica:
         if self.config.check_invariants:
             self.check_invariants()
 
-    def entry_ballot(self, int64_t slot):
-        """The ballot recorded for a slot (0 if none)."""
-        return self.ballot_at(slot)
-
     def tick(self):
         """Advance logical time by one tick."""
         self.now += 1
@@ -794,16 +783,21 @@ cdef class Replica:
             self.check_invariants()
         return True
 
-    def restore_state(self, int64_t index, sessions, bytes state):
-        """Replace the state machine, sessions and log prefix with a snapshot's."""
+    cdef int restore_state(self, int64_t index, object sessions, bytes state) except -1:
+        """Replace the state machine, sessions and log prefix with a snapshot's.
+
+        The session table is read first: a malformed one raises before anything changed.
+        """
         cdef Py_ssize_t drop
         cdef Session sess
-        self.state_machine.restore(state)
+        if index < self.log_base - 1:
+            fail(f"restoring a snapshot at slot {index}, below the log ({self.log_base})")
         table = OrderedDict()
         for sid, next_seq, cache in sessions:
             sess = Session(next_seq)
             sess.cache = [(first, count, results) for first, count, results in cache]
             table[sid] = sess
+        self.state_machine.restore(state)
         self.sessions = table
         drop = index - self.log_base + 1
         if drop >= len(self.values):
@@ -817,6 +811,7 @@ cdef class Replica:
         self.applied_index = index
         if self.commit_recorded < index:
             self.commit_recorded = index
+        return 0
 
     def export_sessions(self):
         """The session table as plain lists, in eviction order."""
@@ -1475,7 +1470,8 @@ cdef class Replica:
         if ballot < self.promised:
             self.send(src, (NACK, self.replica_id, self.promised))
             return 0
-        check_values(values, "ACCEPT")
+        if not self.config.fault & FAULT_UNCHECKED_VALUES:
+            check_values(values, "ACCEPT")
         self.observe_ballot(ballot)
         self.note_leader(src)
         if first > self.commit_index + self.config.accept_ahead_max - n + 1:
