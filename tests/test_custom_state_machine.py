@@ -25,7 +25,6 @@ import trio
 
 from cypaxos.client import open_client
 from cypaxos.errors import CommandError, RequestError
-from cypaxos.local import LocalCluster, free_ports
 from cypaxos.statemachine import PyStateMachine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,18 +109,14 @@ def test_refused_command_changes_nothing_and_is_status_1():
 
 
 @pytest.fixture
-def ledger_cluster(tmp_path, monkeypatch):
+def ledger_cluster(new_cluster, monkeypatch):
     # The replicas import the example from docs/examples (LocalCluster puts the
     # cypaxos package in front of whatever PYTHONPATH says).
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         p for p in (EXAMPLES, os.environ.get("PYTHONPATH")) if p))
-    cluster = LocalCluster(3, ports=free_ports(3), data_dir=tmp_path / "cluster",
-                           extra_args=("--state-machine", SPEC))
+    cluster = new_cluster(extra_args=("--state-machine", SPEC))
     cluster.start_all()
-    try:
-        yield cluster
-    finally:
-        cluster.close()
+    return cluster
 
 
 async def wait_for(check, timeout: float, what, interval: float = 0.05):
