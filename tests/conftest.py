@@ -1,9 +1,10 @@
 """Fixtures shared by the test modules: local clusters of real replica processes on
 free loopback ports, with their data under the test's temporary directory.
 
-`tests/` is on sys.path (``pythonpath = ["tests"]`` in pyproject.toml), so the fault
-harness is imported as the package it is (``from jepsen.cluster import ...``) and the
-transcript runner as ``transcript``.
+`tests/` is on sys.path (``pythonpath = ["tests"]`` in pyproject.toml), so the test
+modules import the fault harness as the package it is (``from jepsen.cluster import
+...``), the transcript runner as ``transcript`` and the Trio-side waits on a cluster
+as ``clusterwait``.
 """
 from __future__ import annotations
 

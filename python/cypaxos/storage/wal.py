@@ -11,6 +11,10 @@ No event loop here: the Wal is plain blocking calls plus one native thread for
 fsyncs, and an event loop drives that thread through `submit_sync`, `sync_fileno`
 and `finish_sync` (Trio's adapter is `cypaxos.replica.walsync.WalSync`).
 
+Over the ~600 lines the package's modules aim for (about 1,050, a tenth of it this
+docstring, the format's reference): the segment format, its recovery and its writer
+share one file layout and one set of invariants, and are kept together.
+
 The WAL stores opaque, non-empty byte records numbered 1, 2, 3... across segments
 (the number is implicit: a segment's first record has the number in its file name,
 zero-padded to 20 digits). A segment file is::
