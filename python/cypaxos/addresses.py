@@ -83,7 +83,8 @@ def parse_addresses(addresses: Addresses, *, source: str | None = None) -> list[
     result: list[str] = []
     for item in items:
         if isinstance(item, tuple) and len(item) == 2:
-            item = f"{item[0]}:{item[1]}"
+            host = str(item[0])
+            item = f"{host}:{item[1]}" if host.startswith("[") else format_address(host, item[1])
         if not isinstance(item, str):
             raise ConfigError(f"bad address {item!r}: expected 'HOST:PORT'")
         item = item.strip()
