@@ -27,6 +27,7 @@ import time
 from . import bench, errors
 from .argtypes import int_in, positive_float
 from .errors import ClientError, ConfigError, Error
+from .security import certs
 
 __all__ = ["main", "build_parser", "parse_addresses", "DEFAULT_CLUSTER", "CLUSTER_ENV"]
 
@@ -202,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "histogram; see docs/performance.md.")
     bench.add_arguments(p)
     p.set_defaults(handler=bench.run)
+
+    p = sub.add_parser("certs", help="write a CA and TLS certificates for a cluster")
+    certs.add_arguments(p)
+    p.set_defaults(handler=certs.main)
     return parser
 
 
