@@ -117,7 +117,7 @@ class Method(enum.Enum):
     SECRET = "secret"            # the cluster secret (peers)
     TOKEN = "token"              # a client token
     ANONYMOUS = "anonymous"      # nothing: the replica accepts anonymous clients
-    INSECURE = "insecure"        # nothing: no TLS, no key (`serve --insecure`)
+    INSECURE = "insecure"        # nothing: neither TLS nor a key on this connection
 
 
 @dataclass(frozen=True)
