@@ -366,7 +366,8 @@ class Acceptor(_Handshake):
         self.auth = auth
         self.member_ids = member_ids
         self.peer_certificate = peer_certificate
-        # Set when a challenge is sent: what the proof must be over.
+        # What the proof must be over; invariant: set (kind non-empty, both nonces
+        # NONCE_BYTES long) exactly when a challenge was sent (AWAIT_PROOF and after).
         self._kind = b""
         self._dialer_id = 0
         self._dialer_nonce = b""
