@@ -31,6 +31,7 @@ from ..errors import ClientError, ConfigError, Error
 from ..groups import expected_error
 from . import bench
 from .argtypes import int_in, positive_float
+from ..security import certs
 
 __all__ = ["main", "build_parser", "DEFAULT_CLUSTER", "CLUSTER_ENV"]
 
@@ -185,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "histogram; see docs/performance.md.")
     bench.add_arguments(p)
     p.set_defaults(handler=bench.run)
+
+    p = sub.add_parser("certs", help="write a CA and TLS certificates for a cluster")
+    certs.add_arguments(p)
+    p.set_defaults(handler=certs.main)
     return parser
 
 
