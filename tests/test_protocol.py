@@ -1,21 +1,33 @@
 """cypaxos.protocol: the one table of protocol numbers, as Python sees it."""
+import re
+from pathlib import Path
+
 import pytest
 
 from cypaxos import commands, core, protocol, wire
 from cypaxos.statemachine import KVStore
 
 
-def test_message_types_are_the_wire_modules():
-    for kind, name in protocol.MESSAGE_NAMES.items():
-        assert getattr(protocol, name) == kind
-        assert getattr(wire, name) == kind, name
-    assert protocol.MESSAGE_NAMES == wire.MESSAGE_NAMES
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "internals.md"
+
+
+def documented(section):
+    """The `| number | NAME |` rows of the first table under a docs/internals.md heading."""
+    text = DOCS.read_text().split(f"## {section}\n", 1)[1]
+    rows = re.findall(r"^\| (\d+) \| (\w+) \|", text.split("\n## ", 1)[0], re.M)
+    return {int(number): name for number, name in rows}
+
+
+def test_the_documented_tables_are_the_protocols():
+    assert documented("Peer messages") == protocol.MESSAGE_NAMES
+    assert documented("WAL records") == protocol.RECORD_NAMES
     assert sorted(protocol.MESSAGE_NAMES) == list(range(1, 14))
 
 
-def test_result_statuses_are_the_commands_modules():
+def test_the_python_modules_use_the_protocols_numbers():
+    for kind, name in protocol.MESSAGE_NAMES.items():
+        assert getattr(wire, name) == kind, name
     for status, name in protocol.RESULT_NAMES.items():
-        assert getattr(protocol, "RESULT_" + name) == status
         assert getattr(commands, "RESULT_" + name) == status, name
 
 

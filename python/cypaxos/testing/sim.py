@@ -32,12 +32,12 @@ from cypaxos.commands import (
     pack_client_batch, unpack_results,
 )
 from cypaxos.core import NOT_LEADER, PROPOSED, Config, Replica
+from cypaxos.protocol import RESULT_ERROR, RESULT_RETRY, RESULT_SESSION_EXPIRED
 from cypaxos.statemachine import KVStore
 from cypaxos.testing.linearizability import History, check
 
 MS = 1000  # microseconds per millisecond
 
-RESULT_OK, RESULT_ERROR, RESULT_EXPIRED, RESULT_RETRY = 0, 1, 2, 3
 
 
 class SimulationFailure(AssertionError):
@@ -429,7 +429,7 @@ class Client:
                 self.retry_at = min(self.retry_at, sim.now + 10 * MS)
                 self.rotate = False
                 return  # resent on the next retry, after the earlier batches
-            if RESULT_RETRY in statuses or RESULT_EXPIRED in statuses or RESULT_ERROR in statuses:
+            if RESULT_RETRY in statuses or RESULT_SESSION_EXPIRED in statuses or RESULT_ERROR in statuses:
                 raise SimulationFailure(f"seed {sim.seed}: unexpected result statuses {statuses}")
             for token, k, (status, data) in zip(tokens, kinds, results):
                 if k == "put":
