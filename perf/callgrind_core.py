@@ -2,8 +2,9 @@
 
 Instruction counts, unlike times, do not depend on what else the machine is doing, so
 two builds can be compared on a busy machine.  A follower core is fed what a leader
-sends: N ACCEPTs of one slot each (a client batch of `--commands` puts with 64-byte
-values), each followed by ready() and persisted() as the shell does; in the `apply`
+sends: the registration of a client session, then N ACCEPTs of one slot each (a client
+batch of `--commands` puts with 64-byte values), each followed by ready() and
+persisted() as the shell does; in the `apply`
 workload a heartbeat then commits all N slots, which applies them.  Each workload runs
 under `valgrind --tool=callgrind` at N and 2N slots, and so does `none`, which only
 builds the same messages: `accept` minus `none` is the ACCEPT path, `apply` minus
@@ -31,8 +32,8 @@ KEYS = 10_000
 _HEADER = struct.Struct("<QQQII")
 
 
-def slot_values(slots, commands):
-    """One client batch of `commands` puts per slot (session 7, consecutive seqs)."""
+def slot_values(session, slots, commands):
+    """One client batch of `commands` puts per slot (consecutive seqs of `session`)."""
     values = []
     seq = 1
     for k in range(slots):
@@ -42,7 +43,7 @@ def slot_values(slots, commands):
             cmd = b"P" + struct.pack("<I", len(key)) + key + bytes(VALUE_SIZE)
             parts.append(struct.pack("<I", len(cmd)) + cmd)
         payload = b"".join(parts)
-        values.append(_HEADER.pack(7, seq, seq - 1, commands, len(payload)) + payload)
+        values.append(_HEADER.pack(session, seq, seq - 1, commands, len(payload)) + payload)
         seq += commands
     return values
 
@@ -51,8 +52,14 @@ def run(workload, slots, commands):
     """Feed a follower `slots` ACCEPTs (and, for `apply`, the commit of all of them)."""
     follower = Replica(2, (1, 2, 3), KVStore(), Config())
     ballot = make_ballot(1, 1)
-    messages = [(ACCEPT, 1, ballot, k + 1, [value], 0)
-                for k, value in enumerate(slot_values(slots, commands))]
+    # Slot 1 registers the client's session (session 0, nonce 1, one empty command).
+    follower.step((ACCEPT, 1, ballot, 1, [_HEADER.pack(0, 1, 0, 1, 4) + bytes(4)], 0))
+    follower.persisted(follower.ready().persist_id)
+    follower.step((HEARTBEAT, 1, ballot, 1, 1))
+    (_, _, packed), = follower.ready().results
+    session = int.from_bytes(packed[5:13], "little")
+    messages = [(ACCEPT, 1, ballot, k + 2, [value], 1)
+                for k, value in enumerate(slot_values(session, slots, commands))]
     if workload == "none":
         return
     for msg in messages:
@@ -60,9 +67,10 @@ def run(workload, slots, commands):
         rd = follower.ready()
         follower.persisted(rd.persist_id)
     if workload == "apply":
-        follower.step((HEARTBEAT, 1, ballot, slots, 1))
-        follower.ready()
-        assert follower.applied_index == slots, follower.applied_index
+        follower.step((HEARTBEAT, 1, ballot, slots + 1, 2))
+        rd = follower.ready()
+        assert follower.applied_index == slots + 1, follower.applied_index
+        assert all(packed[0] == 0 for _, _, packed in rd.results), "not applied"
 
 
 def instructions(workload, slots, commands):

@@ -20,6 +20,10 @@ no `----` section gets one when the script is rewritten (`run_script`, or
 `python tests/transcript.py SCRIPT` to print the transcript).  A command that
 prints nothing prints `ok`; a mistake in a script prints `script error: ...`.
 
+Clients (`client=c1`, the default, up to `c20`) have registered sessions from the
+start: every replica first boots from a snapshot of slot 0 whose session table holds
+them, so scripts need no registration round.
+
 Only `process` (and `stabilize`) call ready(), so `tick`, `deliver`, `propose` and
 `read` show nothing but the role and commit changes they cause; their messages
 appear at the next `process`.  A Ready whose `messages_after_persist` come with
@@ -90,6 +94,16 @@ from cypaxos.statemachine import KVStore
 MESSAGE_TYPES = {name: kind for kind, name in MESSAGE_NAMES.items()}
 RESULT_STATUS = {status: name.lower().replace("_", "-") for status, name in RESULT_NAMES.items()}
 MAX_VALUES_SHOWN = 8
+CLIENTS_MAX = 20
+FIRST_SESSION = 101  # client k (c1, c2, ...) has session FIRST_SESSION + k - 1
+
+
+def genesis() -> tuple:
+    """The snapshot every replica boots from before its first records: slot 0, with the
+    clients' sessions registered (session 0's entry holds the next id to hand out)."""
+    sessions = [[0, FIRST_SESSION + CLIENTS_MAX, []]]
+    sessions += [[FIRST_SESSION + k, 1, []] for k in range(CLIENTS_MAX)]
+    return (0, 0, sessions, KVStore().snapshot())
 
 
 class ScriptError(Exception):
@@ -542,7 +556,7 @@ class Transcript:
         n.incarnation += 1
         n.core = Replica(n.rid, list(self.nodes), KVStore(), self.config,
                          seed=self.seed * 1000 + n.incarnation)
-        n.core.recover([copy_tuple(r) for r in n.durable], n.snapshot)
+        n.core.recover([copy_tuple(r) for r in n.durable], n.snapshot or genesis())
         n.checked = 0
 
     def cmd_tick(self, args):
@@ -646,7 +660,9 @@ class Transcript:
     def client(self, opts) -> Client:
         name = opts.get("client", "c1")
         if name not in self.clients:
-            self.clients[name] = Client(name, 100 + len(self.clients) + 1)
+            if len(self.clients) == CLIENTS_MAX:
+                raise ScriptError(f"at most {CLIENTS_MAX} clients")
+            self.clients[name] = Client(name, FIRST_SESSION + len(self.clients))
         return self.clients[name]
 
     def cmd_propose(self, args):

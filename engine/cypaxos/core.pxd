@@ -143,8 +143,12 @@ cdef class Replica:
     cdef int64_t catchup_from
     cdef bint catchup_inflight
 
-    # Exactly-once sessions (replicated state, applied in slot order).
+    # Exactly-once sessions (replicated state, applied in slot order).  Sessions are
+    # created only by registration, with ids from next_session_id (also replicated),
+    # and evicted least recently used past max_sessions; a batch for a session not in
+    # the table is answered SESSION_EXPIRED.
     cdef object sessions
+    cdef uint64_t next_session_id
     cdef ResultWriter writer
 
     # Outputs gathered until the next ready().
@@ -192,6 +196,7 @@ cdef class Replica:
     cdef int advance_commit(self) except -1
     cdef int apply_committed(self) except -1
     cdef int apply_value(self, bytes value) except -1
+    cdef int register_session(self, uint64_t nonce, const char* batch, Py_ssize_t n) except -1
     cdef int emit_status(self, uint64_t session_id, uint64_t first_seq, int count, int status) except -1
     cdef int broadcast_heartbeat(self) except -1
     cdef int update_confirmed(self) except -1

@@ -54,7 +54,7 @@ from cypaxos.protocol cimport (
     ACCEPT, ACCEPTED, BALLOT_ID_BITS, BALLOT_ID_MASK, BALLOT_ROUND_MAX_C, CATCHUP_REQ,
     CHOSEN, CHOSEN_BALLOT_C, CLIENT_BATCH_HEADER_BYTES, HEARTBEAT, HEARTBEAT_ACK, NACK,
     PREPARE, PREVOTE, PREVOTE_ACK, PROMISE, REC_ACCEPT, REC_COMMIT, REC_PROMISE,
-    RESULT_RETRY, RESULT_SESSION_EXPIRED, SEQ_LIMIT_C, ballot_fits,
+    RESULT_ERROR, RESULT_OK, RESULT_RETRY, RESULT_SESSION_EXPIRED, SEQ_LIMIT_C, ballot_fits,
 )
 from cypaxos.statemachine cimport ResultWriter, StateMachine
 
@@ -82,6 +82,11 @@ FAULT_UNCHECKED_VALUES = 8   # ACCEPT values from peers are not checked
 PROPOSED = 0
 NOT_LEADER = 1
 BUSY = 2
+
+# The session id of registrations: a batch for it asks for a new session (its first_seq
+# is the client's nonce, its one command empty) and is answered with the new id.
+cdef uint64_t REGISTER_SESSION = 0
+REGISTER_SESSION_ID = REGISTER_SESSION
 
 # A peer's ballot may be at most this many rounds above every round this replica has
 # seen.  Honest rounds grow by one per election (2**32 of them is over a century of
@@ -226,6 +231,17 @@ def validate_client_batch(bytes batch):
     return load_u64(p), load_u64(p + 8), load_u32(p + 24)
 
 
+cdef inline bint registration_layout(const char* p, Py_ssize_t n) noexcept nogil:
+    """Whether the checked client batch at `p` is a registration: session 0, one empty
+    command (its first_seq is the client's nonce)."""
+    return (n == CLIENT_BATCH_HEADER_BYTES + 4 and load_u64(p) == REGISTER_SESSION
+            and load_u32(p + 24) == 1 and load_u32(p + CLIENT_BATCH_HEADER_BYTES) == 0)
+
+
+cdef bint is_registration(bytes batch) noexcept:
+    return registration_layout(PyBytes_AS_STRING(batch), PyBytes_GET_SIZE(batch))
+
+
 cdef int64_t recovered_ballot(object ballot, str where) except -1:
     """A ballot read back from the WAL or a snapshot, or WalCorruptError if outside the space."""
     if type(ballot) is not int or not 0 <= ballot < CHOSEN_BALLOT_C or not ballot_fits(ballot):
@@ -254,7 +270,8 @@ cdef class Config:
     message_bytes_max: ACCEPT / CHOSEN messages are split to stay under this.
     resend_ticks: an unchosen slot is sent again to silent acceptors after this.
     pending_bytes_max: propose() answers BUSY past this many queued bytes.
-    max_sessions: the session table keeps this many clients (least recently used go).
+    max_sessions: the session table keeps this many clients; a registration past it
+        evicts the least recently used one, whose later commands get SESSION_EXPIRED.
     accept_ahead_max: slots further than this past this replica's commit index are
         ignored, and a candidate does not count a promise whose commit index is
         further ahead than this (a far-behind replica catches up first instead of
@@ -392,6 +409,7 @@ cdef class Replica:
         self.reads_inflight = []
         self.reads_confirmed = []
         self.sessions = OrderedDict()
+        self.next_session_id = 1
         self.writer = ResultWriter()
         self.out_records = []
         self.out_messages = []
@@ -406,12 +424,16 @@ cdef class Replica:
         # chosen_conflicts: CHOSEN refused for contradicting a value known chosen;
         # promises_deferred: promises not counted (their commit index is too far
         # ahead: catching up first); promises_refused: promise sets that no honest
-        # quorum could send; ballots_exhausted: elections skipped for want of a round.
+        # quorum could send; ballots_exhausted: elections skipped for want of a round;
+        # sessions_registered / sessions_evicted: the session table's comings and
+        # goings; sessions_expired: batches answered SESSION_EXPIRED (no such session).
         self.stats = {"elections": 0, "became_leader": 0, "slots_proposed": 0,
                       "slots_applied": 0, "catchup_requests": 0, "retransmits": 0,
                       "reads_served": 0, "duplicates": 0, "chosen_unasked": 0,
                       "chosen_conflicts": 0, "promises_deferred": 0,
-                      "promises_refused": 0, "ballots_exhausted": 0}
+                      "promises_refused": 0, "ballots_exhausted": 0,
+                      "sessions_registered": 0, "sessions_evicted": 0,
+                      "sessions_expired": 0}
         # A (re)started replica acts as if it just heard from a leader, so that a
         # lease granted before a crash is still respected.
         self.leader_heard_tick = 0
@@ -646,7 +668,8 @@ cdef class Replica:
 
         Raises BatchError if the batch is malformed.
         """
-        validate_client_batch(batch)
+        if validate_client_batch(batch)[0] == REGISTER_SESSION and not is_registration(batch):
+            raise BatchError("a registration (session 0) is one empty command")
         if self.role_ != LEADER:
             return NOT_LEADER
         if self.pending_bytes_ >= self.config.pending_bytes_max:
@@ -793,12 +816,17 @@ cdef class Replica:
         if index < self.log_base - 1:
             fail(f"restoring a snapshot at slot {index}, below the log ({self.log_base})")
         table = OrderedDict()
+        next_id = 1
         for sid, next_seq, cache in sessions:
+            if sid == REGISTER_SESSION:
+                next_id = next_seq
+                continue
             sess = Session(next_seq)
             sess.cache = [(first, count, results) for first, count, results in cache]
             table[sid] = sess
         self.state_machine.restore(state)
         self.sessions = table
+        self.next_session_id = next_id
         drop = index - self.log_base + 1
         if drop >= len(self.values):
             self.values = []
@@ -814,9 +842,13 @@ cdef class Replica:
         return 0
 
     def export_sessions(self):
-        """The session table as plain lists, in eviction order."""
+        """The session table as plain lists, in eviction order.
+
+        The first entry is session 0's: the registrar, whose next number is the next
+        session id to hand out.
+        """
         cdef Session sess
-        out = []
+        out = [[REGISTER_SESSION, self.next_session_id, []]]
         for sid, sess in self.sessions.items():
             out.append([sid, sess.next_seq, [list(e) for e in sess.cache]])
         return out
@@ -1265,21 +1297,19 @@ cdef class Replica:
             end = pos + CLIENT_BATCH_HEADER_BYTES + plen
             if end > n:
                 break  # cannot happen: slot values are checked before they enter the log
+            if sid == REGISTER_SESSION:
+                self.register_session(first, p + pos, end - pos)
+                pos = end
+                continue
             sess = sessions.get(sid)
             if sess is None:
-                if first == 1 or acked + 1 >= first:
-                    sess = Session(first)
-                    sessions[sid] = sess
-                    if len(sessions) > self.config.max_sessions:
-                        sessions.popitem(last=False)
-                else:
-                    # Earlier commands of this session are not here yet (or the session
-                    # was evicted): the client must resend them first.
-                    self.emit_status(sid, first, count, RESULT_RETRY)
-                    pos = end
-                    continue
-            else:
-                sessions.move_to_end(sid)
+                # Never registered, or evicted: never created here, or an evicted
+                # session's retry would apply its commands a second time.
+                self.stats["sessions_expired"] += 1
+                self.emit_status(sid, first, count, RESULT_SESSION_EXPIRED)
+                pos = end
+                continue
+            sessions.move_to_end(sid)
             while sess.cache and sess.cache[0][0] + sess.cache[0][1] - 1 <= <int64_t>acked:
                 del sess.cache[0]
             if <int64_t>first == sess.next_seq:
@@ -1299,6 +1329,29 @@ cdef class Replica:
             else:
                 self.emit_status(sid, first, count, RESULT_RETRY)
             pos = end
+        return 0
+
+    cdef int register_session(self, uint64_t nonce, const char* batch, Py_ssize_t n) except -1:
+        """Apply a registration: a new session, its id (u64 LE) the command's result."""
+        cdef uint64_t sid
+        cdef char id_bytes[8]
+        if not registration_layout(batch, n):
+            # Only a forged slot value gets here (propose() refuses these).
+            self.writer.write(RESULT_ERROR, "a registration is one empty command", 35)
+            self.out_results.append((REGISTER_SESSION, nonce, self.writer.take()))
+            return 0
+        sid = self.next_session_id
+        while sid in self.sessions or sid == REGISTER_SESSION:
+            sid += 1  # ids in a snapshot of an older version were random
+        self.next_session_id = sid + 1
+        self.sessions[sid] = Session(1)
+        self.stats["sessions_registered"] += 1
+        if len(self.sessions) > self.config.max_sessions:
+            self.sessions.popitem(last=False)
+            self.stats["sessions_evicted"] += 1
+        memcpy(id_bytes, &sid, 8)
+        self.writer.write(RESULT_OK, id_bytes, 8)
+        self.out_results.append((REGISTER_SESSION, nonce, self.writer.take()))
         return 0
 
     cdef int emit_status(self, uint64_t session_id, uint64_t first_seq, int count, int status) except -1:

@@ -28,11 +28,11 @@ import sys
 from dataclasses import dataclass, field
 
 from cypaxos.commands import (
-    decode_bool, decode_get, encode_cas, encode_delete, encode_get, encode_put,
+    SEQ_LIMIT, decode_bool, decode_get, encode_cas, encode_delete, encode_get, encode_put,
     pack_client_batch, unpack_results,
 )
-from cypaxos.core import NOT_LEADER, PROPOSED, Config, Replica
-from cypaxos.protocol import RESULT_ERROR, RESULT_RETRY, RESULT_SESSION_EXPIRED
+from cypaxos.core import NOT_LEADER, PROPOSED, REGISTER_SESSION_ID, Config, Replica
+from cypaxos.protocol import RESULT_ERROR, RESULT_OK, RESULT_RETRY, RESULT_SESSION_EXPIRED
 from cypaxos.statemachine import KVStore
 from cypaxos.testing.linearizability import History, check
 
@@ -310,14 +310,17 @@ class Node:
 class Client:
     """A client with a session: numbered commands, retried until answered.
 
-    `depth` batches may be outstanding at once (pipelining); retries resend every
-    outstanding batch, in order, to the next replica.
+    It first registers its session (a batch for session 0 with a random nonce, answered
+    with the new session id; retried like any batch).  `depth` batches may be
+    outstanding at once (pipelining); retries resend every outstanding batch, in order,
+    to the next replica.
     """
 
     def __init__(self, sim: "Simulation", cid: int, depth: int) -> None:
         self.sim = sim
         self.cid = cid
-        self.session = sim.rng.getrandbits(63) | 1
+        self.session: int | None = None  # until the registration is answered
+        self.registration: tuple | None = None  # (nonce, batch) while outstanding
         self.depth = depth
         self.next_seq = 1
         self.acked_seq = 0
@@ -332,11 +335,17 @@ class Client:
 
     def busy(self) -> bool:
         """Whether anything is still waiting for an answer."""
-        return bool(self.outstanding) or self.read is not None
+        return bool(self.outstanding) or self.read is not None or self.registration is not None
 
     def maybe_start(self) -> None:
         """Issue new operations while there is room (only during the run)."""
         sim = self.sim
+        if self.session is None:
+            if self.registration is None and not self.stopped:
+                nonce = sim.rng.randrange(1, SEQ_LIMIT - 1)
+                self.registration = (nonce, pack_client_batch(REGISTER_SESSION_ID, nonce, 0, [b""]))
+                self.send_registration()
+            return
         while not self.stopped and self.read is None and len(self.outstanding) < self.depth:
             key = sim.rng.choice(sim.keys)
             roll = sim.rng.random()
@@ -377,6 +386,12 @@ class Client:
         self.retry_at = self.sim.now + self.sim.client_timeout_us
         self.rotate = True
 
+    def send_registration(self) -> None:
+        nonce, batch = self.registration
+        self.sim.to_replica(self.cid, self.target, ("submit", batch, REGISTER_SESSION_ID, nonce))
+        self.retry_at = self.sim.now + self.sim.client_timeout_us
+        self.rotate = True
+
     def send_read(self) -> None:
         rid, token, query = self.read
         self.sim.to_replica(self.cid, self.target, ("read", rid, query))
@@ -388,6 +403,8 @@ class Client:
         sim = self.sim
         if rotate:
             self.target = sim.ids[(sim.ids.index(self.target) + 1) % len(sim.ids)]
+        if self.registration is not None:
+            self.send_registration()
         if self.read is not None:
             rid = sim.new_id()  # a fresh id: the old replica may still answer the old one
             self.read = (rid,) + self.read[1:]
@@ -415,8 +432,19 @@ class Client:
             sim.history.complete(token, "ok", decode_get(reply[2]), sim.now)
             self.read = None
             self.ops_done += 1
+        elif reply[1] == REGISTER_SESSION_ID:
+            _, _, nonce, packed = reply
+            if self.registration is None or nonce != self.registration[0]:
+                return  # an answer to a registration already answered
+            (status, data), = unpack_results(packed)
+            if status != RESULT_OK:
+                raise SimulationFailure(f"seed {sim.seed}: registration answered {status}")
+            self.session = int.from_bytes(data, "little")
+            self.registration = None
         else:
             _, sid, first, packed = reply
+            if sid != self.session:
+                return  # an answer for an earlier session of this client
             entry = self.outstanding.get(first)
             if entry is None:
                 return  # an answer to a retry we already have

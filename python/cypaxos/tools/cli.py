@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wal-segment-bytes", type=int_in(1 << 12, 1 << 32), default=8 << 20,
                    metavar="B", help="size of one log segment file, zero-filled when "
                                      "created (default: 8 MiB)")
+    p.add_argument("--max-sessions", type=int_in(1, 1 << 31), default=100_000, metavar="N",
+                   help="client sessions the replicated session table keeps; past it a "
+                        "new client's registration evicts the least recently used one "
+                        "(default: 100000; must be the same on every replica)")
     p.set_defaults(handler=_cmd_serve)
 
     # local
@@ -283,6 +287,7 @@ def _cmd_serve(args) -> int:
         snapshot_slots=args.snapshot_slots,
         retain_slots=args.retain_slots,
         wal_segment_bytes=args.wal_segment_bytes,
+        core={"max_sessions": args.max_sessions},
     )
     try:
         return run_server(options)
