@@ -1,0 +1,127 @@
+"""The built-in store alone: bulk single-key writes and reads applied to one KVStore.
+
+No core, no network: a batch of 1024 commands goes through `KVStore.apply_commands`
+(as the core hands it a client batch), so this measures what a write costs in the
+store itself (hash table, ordered index, revisions, change history).  pyperf's loop
+count counts commands, so each value is the time per command.
+
+    python perf/bench_store.py -o store.json            # add --fast for a quick look
+    python -m pyperf compare_to old.json store.json
+
+Instruction counts (repeatable on a busy machine, unlike times) of one scenario, only
+inside the store's batch apply:
+
+    valgrind --tool=callgrind --toggle-collect='*KVStore_apply_commands*' \\
+        python perf/bench_store.py --once create
+    callgrind_annotate callgrind.out.<pid> | head
+
+Scenarios: `create` (puts of keys the store does not hold yet, into a store of
+KEYS keys), `update` (puts of keys it holds, in random order), `delete_create` (a
+delete and a put of a new key, so the key count stays the same), `get` (queries).
+"""
+import random
+import struct
+import sys
+
+KEYS = 100_000
+BATCH = 1024
+VALUE_SIZE = 64
+_U32 = struct.Struct("<I")
+
+
+def _key(i):
+    return b"key-%08d" % i
+
+
+def _put(key, value):
+    return b"P" + _U32.pack(len(key)) + key + value
+
+
+def _filled_store():
+    from cypaxos.statemachine import KVStore
+    store = KVStore()
+    value = bytes(VALUE_SIZE)
+    order = list(range(KEYS))
+    random.Random(1).shuffle(order)
+    for at in range(0, KEYS, BATCH):
+        store.apply_many([_put(_key(i), value) for i in order[at:at + BATCH]])
+    return store
+
+
+class Scenario:
+    """One store, pre-filled with KEYS keys, and the batches a scenario applies."""
+
+    def __init__(self, name):
+        self.name = name
+        self.store = _filled_store()
+        self.next_key = KEYS
+        rnd = random.Random(2)
+        value = b"v" * VALUE_SIZE
+        if name == "update":
+            self.batches = [[_put(_key(rnd.randrange(KEYS)), value) for _ in range(BATCH)]
+                            for _ in range(32)]
+        elif name == "get":
+            self.queries = [b"G" + _key(rnd.randrange(KEYS)) for _ in range(BATCH)]
+        elif name not in ("create", "delete_create"):
+            raise SystemExit(f"unknown scenario {name!r}")
+
+    def batch(self, k):
+        """The k-th batch of commands (new keys are made fresh every time)."""
+        if self.name == "update":
+            return self.batches[k % len(self.batches)]
+        value = b"n" * VALUE_SIZE
+        first = self.next_key
+        self.next_key += BATCH
+        if self.name == "create":
+            return [_put(_key(i), value) for i in range(first, first + BATCH)]
+        # Delete keys in the order they were created, and create as many.
+        out = []
+        for i in range(first, first + BATCH):
+            out.append(b"D" + _key(i - KEYS))
+            out.append(_put(_key(i), value))
+        return out
+
+    def run(self, loops):
+        """Apply about `loops` commands; return seconds taken (building batches excluded)."""
+        import time
+        elapsed = 0.0
+        done = 0
+        k = 0
+        store = self.store
+        while done < loops:
+            if self.name == "get":
+                started = time.perf_counter()
+                for q in self.queries:
+                    store.query(q)
+                elapsed += time.perf_counter() - started
+                done += BATCH
+                continue
+            batch = self.batch(k)
+            k += 1
+            started = time.perf_counter()
+            store.apply_many(batch)
+            elapsed += time.perf_counter() - started
+            done += len(batch)
+        return elapsed * loops / done
+
+
+def once(name, commands=100 * BATCH):
+    """Run one scenario for `commands` commands (for valgrind)."""
+    scenario = Scenario(name)
+    scenario.run(commands)
+
+
+def main():
+    import pyperf
+    runner = pyperf.Runner()
+    runner.metadata["description"] = __doc__.splitlines()[0]
+    for name in ("create", "update", "delete_create", "get"):
+        scenario = Scenario(name)
+        runner.bench_time_func(f"store_{name}", lambda loops, s=scenario: s.run(loops))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--once":
+        once(sys.argv[2])
+    else:
+        main()
