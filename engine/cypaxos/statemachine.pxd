@@ -127,8 +127,8 @@ cdef class KVStore(StateMachine):
     cdef readonly uint64_t compact_revision
     # The history window, oldest first: a ring of history_size of history_capacity
     # places (a power of two) from history_head.  Invariants: history_size <=
-    # history_changes_max; history_bytes <= history_bytes_max (the bytes of every
-    # KVChange allocation); revisions are non-decreasing.
+    # history_changes_max; history_bytes <= history_bytes_max (CHANGE_OVERHEAD_BYTES
+    # plus the key and values of every change); revisions are non-decreasing.
     cdef KVChange** history
     cdef Py_ssize_t history_head
     cdef Py_ssize_t history_size

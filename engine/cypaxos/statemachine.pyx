@@ -190,6 +190,10 @@ cdef enum:
     _LEASE_SLOTS_MIN = 8
     # Deepest B+tree: every node but the root holds at least _BT_MIN items.
     _BT_DEPTH_MAX = 40
+    # What a change counts for in the history window's byte bound, on top of its key
+    # and values (a fixed figure, not sizeof: the bound decides results, so it must
+    # be the same on every platform).
+    _CHANGE_OVERHEAD = 32
 cdef uint64_t _REVISION_MAX = 0xFFFFFFFFFFFFFFFFULL
 
 # Kinds of change in the history window (and in history query results).
@@ -220,6 +224,8 @@ QUERY_OK = 0
 QUERY_COMPACTED = 1
 QUERY_FUTURE_REVISION = 2
 
+CHANGE_OVERHEAD_BYTES = _CHANGE_OVERHEAD
+"""A change counts for this many bytes in the history window, plus its key and values."""
 HISTORY_CHANGES_MAX_DEFAULT = 100_000
 """Changes the history window keeps by default (every replica must use the same)."""
 HISTORY_BYTES_MAX_DEFAULT = 32 << 20
@@ -667,7 +673,7 @@ cdef class KVStore(StateMachine):
                     const char* value, Py_ssize_t vlen, const char* prev,
                     Py_ssize_t pvlen, uint64_t prev_mod_revision) except -1:
         """Append a change to the history window (and drop what falls out of it)."""
-        cdef Py_ssize_t size = sizeof(KVChange) + klen + vlen + pvlen
+        cdef Py_ssize_t size = _CHANGE_OVERHEAD + klen + vlen + pvlen
         cdef Py_ssize_t i, cap
         cdef KVChange* c
         cdef KVChange** grown
@@ -675,7 +681,7 @@ cdef class KVStore(StateMachine):
             # The window already dropped part of this revision (a command larger than
             # the whole window): the rest of it is not kept either.
             return 0
-        c = <KVChange*>PyMem_Malloc(size)
+        c = <KVChange*>PyMem_Malloc(sizeof(KVChange) + klen + vlen + pvlen)
         if c == NULL:
             raise MemoryError()
         c.revision = rev
@@ -719,7 +725,7 @@ cdef class KVStore(StateMachine):
             c = self.history[self.history_head]
             self.compact_revision = c.revision
             while True:
-                self.history_bytes -= sizeof(KVChange) + c.klen + c.vlen + c.pvlen
+                self.history_bytes -= _CHANGE_OVERHEAD + c.klen + c.vlen + c.pvlen
                 PyMem_Free(c)
                 self.history_head = (self.history_head + 1) & mask
                 self.history_size -= 1
@@ -1570,7 +1576,8 @@ cdef class KVStore(StateMachine):
             w.append_u64(c.prev_mod_revision)
             w.append_u32(c.klen)
             w.append_u32(c.vlen)
-            w.append_u32(<uint32_t>pvlen)
+            # 0xffffffff: the previous value was not asked for.
+            w.append_u32(c.pvlen if with_prev else 0xFFFFFFFF)
             w.append(c.data, c.klen + c.vlen)
             w.append(c.data + c.klen + c.vlen, pvlen)
             count += 1
@@ -1838,7 +1845,7 @@ cdef class KVStore(StateMachine):
             vlen = load_u32(p + pos + 21)
             pvlen = load_u32(p + pos + 25)
             if (not prev_rev <= rev <= revision or <uint8_t>p[pos + 8] > _CHANGE_DELETE
-                    or load_u64(p + pos + 9) >= rev
+                    or load_u64(p + pos + 9) > rev
                     or (<uint8_t>p[pos + 8] == _CHANGE_DELETE and vlen)
                     or (load_u64(p + pos + 9) == 0 and pvlen)):
                 raise ValueError("inconsistent key-value snapshot")
@@ -2005,10 +2012,10 @@ cdef class KVStore(StateMachine):
             c = self.history[(self.history_head + i) & mask]
             assert self.compact_revision < c.revision <= self.revision
             assert c.revision >= last_rev, "history out of order"
-            assert c.prev_mod_revision < c.revision
+            assert c.prev_mod_revision <= c.revision   # == : a key changed twice in a txn
             assert c.kind == _CHANGE_PUT or (c.kind == _CHANGE_DELETE and c.vlen == 0)
             last_rev = c.revision
-            hbytes += sizeof(KVChange) + c.klen + c.vlen + c.pvlen
+            hbytes += _CHANGE_OVERHEAD + c.klen + c.vlen + c.pvlen
         assert hbytes == self.history_bytes <= self.history_bytes_max
 
 

@@ -19,6 +19,17 @@ __all__ = [
     "all_ok_empty", "encode_puts", "encode_gets", "decode_gets",
     "encode_put", "encode_delete", "encode_cas", "encode_get", "decode_command",
     "decode_get", "decode_bool",
+    # The ordered, revisioned store.
+    "SNAPSHOT_MAGIC", "QUERY_OK", "QUERY_COMPACTED", "QUERY_FUTURE_REVISION",
+    "CHANGE_PUT", "CHANGE_DELETE", "COMPARE_OPS", "COMPARE_TARGETS", "TXN_OPS",
+    "KeyValue", "KeyMeta", "GetResult", "WriteResult", "RangeResult", "Change",
+    "HistoryResult", "TxnResult", "LeaseInfo", "LeaseKeys", "StoreStatus", "KVSnapshot",
+    "prefix_end", "encode_put_rev", "encode_delete_rev", "encode_cas_rev", "encode_txn",
+    "encode_lease_grant", "encode_lease_revoke", "encode_get_rev", "encode_range",
+    "encode_history", "encode_lease_list", "encode_lease_keys", "encode_store_status",
+    "decode_write", "decode_put_rev", "decode_lease_grant", "decode_get_rev",
+    "decode_range", "decode_history", "decode_txn", "decode_lease_list",
+    "decode_lease_keys", "decode_store_status", "decode_kv_snapshot",
 ]
 
 RESULT_OK = 0
@@ -167,15 +178,33 @@ def encode_get(key):
 
 
 def decode_command(command):
-    """Parse a key-value command or query into ("put", key, value), ("delete", key),
-    ("cas", key, expected_or_None, new) or ("get", key).
+    """Parse a key-value command or query into a tuple naming it: ("put", key, value),
+    ("delete", key), ("cas", key, expected_or_None, new), ("get", key), and for the
+    revisioned ones ("put_rev", key, value, lease), ("delete_rev", key),
+    ("cas_rev", key, expected_or_None, new), ("get_rev", key), ("txn", compares,
+    success, failure) (as encode_txn takes them), ("lease_grant", ttl_ms),
+    ("lease_revoke", lease_id).
     """
     op = command[:1]
-    if op == b"D":
-        return ("delete", command[1:])
-    if op == b"G":
-        return ("get", command[1:])
-    if op == b"P" or op == b"C":
+    if op == b"D" or op == b"d":
+        return ("delete" if op == b"D" else "delete_rev", command[1:])
+    if op == b"G" or op == b"g":
+        return ("get" if op == b"G" else "get_rev", command[1:])
+    if op == b"p":
+        if len(command) < _PUT_REV_HEAD.size:
+            raise ValueError("put command is truncated")
+        _, lease, klen = _PUT_REV_HEAD.unpack_from(command)
+        key_end = _PUT_REV_HEAD.size + klen
+        if key_end > len(command):
+            raise ValueError("command key overruns the command")
+        return ("put_rev", command[_PUT_REV_HEAD.size:key_end], command[key_end:], lease)
+    if op in (b"L", b"V"):
+        if len(command) != 9:
+            raise ValueError("lease command of a bad size")
+        return ("lease_grant" if op == b"L" else "lease_revoke", _U64.unpack_from(command, 1)[0])
+    if op == b"T":
+        return ("txn",) + _decode_txn_command(command)
+    if op == b"P" or op == b"C" or op == b"c":
         if len(command) < 5:
             raise ValueError("command shorter than its key length")
         key_end = 5 + _U32.unpack_from(command, 1)[0]
@@ -191,8 +220,43 @@ def decode_command(command):
         if has_expected > 1 or (has_expected == 0 and expected_len) or new_start > len(command):
             raise ValueError("cas command has a bad expected value")
         expected = command[key_end + 5:new_start] if has_expected else None
-        return ("cas", key, expected, command[new_start:])
+        return ("cas" if op == b"C" else "cas_rev", key, expected, command[new_start:])
     raise ValueError("unknown key-value command")
+
+
+def _decode_txn_command(command):
+    r = _Reader(command, 1)
+    compares = []
+    for _ in range(r.u32()):
+        target, op = r.u8(), r.u8()
+        key = r.take(r.u32())
+        if target not in _COMPARE_TARGET_NAMES or op not in _COMPARE_OP_NAMES:
+            raise ValueError("txn compare of an unknown kind")
+        name = _COMPARE_TARGET_NAMES[target]
+        if name == "absent":
+            if op:
+                raise ValueError("txn absent compare with an operator")
+            compares.append(("absent", key))
+        elif name == "value":
+            compares.append((name, key, _COMPARE_OP_NAMES[op], r.take(r.u32())))
+        else:
+            compares.append((name, key, _COMPARE_OP_NAMES[op], r.u64()))
+    branches = []
+    for _ in range(2):
+        ops = []
+        for _ in range(r.u32()):
+            kind = r.u8()
+            key = r.take(r.u32())
+            if kind == TXN_OPS["put"]:
+                lease = r.u64()
+                ops.append(("put", key, r.take(r.u32()), lease))
+            elif kind in _TXN_OP_NAMES:
+                ops.append((_TXN_OP_NAMES[kind], key))
+            else:
+                raise ValueError("txn operation of an unknown kind")
+        branches.append(ops)
+    r.end()
+    return compares, branches[0], branches[1]
 
 
 def decode_get(result):
@@ -309,8 +373,8 @@ class RangeResult(NamedTuple):
 
 class Change(NamedTuple):
     """One change of the history: `kind` CHANGE_PUT or CHANGE_DELETE; `value` None for
-    a delete; `prev_value` None if the key was absent before, or if the query did not
-    ask for previous values (`prev_revision` is 0 only in the first case)."""
+    a delete; `prev_value` None if the key was absent before (then `prev_revision` is
+    0), or if the query did not ask for previous values."""
 
     revision: int
     kind: int
@@ -687,9 +751,10 @@ def decode_history(result):
             raise ValueError("history result has a bad change kind")
         key = r.take(klen)
         value = r.take(vlen)
-        prev = r.take(pvlen)
+        # 0xffffffff: previous values were not asked for.
+        prev = None if pvlen == _U32_MAX else r.take(pvlen)
         changes.append(Change(rev, kind, key, value if kind == CHANGE_PUT else None,
-                              prev if pvlen or prev_rev else None, prev_rev))
+                              prev if prev_rev else None, prev_rev))
     r.end()
     return HistoryResult(status, revision, compact, bool(more), next_rev, next_skip, changes)
 
