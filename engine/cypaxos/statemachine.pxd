@@ -119,6 +119,11 @@ cdef class KVStore(StateMachine):
     cdef Py_ssize_t count
     cdef uint64_t seed
     cdef readonly uint64_t applied_commands
+    # The hash of the key at hint_key (hint_klen bytes) while apply_commands applies
+    # the command it is in; NULL otherwise.
+    cdef const char* hint_key
+    cdef Py_ssize_t hint_klen
+    cdef uint64_t hint_hash
     cdef BTNode* root         # never NULL; a leaf while the store is small
     cdef int depth            # levels of inner nodes above the leaves
     # Invariants: compact_revision <= revision; every entry's mod_revision <= revision.
@@ -130,6 +135,11 @@ cdef class KVStore(StateMachine):
     # history_changes_max; history_bytes <= history_bytes_max (CHANGE_OVERHEAD_BYTES
     # plus the key and values of every change); revisions are non-decreasing.
     cdef KVChange** history
+    # The changes themselves: laid in a ring of bytes (see arena_place).  Invariant:
+    # every history pointer is into it, arena_tail <= arena_capacity.
+    cdef char* arena
+    cdef Py_ssize_t arena_capacity
+    cdef Py_ssize_t arena_tail
     cdef Py_ssize_t history_head
     cdef Py_ssize_t history_size
     cdef Py_ssize_t history_capacity
@@ -144,7 +154,8 @@ cdef class KVStore(StateMachine):
     cdef readonly uint64_t next_lease_id
 
     cdef uint64_t key_hash(self, const char* key, Py_ssize_t klen) noexcept
-    cdef Py_ssize_t home_slot(self, const char* cmd, Py_ssize_t n) noexcept
+    cdef const char* command_key(self, const char* cmd, Py_ssize_t n,
+                                 Py_ssize_t* klen) noexcept
     cdef Py_ssize_t find(self, const char* key, Py_ssize_t klen, uint64_t h) noexcept
     cdef KVEntry* lookup(self, const char* key, Py_ssize_t klen) noexcept
     cdef int put(self, const char* key, Py_ssize_t klen, const char* value,
@@ -157,6 +168,8 @@ cdef class KVStore(StateMachine):
                     const char* value, Py_ssize_t vlen, const char* prev,
                     Py_ssize_t pvlen, uint64_t prev_mod_revision) except -1
     cdef void evict(self) noexcept
+    cdef void evict_oldest(self) noexcept
+    cdef char* arena_place(self, Py_ssize_t need) except NULL
     cdef Py_ssize_t history_lower_bound(self, uint64_t rev) noexcept
     cdef int tree_insert(self, KVEntry* e) except -1
     cdef int tree_remove(self, KVEntry* e) except -1

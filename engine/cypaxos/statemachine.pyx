@@ -249,6 +249,7 @@ cdef Py_ssize_t _LEAF_BYTES = <Py_ssize_t>(<char*>&_NODE_PROBE.children[0]
 
 cdef extern from *:
     void __builtin_prefetch(const void* address) noexcept nogil
+    uint64_t __builtin_bswap64(uint64_t x) noexcept nogil
 
 
 cdef inline uint64_t load_u64(const char* p) noexcept nogil:
@@ -263,12 +264,33 @@ cdef inline void store_u64(char* p, uint64_t v) noexcept nogil:
 
 cdef inline int key_cmp(const char* a, Py_ssize_t alen, const char* b,
                         Py_ssize_t blen) noexcept nogil:
-    """Bytewise order (shorter first on a common prefix): the order of Python bytes."""
+    """Bytewise order (shorter first on a common prefix): the order of Python bytes.
+    Eight bytes at a time, inline (a call to memcmp costs more for short keys); the
+    last, partial word is read overlapping the one before it (those bytes are equal
+    by then), so a key of 9 to 16 bytes takes two word compares."""
     cdef Py_ssize_t m = alen if alen < blen else blen
-    cdef int c = memcmp(a, b, m) if m else 0
-    if c:
-        return c
-    return (alen > blen) - (alen < blen)
+    cdef Py_ssize_t i = 0
+    cdef uint64_t x = 0, y = 0
+    if m >= 8:
+        while True:
+            memcpy(&x, a + i, 8)
+            memcpy(&y, b + i, 8)
+            if x != y:
+                break
+            i += 8
+            if i >= m:
+                return (alen > blen) - (alen < blen)
+            if i + 8 > m:
+                i = m - 8
+    else:
+        memcpy(&x, a, m)
+        memcpy(&y, b, m)
+        if x == y:
+            return (alen > blen) - (alen < blen)
+    # Little-endian loads: byte-swapped, the first differing byte decides.
+    x = __builtin_bswap64(x)
+    y = __builtin_bswap64(y)
+    return -1 if x < y else 1
 
 
 cdef int _entry_cmp(const void* a, const void* b) noexcept nogil:
@@ -356,6 +378,12 @@ cdef void entry_free(KVEntry* e) noexcept:
     PyMem_Free(e)
 
 
+cdef inline Py_ssize_t _arena_bytes(Py_ssize_t payload) noexcept:
+    """Bytes a change takes in the history arena: its header and payload, rounded up
+    to 8 so that the next header is aligned."""
+    return (<Py_ssize_t>sizeof(KVChange) + payload + 7) & ~(<Py_ssize_t>7)
+
+
 cdef inline Py_ssize_t _reply_bound(uint32_t asked) noexcept:
     if asked == 0:
         return REPLY_BYTES_DEFAULT
@@ -426,6 +454,7 @@ cdef class KVStore(StateMachine):
         PyMem_Free(self.slots)
         PyMem_Free(self.lease_slots)
         PyMem_Free(self.history)
+        PyMem_Free(self.arena)
         if self.root != NULL:
             node_free(self.root)
 
@@ -453,9 +482,8 @@ cdef class KVStore(StateMachine):
             self.root.leaf = 1
             self.root.next = NULL
         self.depth = 0
-        for i in range(self.history_size):
-            PyMem_Free(self.history[(self.history_head + i) & (self.history_capacity - 1)])
         self.history_head = 0
+        self.arena_tail = 0
         self.history_size = 0
         self.history_bytes = 0
         for i in range(self.lease_mask + 1):
@@ -470,27 +498,33 @@ cdef class KVStore(StateMachine):
     # -- the hash table ---------------------------------------------------------
 
     cdef uint64_t key_hash(self, const char* key, Py_ssize_t klen) noexcept:
+        if key == self.hint_key and klen == self.hint_klen:
+            return self.hint_hash   # hashed already, by apply_commands' look-ahead
         return hash_bytes(key, klen, self.seed)
 
-    cdef Py_ssize_t home_slot(self, const char* cmd, Py_ssize_t n) noexcept:
-        """The slot where the key of a put, delete or cas command would be first looked
-        for (-1 for anything else): for prefetching, so never an error."""
-        cdef uint32_t klen
+    cdef const char* command_key(self, const char* cmd, Py_ssize_t n,
+                                 Py_ssize_t* klen) noexcept:
+        """The key of a single-key command (put, delete, cas, either kind), or NULL:
+        for prefetching, so never an error."""
+        cdef uint32_t length
         cdef char op
         if n < 1:
-            return -1
+            return NULL
         op = cmd[0]
         if n >= 5 and (op == b'P' or op == b'C' or op == b'c'):
-            klen = load_u32(cmd + 1)
-            if 5 + <Py_ssize_t>klen <= n:
-                return self.key_hash(cmd + 5, klen) & self.slots_mask
+            length = load_u32(cmd + 1)
+            if 5 + <Py_ssize_t>length <= n:
+                klen[0] = length
+                return cmd + 5
         elif op == b'D' or op == b'd':
-            return self.key_hash(cmd + 1, n - 1) & self.slots_mask
+            klen[0] = n - 1
+            return cmd + 1
         elif op == b'p' and n >= 13:
-            klen = load_u32(cmd + 9)
-            if 13 + <Py_ssize_t>klen <= n:
-                return self.key_hash(cmd + 13, klen) & self.slots_mask
-        return -1
+            length = load_u32(cmd + 9)
+            if 13 + <Py_ssize_t>length <= n:
+                klen[0] = length
+                return cmd + 13
+        return NULL
 
     cdef int apply_commands(self, const char* packed, uint32_t count,
                             ResultWriter out) except -1:
@@ -498,32 +532,46 @@ cdef class KVStore(StateMachine):
         # is larger than the cache.  Looking ahead hides them: the slot of the command
         # _PREFETCH_AHEAD on is prefetched, and so is the entry in the slot of the one
         # half as far on (its slot is in the cache by then).  A slot index gone stale
-        # because the table grew meanwhile only costs a useless prefetch.
-        cdef Py_ssize_t ring[_PREFETCH_AHEAD]
+        # because the table grew meanwhile only costs a useless prefetch.  The hash
+        # taken for that is handed to the command (hint_*), not taken again.
+        cdef uint64_t hashes[_PREFETCH_AHEAD]
+        cdef const char* keys[_PREFETCH_AHEAD]
+        cdef Py_ssize_t klens[_PREFETCH_AHEAD]
         cdef const char* ahead_at = packed
-        cdef uint32_t ahead = 0, k, n
-        cdef Py_ssize_t slot
+        cdef uint32_t ahead = 0, k, n, at
+        cdef Py_ssize_t klen
+        cdef const char* key
         cdef KVEntry* e
-        for k in range(count):
-            # Keep the slots of commands k .. k + _PREFETCH_AHEAD - 1 on their way
-            # (the first pass starts them all).
-            while ahead < count and ahead < k + _PREFETCH_AHEAD:
-                n = load_u32(ahead_at)
-                slot = self.home_slot(ahead_at + 4, n)
-                if slot >= 0:
-                    __builtin_prefetch(&self.slots[slot])
-                ring[ahead % _PREFETCH_AHEAD] = slot
-                ahead_at += 4 + n
-                ahead += 1
-            if k + _PREFETCH_AHEAD // 2 < ahead:
-                slot = ring[(k + _PREFETCH_AHEAD // 2) % _PREFETCH_AHEAD]
-                if slot >= 0:
-                    e = self.slots[slot & self.slots_mask].entry
-                    if e != NULL:
-                        __builtin_prefetch(e)
-            n = load_u32(packed)
-            self.apply_command(packed + 4, n, out)
-            packed += 4 + n
+        try:
+            for k in range(count):
+                # Keep the slots of commands k .. k + _PREFETCH_AHEAD - 1 on their way
+                # (the first pass starts them all).
+                while ahead < count and ahead < k + _PREFETCH_AHEAD:
+                    n = load_u32(ahead_at)
+                    at = ahead % _PREFETCH_AHEAD
+                    key = self.command_key(ahead_at + 4, n, &klen)
+                    keys[at] = key
+                    if key != NULL:
+                        klens[at] = klen
+                        hashes[at] = hash_bytes(key, klen, self.seed)
+                        __builtin_prefetch(&self.slots[hashes[at] & self.slots_mask])
+                    ahead_at += 4 + n
+                    ahead += 1
+                if k + _PREFETCH_AHEAD // 2 < ahead:
+                    at = (k + _PREFETCH_AHEAD // 2) % _PREFETCH_AHEAD
+                    if keys[at] != NULL:
+                        e = self.slots[hashes[at] & self.slots_mask].entry
+                        if e != NULL:
+                            __builtin_prefetch(e)
+                at = k % _PREFETCH_AHEAD
+                self.hint_key = keys[at]
+                self.hint_klen = klens[at]
+                self.hint_hash = hashes[at]
+                n = load_u32(packed)
+                self.apply_command(packed + 4, n, out)
+                packed += 4 + n
+        finally:
+            self.hint_key = NULL
         return 0
 
     cdef Py_ssize_t find(self, const char* key, Py_ssize_t klen, uint64_t h) noexcept:
@@ -672,7 +720,8 @@ cdef class KVStore(StateMachine):
     cdef int record(self, uint8_t kind, uint64_t rev, const char* key, Py_ssize_t klen,
                     const char* value, Py_ssize_t vlen, const char* prev,
                     Py_ssize_t pvlen, uint64_t prev_mod_revision) except -1:
-        """Append a change to the history window (and drop what falls out of it)."""
+        """Append a change to the history window, first dropping what would fall out
+        of it (the same as appending, then dropping: the oldest go first)."""
         cdef Py_ssize_t size = _CHANGE_OVERHEAD + klen + vlen + pvlen
         cdef Py_ssize_t i, cap
         cdef KVChange* c
@@ -681,9 +730,29 @@ cdef class KVStore(StateMachine):
             # The window already dropped part of this revision (a command larger than
             # the whole window): the rest of it is not kept either.
             return 0
-        c = <KVChange*>PyMem_Malloc(sizeof(KVChange) + klen + vlen + pvlen)
-        if c == NULL:
-            raise MemoryError()
+        if size > self.history_bytes_max or self.history_changes_max == 0:
+            # It could not stay even alone: nothing before it can either.
+            while self.history_size:
+                self.evict_oldest()
+            self.compact_revision = rev
+            return 0
+        while self.history_size and (self.history_size >= self.history_changes_max
+                                     or self.history_bytes + size > self.history_bytes_max):
+            self.evict_oldest()
+            if rev <= self.compact_revision:
+                return 0
+        if self.history_size == self.history_capacity:
+            cap = 2 * self.history_capacity
+            grown = <KVChange**>PyMem_Malloc(cap * sizeof(KVChange*))
+            if grown == NULL:
+                raise MemoryError()
+            for i in range(self.history_size):
+                grown[i] = self.history[(self.history_head + i) & (self.history_capacity - 1)]
+            PyMem_Free(self.history)
+            self.history = grown
+            self.history_capacity = cap
+            self.history_head = 0
+        c = <KVChange*>self.arena_place(_arena_bytes(klen + vlen + pvlen))
         c.revision = rev
         c.prev_mod_revision = prev_mod_revision
         c.klen = <uint32_t>klen
@@ -695,45 +764,77 @@ cdef class KVStore(StateMachine):
             memcpy(c.data + klen, value, vlen)
         if pvlen:
             memcpy(c.data + klen + vlen, prev, pvlen)
-        if self.history_size == self.history_capacity:
-            cap = 2 * self.history_capacity
-            grown = <KVChange**>PyMem_Malloc(cap * sizeof(KVChange*))
-            if grown == NULL:
-                PyMem_Free(c)
-                raise MemoryError()
-            for i in range(self.history_size):
-                grown[i] = self.history[(self.history_head + i) & (self.history_capacity - 1)]
-            PyMem_Free(self.history)
-            self.history = grown
-            self.history_capacity = cap
-            self.history_head = 0
         self.history[(self.history_head + self.history_size) & (self.history_capacity - 1)] = c
         self.history_size += 1
         self.history_bytes += size
-        if (self.history_size > self.history_changes_max
-                or self.history_bytes > self.history_bytes_max):
-            self.evict()
         return 0
 
-    cdef void evict(self) noexcept:
-        """Drop the oldest changes until the window is within its bounds, whole
-        revisions at a time (a revision partly kept could answer no query)."""
+    cdef char* arena_place(self, Py_ssize_t need) except NULL:
+        """Room for a change of `need` bytes at the arena's tail: changes are laid one
+        after the other in a ring of bytes and leave it oldest first, so the room the
+        oldest leave is reused with no allocation per change.  A change that does
+        not fit before the end goes to the start (the rest of the end is skipped); if
+        it fits nowhere, the arena grows, its changes copied in order."""
+        cdef Py_ssize_t head, off = -1, cap, i, used = 0, n
+        cdef char* fresh
         cdef KVChange* c
         cdef Py_ssize_t mask = self.history_capacity - 1
+        if self.history_size == 0:
+            self.arena_tail = 0
+            if need <= self.arena_capacity:
+                off = 0
+        else:
+            head = <char*>self.history[self.history_head] - self.arena
+            if self.arena_tail > head:
+                if self.arena_capacity - self.arena_tail >= need:
+                    off = self.arena_tail
+                elif head >= need:
+                    off = 0
+            elif head - self.arena_tail >= need:
+                off = self.arena_tail
+        if off < 0:
+            cap = 2 * self.arena_capacity
+            if cap < 2 * need:
+                cap = 2 * need
+            if cap < 4096:
+                cap = 4096
+            fresh = <char*>PyMem_Malloc(cap)
+            if fresh == NULL:
+                raise MemoryError()
+            for i in range(self.history_size):
+                c = self.history[(self.history_head + i) & mask]
+                n = _arena_bytes(c.klen + c.vlen + c.pvlen)
+                memcpy(fresh + used, c, n)
+                self.history[(self.history_head + i) & mask] = <KVChange*>(fresh + used)
+                used += n
+            PyMem_Free(self.arena)
+            self.arena = fresh
+            self.arena_capacity = cap
+            off = used
+        self.arena_tail = off + need
+        return self.arena + off
+
+    cdef void evict_oldest(self) noexcept:
+        """Drop the oldest revision's changes (whole revisions: a revision partly kept
+        could answer no query); compact_revision becomes it."""
+        cdef KVChange* c = self.history[self.history_head]
+        cdef Py_ssize_t mask = self.history_capacity - 1
+        self.compact_revision = c.revision
+        while True:
+            self.history_bytes -= _CHANGE_OVERHEAD + c.klen + c.vlen + c.pvlen
+            self.history_head = (self.history_head + 1) & mask
+            self.history_size -= 1
+            if not self.history_size:
+                return
+            c = self.history[self.history_head]
+            if c.revision != self.compact_revision:
+                return
+
+    cdef void evict(self) noexcept:
+        """Drop the oldest changes until the window is within its bounds."""
         while self.history_size and (self.history_size > self.history_changes_max
                                      or self.history_bytes > self.history_bytes_max):
-            c = self.history[self.history_head]
-            self.compact_revision = c.revision
-            while True:
-                self.history_bytes -= _CHANGE_OVERHEAD + c.klen + c.vlen + c.pvlen
-                PyMem_Free(c)
-                self.history_head = (self.history_head + 1) & mask
-                self.history_size -= 1
-                if not self.history_size:
-                    break
-                c = self.history[self.history_head]
-                if c.revision != self.compact_revision:
-                    break
+            self.evict_oldest()
 
     cdef Py_ssize_t history_lower_bound(self, uint64_t rev) noexcept:
         """How many changes of the window are older than revision rev."""
@@ -2007,9 +2108,12 @@ cdef class KVStore(StateMachine):
         # History.
         assert self.compact_revision <= self.revision
         assert self.history_size <= self.history_capacity
+        assert 0 <= self.arena_tail <= self.arena_capacity
         assert self.history_size <= self.history_changes_max
         for i in range(self.history_size):
             c = self.history[(self.history_head + i) & mask]
+            assert self.arena <= <char*>c and (<char*>c + _arena_bytes(c.klen + c.vlen + c.pvlen)
+                                               <= self.arena + self.arena_capacity), "change out of the arena"
             assert self.compact_revision < c.revision <= self.revision
             assert c.revision >= last_rev, "history out of order"
             assert c.prev_mod_revision <= c.revision   # == : a key changed twice in a txn
