@@ -226,9 +226,9 @@ QUERY_FUTURE_REVISION = 2
 
 CHANGE_OVERHEAD_BYTES = _CHANGE_OVERHEAD
 """A change counts for this many bytes in the history window, plus its key and values."""
-HISTORY_CHANGES_MAX_DEFAULT = 100_000
+HISTORY_CHANGES_MAX_DEFAULT = 10_000
 """Changes the history window keeps by default (every replica must use the same)."""
-HISTORY_BYTES_MAX_DEFAULT = 32 << 20
+HISTORY_BYTES_MAX_DEFAULT = 4 << 20
 """Bytes the history window keeps by default (every replica must use the same)."""
 REPLY_BYTES_DEFAULT = 1 << 20
 """The size bound of a range, history or lease query that gives none (0)."""
@@ -2008,6 +2008,9 @@ cdef class KVStore(StateMachine):
         cdef KVChange* c
         cdef KVLease* l
         cdef uint64_t meta[4]
+        if (self.revision == 0 and self.count == 0 and self.lease_count == 0
+                and self.next_lease_id == 1):
+            return "0" * 16   # a new store's (as before revisions)
         for i in range(self.slots_mask + 1):
             e = self.slots[i].entry
             if e == NULL:
