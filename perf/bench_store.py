@@ -12,8 +12,11 @@ Instruction counts (repeatable on a busy machine, unlike times) of one scenario,
 inside the store's batch apply:
 
     valgrind --tool=callgrind --toggle-collect='*KVStore_apply_commands*' \\
-        python perf/bench_store.py --once create
+        python perf/bench_store.py --once create [COMMANDS]
     callgrind_annotate callgrind.out.<pid> | head
+
+The count includes the pre-fill of KEYS puts: `--once create 0` measures that alone,
+to subtract (COMMANDS defaults to 102400).
 
 Scenarios: `create` (puts of keys the store does not hold yet, into a store of
 KEYS keys), `update` (puts of keys it holds, in random order), `delete_create` (a
@@ -121,7 +124,8 @@ def main():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--once":
-        once(sys.argv[2])
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "--once":
+        # An optional count of commands: 0 measures the pre-fill alone, to subtract.
+        once(sys.argv[2], *map(int, sys.argv[3:]))
     else:
         main()
