@@ -1,8 +1,9 @@
 """The built-in store alone: bulk single-key writes and reads applied to one KVStore.
 
 No core, no network: a batch of 1024 commands goes through `KVStore.apply_commands`
-(as the core hands it a client batch), so this measures what a write costs in the
-store itself (hash table, ordered index, revisions, change history).  pyperf's loop
+(`apply_packed`: as the core hands it a client batch, with no Python work per
+command), so this measures what a write costs in the store itself (hash table,
+ordered index, revisions, change history).  pyperf's loop
 count counts commands, so each value is the time per command.
 
     python perf/bench_store.py -o store.json            # add --fast for a quick look
@@ -17,6 +18,9 @@ inside the store's batch apply:
 
 The count includes the pre-fill of KEYS puts: `--once create 0` measures that alone,
 to subtract (COMMANDS defaults to 102400).
+
+`apply_packed` came with the revisioned store: to compare with a build before it,
+compare instruction counts (the toggle above measures the same function in both).
 
 Scenarios: `create` (puts of keys the store does not hold yet, into a store of
 KEYS keys), `update` (puts of keys it holds, in random order), `delete_create` (a
@@ -40,6 +44,11 @@ def _put(key, value):
     return b"P" + _U32.pack(len(key)) + key + value
 
 
+def _payload(commands):
+    """A client batch's payload: u32 len | command, each."""
+    return b"".join(_U32.pack(len(c)) + c for c in commands)
+
+
 def _filled_store():
     from cypaxos.statemachine import KVStore
     store = KVStore()
@@ -47,8 +56,13 @@ def _filled_store():
     order = list(range(KEYS))
     random.Random(1).shuffle(order)
     for at in range(0, KEYS, BATCH):
-        store.apply_many([_put(_key(i), value) for i in order[at:at + BATCH]])
+        batch = [_put(_key(i), value) for i in order[at:at + BATCH]]
+        store.apply_packed(_payload(batch), len(batch))
     return store
+
+
+def _batch(commands):
+    return _payload(commands), len(commands)
 
 
 class Scenario:
@@ -61,28 +75,28 @@ class Scenario:
         rnd = random.Random(2)
         value = b"v" * VALUE_SIZE
         if name == "update":
-            self.batches = [[_put(_key(rnd.randrange(KEYS)), value) for _ in range(BATCH)]
-                            for _ in range(32)]
+            self.batches = [_batch([_put(_key(rnd.randrange(KEYS)), value)
+                                    for _ in range(BATCH)]) for _ in range(32)]
         elif name == "get":
             self.queries = [b"G" + _key(rnd.randrange(KEYS)) for _ in range(BATCH)]
         elif name not in ("create", "delete_create"):
             raise SystemExit(f"unknown scenario {name!r}")
 
     def batch(self, k):
-        """The k-th batch of commands (new keys are made fresh every time)."""
+        """The k-th batch: (payload, count); new keys are made fresh every time."""
         if self.name == "update":
             return self.batches[k % len(self.batches)]
         value = b"n" * VALUE_SIZE
         first = self.next_key
         self.next_key += BATCH
         if self.name == "create":
-            return [_put(_key(i), value) for i in range(first, first + BATCH)]
+            return _batch([_put(_key(i), value) for i in range(first, first + BATCH)])
         # Delete keys in the order they were created, and create as many.
         out = []
         for i in range(first, first + BATCH):
             out.append(b"D" + _key(i - KEYS))
             out.append(_put(_key(i), value))
-        return out
+        return _batch(out)
 
     def run(self, loops):
         """Apply about `loops` commands; return seconds taken (building batches excluded)."""
@@ -99,12 +113,12 @@ class Scenario:
                 elapsed += time.perf_counter() - started
                 done += BATCH
                 continue
-            batch = self.batch(k)
+            payload, count = self.batch(k)
             k += 1
             started = time.perf_counter()
-            store.apply_many(batch)
+            store.apply_packed(payload, count)
             elapsed += time.perf_counter() - started
-            done += len(batch)
+            done += count
         return elapsed * loops / done
 
 

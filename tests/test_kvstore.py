@@ -159,3 +159,13 @@ def test_batches_apply_as_commands_one_at_a_time(seed):
         assert many.apply_many(commands) == expected, f"seed {seed}, round {round_}"
         assert many.snapshot() == one.snapshot(), f"seed {seed}, round {round_}"
     many.check_invariants()
+
+
+def test_apply_packed_applies_a_payload_and_refuses_a_bad_one():
+    store = KVStore()
+    commands = [c.encode_put(b"a", b"1"), c.encode_delete(b"zz"), b"Z"]
+    payload = b"".join(len(x).to_bytes(4, "little") + x for x in commands)
+    assert c.unpack_results(store.apply_packed(payload, 3)) == KVStore().apply_many(commands)
+    for bad, count in ((payload[:-1], 3), (payload, 2), (payload, 4)):
+        with pytest.raises(ValueError):
+            KVStore().apply_packed(bad, count)

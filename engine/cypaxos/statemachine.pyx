@@ -173,6 +173,23 @@ cdef class StateMachine:
         self.apply_commands(PyBytes_AS_STRING(packed) + header, len(commands), out)
         return unpack_results(out.take())
 
+    def apply_packed(self, bytes payload, uint32_t count):
+        """Apply `count` commands packed as a client batch's payload (`u32 len |
+        command` each) as the core does, and return their packed results: a batch
+        applied with no Python work per command (benchmarks, tools)."""
+        cdef const char* p = PyBytes_AS_STRING(payload)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(payload), pos = 0
+        cdef uint32_t k
+        cdef ResultWriter out = ResultWriter()
+        for k in range(count):
+            if pos + 4 > n or pos + 4 + <Py_ssize_t>load_u32(p + pos) > n:
+                raise ValueError("payload shorter than its commands")
+            pos += 4 + <Py_ssize_t>load_u32(p + pos)
+        if pos != n:
+            raise ValueError("payload longer than its commands")
+        self.apply_commands(p, count, out)
+        return out.take()
+
     def apply(self, bytes command):
         """Apply one command outside the core (tests, tools); returns (status, result)."""
         cdef ResultWriter out = ResultWriter()
