@@ -740,7 +740,7 @@ cdef class KVStore(StateMachine):
         """Append a change to the history window, first dropping what would fall out
         of it (the same as appending, then dropping: the oldest go first)."""
         cdef Py_ssize_t size = _CHANGE_OVERHEAD + klen + vlen + pvlen
-        cdef Py_ssize_t i, cap
+        cdef Py_ssize_t i, cap, need, room, head
         cdef KVChange* c
         cdef KVChange** grown
         if rev <= self.compact_revision:
@@ -755,7 +755,16 @@ cdef class KVStore(StateMachine):
             return 0
         while self.history_size and (self.history_size >= self.history_changes_max
                                      or self.history_bytes + size > self.history_bytes_max):
-            self.evict_oldest()
+            c = self.history[self.history_head]
+            if self.history_size > 1 and self.history[
+                    (self.history_head + 1) & (self.history_capacity - 1)].revision != c.revision:
+                # The oldest revision is one change (the common case), inline.
+                self.compact_revision = c.revision
+                self.history_bytes -= _CHANGE_OVERHEAD + c.klen + c.vlen + c.pvlen
+                self.history_head = (self.history_head + 1) & (self.history_capacity - 1)
+                self.history_size -= 1
+            else:
+                self.evict_oldest()
             if rev <= self.compact_revision:
                 return 0
         if self.history_size == self.history_capacity:
@@ -769,7 +778,17 @@ cdef class KVStore(StateMachine):
             self.history = grown
             self.history_capacity = cap
             self.history_head = 0
-        c = <KVChange*>self.arena_place(_arena_bytes(klen + vlen + pvlen))
+        need = _arena_bytes(klen + vlen + pvlen)
+        room = 0
+        if self.history_size:
+            # Room at the tail without wrapping or growing (the common case, inline).
+            head = <char*>self.history[self.history_head] - self.arena
+            room = (self.arena_capacity if self.arena_tail > head else head) - self.arena_tail
+        if room >= need:
+            c = <KVChange*>(self.arena + self.arena_tail)
+            self.arena_tail += need
+        else:
+            c = <KVChange*>self.arena_place(need)
         c.revision = rev
         c.prev_mod_revision = prev_mod_revision
         c.klen = <uint32_t>klen
