@@ -153,7 +153,7 @@ def _apply_txn(model, compares, success, failure):
     branch = success if succeeded else failure
     for op in branch:
         if op[0] == "put" and op[3] and op[3] not in model.leases:
-            return c.TxnResult(False, model.revision, [], op[3])
+            return c.TxnResult(False, [], model.revision, op[3])
     rev = model.revision + 1
     changed = False
     results = []
@@ -171,7 +171,7 @@ def _apply_txn(model, compares, success, failure):
             results.append(model.meta(op[1]))
     if changed:
         model.revision = rev
-    return c.TxnResult(succeeded, model.revision, results, 0)
+    return c.TxnResult(succeeded, results, model.revision, 0)
 
 
 def _attach(model, key, lease):
@@ -319,12 +319,12 @@ def test_store_matches_the_model(seed):
             value, lease = _value(rnd), _lease(rnd, model)
             status, result = store.apply(c.encode_put_rev(key, value, lease))
             if lease and lease not in model.leases:
-                assert c.decode_put_rev(result) == (False, model.revision), where
+                assert c.decode_write(result) == (False, model.revision), where
             else:
                 model.revision += 1
                 model.put(key, value, lease, model.revision)
                 _attach(model, key, lease)
-                assert c.decode_put_rev(result) == (True, model.revision), where
+                assert c.decode_write(result) == (True, model.revision), where
         elif r < 0.45:
             old = rnd.random() < 0.5
             status, result = store.apply(c.encode_delete(key) if old
@@ -430,7 +430,7 @@ def test_replicas_applying_the_same_commands_agree():
 
 def test_revisions_of_each_write_kind():
     store = KVStore()
-    assert c.decode_put_rev(store.apply(c.encode_put_rev(b"a", b"1"))[1]) == (True, 1)
+    assert c.decode_write(store.apply(c.encode_put_rev(b"a", b"1"))[1]) == (True, 1)
     assert store.apply(c.encode_put(b"b", b"2")) == (c.RESULT_OK, b"")
     assert store.revision == 2
     assert c.decode_write(store.apply(c.encode_delete_rev(b"zz"))[1]) == (False, 2)
@@ -443,15 +443,15 @@ def test_revisions_of_each_write_kind():
         [("value", b"a", "==", b"x"), ("mod_revision", b"b", "==", 2), ("absent", b"c")],
         [("put", b"c", b"3"), ("delete", b"b"), ("get", b"c"), ("get", b"b")],
         [("get", b"a")]))[1])
-    assert result == c.TxnResult(True, 4, [None, True, c.KeyMeta(b"3", 4, 4, 1, 0), None])
+    assert result == c.TxnResult(True, [None, True, c.KeyMeta(b"3", 4, 4, 1, 0), None], 4)
     # A lease: its keys go at one revision when it is revoked.
     lease = c.decode_lease_grant(store.apply(c.encode_lease_grant(10_000))[1])
     assert lease == 1
     for key in (b"l2", b"l1"):
         store.apply(c.encode_put_rev(key, b"v", lease))
-    assert c.decode_put_rev(store.apply(c.encode_put_rev(b"x", b"v", 99))[1]) == (False, 6)
+    assert c.decode_write(store.apply(c.encode_put_rev(b"x", b"v", 99))[1]) == (False, 6)
     assert c.decode_txn(store.apply(c.encode_txn([], [("put", b"x", b"v", 99)]))[1]) == \
-        c.TxnResult(False, 6, [], 99)
+        c.TxnResult(False, [], 6, 99)
     assert c.decode_write(store.apply(c.encode_lease_revoke(lease))[1]) == (True, 7)
     history = c.decode_history(store.query(c.encode_history(7)))
     assert [(ch.revision, ch.kind, ch.key) for ch in history.changes] == [

@@ -1279,12 +1279,12 @@ cdef class KVStore(StateMachine):
             if 13 + <Py_ssize_t>klen > n:
                 return out.write(RESULT_ERROR, "malformed put", 13)
             if lease and self.lease_find(lease) == NULL:
-                answer[0] = 1   # no such lease: nothing changed
+                answer[0] = 0   # no such lease: nothing changed
             else:
                 self.put(cmd + 13, klen, cmd + 13 + klen, n - 13 - klen, lease,
                          self.revision + 1)
                 self.revision += 1
-                answer[0] = 0
+                answer[0] = 1
             store_u64(answer + 1, self.revision)
             return out.write(RESULT_OK, answer, 9)
         if op == b'T':

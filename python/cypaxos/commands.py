@@ -27,7 +27,7 @@ __all__ = [
     "prefix_end", "encode_put_rev", "encode_delete_rev", "encode_cas_rev", "encode_txn",
     "encode_lease_grant", "encode_lease_revoke", "encode_get_rev", "encode_range",
     "encode_history", "encode_lease_list", "encode_lease_keys", "encode_store_status",
-    "decode_write", "decode_put_rev", "decode_lease_grant", "decode_get_rev",
+    "decode_write", "decode_lease_grant", "decode_get_rev",
     "decode_range", "decode_history", "decode_txn", "decode_lease_list",
     "decode_lease_keys", "decode_store_status", "decode_kv_snapshot",
 ]
@@ -398,14 +398,14 @@ class HistoryResult(NamedTuple):
 
 
 class TxnResult(NamedTuple):
-    """A transaction's answer.  `lease_missing` is the id of a lease that a put of the
+    """A transaction's answer (the fields of cypaxos.TxnResult, then one more).  `lease_missing` is the id of a lease that a put of the
     chosen branch names and that does not exist (then nothing was done and `results`
     is empty), else 0.  One result per operation: None for a put, a bool for a delete
     (the key existed), a KeyMeta or None for a get."""
 
     succeeded: bool
-    revision: int
     results: list
+    revision: int
     lease_missing: int = 0
 
 
@@ -681,19 +681,12 @@ class _Reader:
 
 
 def decode_write(result):
-    """The WriteResult of a revisioned put, delete, cas or of a lease revoke."""
+    """The WriteResult of a revisioned put, delete or cas, or of a lease revoke."""
     r = _Reader(result)
     done = r.flag()
-    # A revisioned put says "done" with 0 and "no such lease" with 1.
     revision = r.u64()
     r.end()
     return WriteResult(done, revision)
-
-
-def decode_put_rev(result):
-    """The WriteResult of a revisioned put (done False: the lease does not exist)."""
-    done, revision = decode_write(result)
-    return WriteResult(not done, revision)
 
 
 def decode_lease_grant(result):
@@ -766,7 +759,7 @@ def decode_txn(result):
     if code == 1:
         lease, revision = r.unpack(struct.Struct("<QQ"))
         r.end()
-        return TxnResult(False, revision, [], lease)
+        return TxnResult(False, [], revision, lease)
     if code != 0:
         raise ValueError("txn result has a bad code")
     succeeded = r.flag()
@@ -787,7 +780,7 @@ def decode_txn(result):
             raise ValueError("txn result has a bad operation kind")
         body.end()
     r.end()
-    return TxnResult(succeeded, revision, results, 0)
+    return TxnResult(succeeded, results, revision, 0)
 
 
 def decode_lease_list(result):
