@@ -603,3 +603,31 @@ def test_malformed_queries_raise_value_error(kind, body, which, cut, junk):
 def test_commands_decode_command_knows_every_kind():
     for command in _valid_commands():
         assert c.decode_command(command)[0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_index_under_random_creates_and_removes(seed):
+    """Keys shorter than 8 bytes, and keys sharing prefixes longer than 8 (so that the
+    nodes' prefixes tie), created and removed at random while the tree grows and
+    shrinks through several levels; the index is checked as it goes."""
+    rnd = random.Random(seed)
+    store = KVStore(history_changes_max=1)
+    live = set()
+    shapes = [lambda i: b"%d" % i, lambda i: b"/registry/pods/ns-%d/p%d" % (i % 7, i),
+              lambda i: bytes([i % 256]) * (i % 11), lambda i: b"k%06d" % i]
+    for step in range(12000):
+        key = rnd.choice(shapes)(rnd.randrange(4000))
+        if rnd.random() < (0.7 if step < 6000 else 0.3):
+            store.apply(c.encode_put(key, b"v"))
+            live.add(key)
+        else:
+            store.apply(c.encode_delete(key))
+            live.discard(key)
+        if step % 1500 == 0:
+            store.check_invariants()
+            got = c.decode_range(store.query(c.encode_range(reply_bytes_max=1 << 23)))
+            assert [kv.key for kv in got.items] == sorted(live)
+    store.check_invariants()
+    a, b = sorted(rnd.sample(sorted(live), 2))
+    got = c.decode_range(store.query(c.encode_range(a, b, reply_bytes_max=1 << 23)))
+    assert [kv.key for kv in got.items] == [k for k in sorted(live) if a <= k < b]

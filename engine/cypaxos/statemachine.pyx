@@ -331,12 +331,28 @@ cdef inline bint in_range(const char* key, Py_ssize_t klen, const char* start,
     return not has_end or key_cmp(key, klen, end, elen) < 0
 
 
-cdef inline int leaf_lower(BTNode* nd, const char* key, Py_ssize_t klen) noexcept nogil:
-    """The first place in a leaf whose key is >= key (count if none)."""
+cdef inline uint64_t key_prefix(const char* key, Py_ssize_t klen) noexcept nogil:
+    """The first 8 bytes of a key as a big-endian number (zero-padded): keys whose
+    prefixes differ are ordered as their prefixes are."""
+    cdef uint64_t x = 0
+    memcpy(&x, key, klen if klen < 8 else 8)
+    return __builtin_bswap64(x)
+
+
+cdef inline int leaf_lower(BTNode* nd, const char* key, Py_ssize_t klen,
+                           uint64_t prefix) noexcept nogil:
+    """The first place in a leaf whose key is >= key (count if none).  Prefixes
+    decide most steps without reading the entries."""
     cdef int lo = 0, hi = nd.count, mid
     cdef KVEntry* e
     while lo < hi:
         mid = (lo + hi) >> 1
+        if nd.pfx[mid] != prefix:
+            if nd.pfx[mid] < prefix:
+                lo = mid + 1
+            else:
+                hi = mid
+            continue
         e = nd.entries[mid]
         if key_cmp(e.data, e.klen, key, klen) < 0:
             lo = mid + 1
@@ -345,16 +361,59 @@ cdef inline int leaf_lower(BTNode* nd, const char* key, Py_ssize_t klen) noexcep
     return lo
 
 
-cdef inline int inner_child(BTNode* nd, const char* key, Py_ssize_t klen) noexcept nogil:
+cdef inline int inner_child(BTNode* nd, const char* key, Py_ssize_t klen,
+                            uint64_t prefix) noexcept nogil:
     """The child of an inner node whose keys may include key."""
     cdef int lo = 1, hi = nd.count, mid
     while lo < hi:
         mid = (lo + hi) >> 1
+        if nd.pfx[mid] != prefix:
+            if nd.pfx[mid] < prefix:
+                lo = mid + 1
+            else:
+                hi = mid
+            continue
         if key_cmp(nd.sep[mid], nd.sep_len[mid], key, klen) <= 0:
             lo = mid + 1
         else:
             hi = mid
     return lo - 1
+
+
+cdef inline void _shift_up(BTNode* nd, int at, bint leaf) noexcept nogil:
+    """Open place `at` of a node (its items from `at` move one up; count unchanged).
+    In an inner node the place is a child with the separator in front of it, except
+    at 0, where child 0 moves up and separators from 1 do."""
+    cdef int n = nd.count - at
+    if leaf:
+        memmove(&nd.entries[at + 1], &nd.entries[at], n * sizeof(KVEntry*))
+        memmove(&nd.pfx[at + 1], &nd.pfx[at], n * sizeof(uint64_t))
+        return
+    memmove(&nd.children[at + 1], &nd.children[at], n * sizeof(BTNode*))
+    if at == 0:
+        at = 1
+        n -= 1
+    memmove(&nd.sep[at + 1], &nd.sep[at], n * sizeof(char*))
+    memmove(&nd.sep_len[at + 1], &nd.sep_len[at], n * sizeof(uint32_t))
+    memmove(&nd.pfx[at + 1], &nd.pfx[at], n * sizeof(uint64_t))
+
+
+cdef inline void _shift_down(BTNode* nd, int at, bint leaf) noexcept nogil:
+    """Close place `at` of a node (its items after `at` move one down; count
+    unchanged).  In an inner node at 0, child 0 goes and separator 1 with it
+    (separator 2 becomes separator 1)."""
+    cdef int n = nd.count - at - 1
+    if leaf:
+        memmove(&nd.entries[at], &nd.entries[at + 1], n * sizeof(KVEntry*))
+        memmove(&nd.pfx[at], &nd.pfx[at + 1], n * sizeof(uint64_t))
+        return
+    memmove(&nd.children[at], &nd.children[at + 1], n * sizeof(BTNode*))
+    if at == 0:
+        at = 1
+        n -= 1
+    memmove(&nd.sep[at], &nd.sep[at + 1], n * sizeof(char*))
+    memmove(&nd.sep_len[at], &nd.sep_len[at + 1], n * sizeof(uint32_t))
+    memmove(&nd.pfx[at], &nd.pfx[at + 1], n * sizeof(uint64_t))
 
 
 cdef BTNode* node_new(bint leaf) except NULL:
@@ -421,10 +480,13 @@ cdef _check_node(BTNode* nd, int depth, bint is_root, bytes low, bytes high):
         for i in range(nd.count):
             e = nd.entries[i]
             key = PyBytes_FromStringAndSize(e.data, e.klen)
+            assert nd.pfx[i] == key_prefix(e.data, e.klen), "stale key prefix"
             assert low is None or key >= low, "key under its separator"
             assert high is None or key < high, "key over its separator"
         return
     assert depth > 0 and nd.count >= 2, "inner node"
+    for i in range(1, nd.count):
+        assert nd.pfx[i] == key_prefix(nd.sep[i], nd.sep_len[i]), "stale separator prefix"
     for i in range(nd.count):
         _check_node(nd.children[i], depth - 1, False,
                     PyBytes_FromStringAndSize(nd.sep[i], nd.sep_len[i]) if i else low,
@@ -889,9 +951,10 @@ cdef class KVStore(StateMachine):
     cdef BTNode* tree_seek(self, const char* key, Py_ssize_t klen, int* pos) noexcept:
         """The leaf and place (*pos, maybe the leaf's count) of the first key >= key."""
         cdef BTNode* nd = self.root
+        cdef uint64_t prefix = key_prefix(key, klen)
         while not nd.leaf:
-            nd = nd.children[inner_child(nd, key, klen)]
-        pos[0] = leaf_lower(nd, key, klen)
+            nd = nd.children[inner_child(nd, key, klen, prefix)]
+        pos[0] = leaf_lower(nd, key, klen, prefix)
         return nd
 
     cdef int tree_insert(self, KVEntry* e) except -1:
@@ -904,34 +967,38 @@ cdef class KVStore(StateMachine):
         cdef BTNode* parent
         cdef char* sep
         cdef uint32_t sep_len
+        cdef uint64_t prefix = key_prefix(e.data, e.klen), sep_pfx
         while not nd.leaf:
-            i = inner_child(nd, e.data, e.klen)
+            i = inner_child(nd, e.data, e.klen, prefix)
             path[d] = nd
             where[d] = i
             d += 1
             nd = nd.children[i]
-        pos = leaf_lower(nd, e.data, e.klen)
-        if nd.count < _BT_FANOUT:
-            memmove(&nd.entries[pos + 1], &nd.entries[pos], (nd.count - pos) * sizeof(KVEntry*))
-            nd.entries[pos] = e
-            nd.count += 1
+        pos = leaf_lower(nd, e.data, e.klen, prefix)
+        _shift_up(nd, pos, True)
+        nd.entries[pos] = e
+        nd.pfx[pos] = prefix
+        nd.count += 1
+        if nd.count <= _BT_FANOUT:
             return 0
         # A full leaf splits in two; allocate first so that a failure changes nothing.
-        right = node_new(True)
-        memmove(&nd.entries[pos + 1], &nd.entries[pos], (nd.count - pos) * sizeof(KVEntry*))
-        nd.entries[pos] = e
-        nd.count += 1
         half = nd.count // 2
         try:
-            sep = key_copy(nd.entries[half].data, nd.entries[half].klen)
+            right = node_new(True)
+            try:
+                sep = key_copy(nd.entries[half].data, nd.entries[half].klen)
+            except MemoryError:
+                PyMem_Free(right)
+                raise
         except MemoryError:
-            memmove(&nd.entries[pos], &nd.entries[pos + 1], (nd.count - pos - 1) * sizeof(KVEntry*))
+            _shift_down(nd, pos, True)
             nd.count -= 1
-            PyMem_Free(right)
             raise
         sep_len = nd.entries[half].klen
+        sep_pfx = nd.pfx[half]
         right.count = nd.count - half
         memcpy(right.entries, &nd.entries[half], right.count * sizeof(KVEntry*))
+        memcpy(right.pfx, &nd.pfx[half], right.count * sizeof(uint64_t))
         nd.count = half
         right.next = nd.next
         nd.next = right
@@ -945,20 +1012,18 @@ cdef class KVStore(StateMachine):
                 parent.children[1] = right
                 parent.sep[1] = sep
                 parent.sep_len[1] = sep_len
+                parent.pfx[1] = sep_pfx
                 self.root = parent
                 self.depth += 1
                 return 0
             d -= 1
             parent = path[d]
             i = where[d] + 1
-            memmove(&parent.children[i + 1], &parent.children[i],
-                    (parent.count - i) * sizeof(BTNode*))
-            memmove(&parent.sep[i + 1], &parent.sep[i], (parent.count - i) * sizeof(char*))
-            memmove(&parent.sep_len[i + 1], &parent.sep_len[i],
-                    (parent.count - i) * sizeof(uint32_t))
+            _shift_up(parent, i, False)
             parent.children[i] = right
             parent.sep[i] = sep
             parent.sep_len[i] = sep_len
+            parent.pfx[i] = sep_pfx
             parent.count += 1
             if parent.count <= _BT_FANOUT:
                 return 0
@@ -971,8 +1036,10 @@ cdef class KVStore(StateMachine):
             memcpy(right.children, &nd.children[half], right.count * sizeof(BTNode*))
             memcpy(&right.sep[1], &nd.sep[half + 1], (right.count - 1) * sizeof(char*))
             memcpy(&right.sep_len[1], &nd.sep_len[half + 1], (right.count - 1) * sizeof(uint32_t))
+            memcpy(&right.pfx[1], &nd.pfx[half + 1], (right.count - 1) * sizeof(uint64_t))
             sep = nd.sep[half]
             sep_len = nd.sep_len[half]
+            sep_pfx = nd.pfx[half]
             nd.count = half
 
     cdef int tree_remove(self, KVEntry* e) except -1:
@@ -986,15 +1053,16 @@ cdef class KVStore(StateMachine):
         cdef BTNode* left
         cdef BTNode* right
         cdef char* sep
+        cdef uint64_t prefix = key_prefix(e.data, e.klen)
         while not nd.leaf:
-            i = inner_child(nd, e.data, e.klen)
+            i = inner_child(nd, e.data, e.klen, prefix)
             path[d] = nd
             where[d] = i
             d += 1
             nd = nd.children[i]
-        pos = leaf_lower(nd, e.data, e.klen)
+        pos = leaf_lower(nd, e.data, e.klen, prefix)
         assert pos < nd.count and nd.entries[pos] == e, "entry missing from the index"
-        memmove(&nd.entries[pos], &nd.entries[pos + 1], (nd.count - pos - 1) * sizeof(KVEntry*))
+        _shift_down(nd, pos, True)
         nd.count -= 1
         while d > 0 and nd.count < _BT_MIN:
             parent = path[d - 1]
@@ -1012,24 +1080,22 @@ cdef class KVStore(StateMachine):
                 if nd.leaf:
                     memcpy(&left.entries[left.count], right.entries,
                            right.count * sizeof(KVEntry*))
+                    memcpy(&left.pfx[left.count], right.pfx, right.count * sizeof(uint64_t))
                     left.next = right.next
                     PyMem_Free(parent.sep[li])
                 else:
                     left.children[left.count] = right.children[0]
                     left.sep[left.count] = parent.sep[li]
                     left.sep_len[left.count] = parent.sep_len[li]
+                    left.pfx[left.count] = parent.pfx[li]
                     for j in range(1, right.count):
                         left.children[left.count + j] = right.children[j]
                         left.sep[left.count + j] = right.sep[j]
                         left.sep_len[left.count + j] = right.sep_len[j]
+                        left.pfx[left.count + j] = right.pfx[j]
                 left.count += right.count
                 PyMem_Free(right)
-                memmove(&parent.children[li], &parent.children[li + 1],
-                        (parent.count - li - 1) * sizeof(BTNode*))
-                memmove(&parent.sep[li], &parent.sep[li + 1],
-                        (parent.count - li - 1) * sizeof(char*))
-                memmove(&parent.sep_len[li], &parent.sep_len[li + 1],
-                        (parent.count - li - 1) * sizeof(uint32_t))
+                _shift_down(parent, li, False)
                 parent.count -= 1
                 nd = parent
                 d -= 1
@@ -1037,40 +1103,45 @@ cdef class KVStore(StateMachine):
             # Refill from the sibling, which has items to spare.
             if nd.leaf:
                 if nd is right:
-                    memmove(&nd.entries[1], &nd.entries[0], nd.count * sizeof(KVEntry*))
+                    _shift_up(nd, 0, True)
                     nd.entries[0] = left.entries[left.count - 1]
+                    nd.pfx[0] = left.pfx[left.count - 1]
                     nd.count += 1
                     left.count -= 1
                 else:
                     nd.entries[nd.count] = right.entries[0]
+                    nd.pfx[nd.count] = right.pfx[0]
                     nd.count += 1
+                    _shift_down(right, 0, True)
                     right.count -= 1
-                    memmove(&right.entries[0], &right.entries[1], right.count * sizeof(KVEntry*))
                 sep = key_copy(right.entries[0].data, right.entries[0].klen)
                 PyMem_Free(parent.sep[li])
                 parent.sep[li] = sep
                 parent.sep_len[li] = right.entries[0].klen
+                parent.pfx[li] = right.pfx[0]
             elif nd is right:
-                memmove(&nd.children[1], &nd.children[0], nd.count * sizeof(BTNode*))
-                memmove(&nd.sep[2], &nd.sep[1], (nd.count - 1) * sizeof(char*))
-                memmove(&nd.sep_len[2], &nd.sep_len[1], (nd.count - 1) * sizeof(uint32_t))
+                # The separator in the parent comes down in front of nd's children,
+                # and left's last separator goes up in its place.
+                _shift_up(nd, 0, False)
                 nd.children[0] = left.children[left.count - 1]
                 nd.sep[1] = parent.sep[li]
                 nd.sep_len[1] = parent.sep_len[li]
+                nd.pfx[1] = parent.pfx[li]
                 parent.sep[li] = left.sep[left.count - 1]
                 parent.sep_len[li] = left.sep_len[left.count - 1]
+                parent.pfx[li] = left.pfx[left.count - 1]
                 nd.count += 1
                 left.count -= 1
             else:
                 nd.children[nd.count] = right.children[0]
                 nd.sep[nd.count] = parent.sep[li]
                 nd.sep_len[nd.count] = parent.sep_len[li]
+                nd.pfx[nd.count] = parent.pfx[li]
                 nd.count += 1
                 parent.sep[li] = right.sep[1]
                 parent.sep_len[li] = right.sep_len[1]
-                memmove(&right.children[0], &right.children[1], (right.count - 1) * sizeof(BTNode*))
-                memmove(&right.sep[1], &right.sep[2], (right.count - 2) * sizeof(char*))
-                memmove(&right.sep_len[1], &right.sep_len[2], (right.count - 2) * sizeof(uint32_t))
+                parent.pfx[li] = right.pfx[1]
+                _shift_down(right, 0, False)
                 right.count -= 1
             break
         if not self.root.leaf and self.root.count == 1:
