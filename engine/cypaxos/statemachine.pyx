@@ -1386,7 +1386,8 @@ cdef class KVStore(StateMachine):
         # transaction changes nothing; then the walks below need no checks.
         cdef Py_ssize_t pos = 1, at, klen, vlen
         cdef Py_ssize_t branch_at[2]
-        cdef uint32_t counts[3], k, part
+        cdef uint32_t counts[3]
+        cdef uint32_t k, part
         cdef uint8_t target, cmp_op, kind
         cdef int c
         cdef bint ok = True, succeeded, changed = False
@@ -1580,7 +1581,7 @@ cdef class KVStore(StateMachine):
         cdef Py_ssize_t n = PyBytes_GET_SIZE(query)
         cdef uint64_t rev
         cdef uint32_t limit, slen, count = 0
-        cdef Py_ssize_t bound, size_at, start_at, end_at, elen, vlen, item
+        cdef Py_ssize_t bound, start_at, end_at, elen, item
         cdef bint has_end, more = False
         cdef BTNode* leaf
         cdef int pos
@@ -1611,7 +1612,6 @@ cdef class KVStore(StateMachine):
             return w.take()
         w.append_u8(0)       # more
         w.append_u32(0)      # count
-        size_at = w.size
         if rev < self.revision:
             return self.range_past(w, q + start_at, slen, q + end_at, elen, has_end, rev,
                                    limit, bound)
