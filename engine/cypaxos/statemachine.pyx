@@ -213,9 +213,7 @@ cdef enum:
     _CHANGE_OVERHEAD = 32
 cdef uint64_t _REVISION_MAX = 0xFFFFFFFFFFFFFFFFULL
 
-# Kinds of change in the history window (and in history query results).
-CHANGE_PUT = 0
-CHANGE_DELETE = 1
+# Kinds of change in the history window and in history results (commands.CHANGE_*).
 cdef enum:
     _CHANGE_PUT = 0
     _CHANGE_DELETE = 1
@@ -236,10 +234,12 @@ cdef enum:
     _TXN_DELETE = 1
     _TXN_GET = 2
 
-# Outcomes of range and history queries (the first byte of their results).
-QUERY_OK = 0
-QUERY_COMPACTED = 1
-QUERY_FUTURE_REVISION = 2
+# Outcomes of range and history queries, the first byte of their results
+# (commands.QUERY_*).
+cdef enum:
+    _QUERY_OK = 0
+    _QUERY_COMPACTED = 1
+    _QUERY_FUTURE_REVISION = 2
 
 CHANGE_OVERHEAD_BYTES = _CHANGE_OVERHEAD
 """A change counts for this many bytes in the history window, plus its key and values."""
@@ -1601,11 +1601,11 @@ cdef class KVStore(StateMachine):
         elen = n - end_at
         if rev == 0:
             rev = self.revision
-        w.append_u8(QUERY_OK)
+        w.append_u8(_QUERY_OK)
         w.append_u64(rev)
         w.append_u64(self.compact_revision)
         if rev > self.revision or rev < self.compact_revision:
-            w.buf[0] = QUERY_FUTURE_REVISION if rev > self.revision else QUERY_COMPACTED
+            w.buf[0] = _QUERY_FUTURE_REVISION if rev > self.revision else _QUERY_COMPACTED
             store_u64(w.buf + 1, self.revision)
             w.append_u8(0)
             w.append_u32(0)
@@ -1748,7 +1748,7 @@ cdef class KVStore(StateMachine):
         if end_at > n or (not has_end and end_at != n):
             raise ValueError("malformed history query")
         elen = n - end_at
-        w.append_u8(QUERY_OK)
+        w.append_u8(_QUERY_OK)
         w.append_u64(self.revision)
         w.append_u64(self.compact_revision)
         w.append_u8(0)       # more
@@ -1756,7 +1756,7 @@ cdef class KVStore(StateMachine):
         w.append_u32(0)      # next skip
         w.append_u32(0)      # count
         if start_rev <= self.compact_revision:
-            w.buf[0] = QUERY_COMPACTED
+            w.buf[0] = _QUERY_COMPACTED
             store_u64(w.buf + 18, start_rev)
             store_u32(w.buf + 26, skip)
             return w.take()

@@ -297,8 +297,8 @@ _STATUS = struct.Struct("<QQQQQQQ")
 _LEASE_ITEM = struct.Struct("<QQQ")           # id, ttl_ms, key_count
 _SNAPSHOT_KEY = struct.Struct("<IIQQQQ")      # klen, vlen, create, mod, version, lease
 
-SNAPSHOT_MAGIC = b"\xff\xff\xff\xffCYPXKV"
-"""The first bytes of a versioned KVStore snapshot (a version 0 one has none)."""
+# The first bytes of a versioned KVStore snapshot (a version 0 one has none).
+from .statemachine import SNAPSHOT_MAGIC  # noqa: E402
 
 QUERY_OK = 0
 """Range or history query status: answered."""
