@@ -454,6 +454,24 @@ cdef void entry_free(KVEntry* e) noexcept:
     PyMem_Free(e)
 
 
+cdef int _range_item(ResultWriter w, const char* key, Py_ssize_t klen, const char* value,
+                     Py_ssize_t vlen, uint64_t mod_revision, uint32_t count, uint32_t limit,
+                     Py_ssize_t bound) except -1:
+    """Append one item to a range reply of `count` items so far: 1, or 0 (nothing
+    appended) when the limit or the size bound ends the reply before it (the first
+    item always goes, whatever its size)."""
+    cdef Py_ssize_t item = 16 + klen + vlen
+    if (limit and count == limit) or (count and w.size + item > bound):
+        return 0
+    w.reserve(item)
+    w.append_u32(<uint32_t>klen)
+    w.append_u32(<uint32_t>vlen)
+    w.append_u64(mod_revision)
+    w.append(key, klen)
+    w.append(value, vlen)
+    return 1
+
+
 cdef inline Py_ssize_t _arena_bytes(Py_ssize_t payload) noexcept:
     """Bytes a change takes in the history arena: its header and payload, rounded up
     to 8 so that the next header is aligned."""
@@ -1581,7 +1599,7 @@ cdef class KVStore(StateMachine):
         cdef Py_ssize_t n = PyBytes_GET_SIZE(query)
         cdef uint64_t rev
         cdef uint32_t limit, slen, count = 0
-        cdef Py_ssize_t bound, start_at, end_at, elen, item
+        cdef Py_ssize_t bound, start_at, end_at, elen
         cdef bint has_end, more = False
         cdef BTNode* leaf
         cdef int pos
@@ -1624,16 +1642,10 @@ cdef class KVStore(StateMachine):
             e = leaf.entries[pos]
             if has_end and key_cmp(e.data, e.klen, q + end_at, elen) >= 0:
                 break
-            item = 16 + e.klen + e.vlen
-            if (limit and count == limit) or (count and w.size + item > bound):
+            if not _range_item(w, e.data, e.klen, e.value, e.vlen, e.mod_revision, count,
+                               limit, bound):
                 more = True
                 break
-            w.reserve(item)
-            w.append_u32(e.klen)
-            w.append_u32(e.vlen)
-            w.append_u64(e.mod_revision)
-            w.append(e.data, e.klen)
-            w.append(e.value, e.vlen)
             count += 1
             pos += 1
         w.buf[17] = more
@@ -1646,7 +1658,7 @@ cdef class KVStore(StateMachine):
         # The store as of rev: every key changed since rev in the range had, at rev,
         # the state its first change since then replaced; every other key is as now.
         cdef Py_ssize_t i, first = self.history_lower_bound(rev + 1)
-        cdef Py_ssize_t mask = self.history_capacity - 1, item
+        cdef Py_ssize_t mask = self.history_capacity - 1
         cdef KVChange* c
         cdef dict then = {}
         cdef list revived
@@ -1687,30 +1699,19 @@ cdef class KVStore(StateMachine):
             if leaf != NULL and (ri == len(revived) or key_cmp(
                     e.data, e.klen, PyBytes_AS_STRING(<bytes>revived[ri]),
                     PyBytes_GET_SIZE(<bytes>revived[ri])) < 0):
-                item = 16 + e.klen + e.vlen
-                if (limit and count == limit) or (count and w.size + item > bound):
+                if not _range_item(w, e.data, e.klen, e.value, e.vlen, e.mod_revision,
+                                   count, limit, bound):
                     more = True
                     break
-                w.reserve(item)
-                w.append_u32(e.klen)
-                w.append_u32(e.vlen)
-                w.append_u64(e.mod_revision)
-                w.append(e.data, e.klen)
-                w.append(e.value, e.vlen)
                 pos += 1
             elif ri < len(revived):
                 key = revived[ri]
                 value, mod = then[key]
-                item = 16 + len(key) + len(value)
-                if (limit and count == limit) or (count and w.size + item > bound):
+                if not _range_item(w, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
+                                   PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value), mod,
+                                   count, limit, bound):
                     more = True
                     break
-                w.reserve(item)
-                w.append_u32(<uint32_t>len(key))
-                w.append_u32(<uint32_t>len(value))
-                w.append_u64(mod)
-                w.append(PyBytes_AS_STRING(key), len(key))
-                w.append(PyBytes_AS_STRING(value), len(value))
                 ri += 1
             else:
                 break
