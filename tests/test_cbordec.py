@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cypaxos import cbordec, wire
+from cypaxos.wire import frames
 from cypaxos.cbordec import FALLBACK
 
 EDGES = [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1,
@@ -25,7 +26,7 @@ anything = st.recursive(hard_leaves, lambda children: st.lists(children, max_siz
 
 def cbor2_outcome(data):
     try:
-        return ("value", cbor2.loads(data, **wire._SAFE_OPTIONS))
+        return ("value", cbor2.loads(data, **frames._SAFE_OPTIONS))
     except Exception as exc:
         return ("error", type(exc))
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from cypaxos import clientops as ops
 from cypaxos import commands as c
-from cypaxos.client import _park
+from cypaxos.client.api import _park
 
 keys = st.binary(max_size=40)
 values = st.binary(max_size=100)
