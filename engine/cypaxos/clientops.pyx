@@ -1,11 +1,18 @@
 """The client's per-command records and the loops over them.
 
-A `Client` (client.py) keeps one `Op` per command or query a caller is waiting on, and
-moves it through the states below as it is queued, sent in a batch and answered.  At
-hundreds of thousands of commands a second the client's CPU went to exactly these
-per-command steps in Python (making the record, taking it off the queue, copying its
-bytes into a batch, finishing it), so they live here; the decisions around them (what
-to send, when to resend, what an error means) stay in client.py.
+A client keeps one `Op` per command or query a caller is waiting on; its session
+(client/session.py) moves it through the states below as it is queued, sent in a
+batch and answered.  At hundreds of thousands of commands a second the client's CPU
+went to exactly these per-command steps in Python (making the record, taking it off
+the queue, copying its bytes into a batch, finishing it), so they live here; the
+decisions around them (what to send, when to resend, what an error means) are the
+session's.
+
+Finishing an op wakes the caller parked on it (`Op.task`): a Trio task is
+rescheduled directly (the fast path of the Trio client); anything else there is a
+callable taking no arguments, called once, which is how another event loop's client,
+or the simulator's, hears that a call ended.  A wake-up must not call back into the
+session: it runs in the middle of the session's handling of a reply.
 
 The byte formats are those of commands.py (docs/internals.md, "Slot values and client
 batches" and "Key-value commands"); `pack_client_batch`, `encode_puts`, `encode_gets`
@@ -22,6 +29,7 @@ from cypaxos.protocol cimport CLIENT_BATCH_HEADER_BYTES, SEQ_LIMIT_C
 import trio
 
 _reschedule = trio.lowlevel.reschedule
+_TrioTask = trio.lowlevel.Task
 
 # Op.state: NEW -> QUEUED -> SENT -> DONE; a caller that gives up makes a QUEUED or
 # SENT op ABANDONED (a queued one is then never sent, a sent one finishes unseen).
@@ -55,26 +63,28 @@ cdef bytes _EMPTY = b""
 cdef class Op:
     """One pending call: a command or a query, and how it ended.
 
-    Its caller parks on it (client.py's `_park`); `finish` or the deadline timer wakes
-    it.  Invariant: `task` is set only while the caller is parked; `payload` is None
-    once the op is DONE (it is never sent again).
+    Its caller parks on it (the client's `_park`); `finish` or the deadline sweep wakes
+    it.  Invariant: `task` is set only while the caller is parked (a Trio task, or a
+    callable of no arguments); `payload` is None once the op is DONE (it is never sent
+    again).
 
     Not tracked by the cyclic GC: a client makes one per command, and with every
     one of them tracked the collections they set off cost the load generator about
     a tenth of its throughput.  The references an op holds cannot form a cycle
-    while the op lives on: `task` is the parked caller (cleared when woken), and an
-    `error` is taken off the op before it is raised (client.py's `_error_of`), so
-    that its traceback cannot lead back to the op.
+    while the op lives on: `task` is the parked caller (cleared when woken; a callable
+    there must not hold the op), and an `error` is taken off the op before it is
+    raised (client/calls.py's `_error_of`), so that its traceback cannot lead back
+    to the op.
     """
 
     cdef public object payload    # the command or query bytes
-    cdef public object task       # the parked caller, until someone wakes it
+    cdef public object task       # the parked caller (Trio task or callable), until woken
     cdef public object value      # the result bytes once DONE without error
     cdef public object error      # the exception its caller gets, if any
     cdef public int state         # NEW, QUEUED, SENT, DONE or ABANDONED
     cdef public bint sent         # did it ever leave the client (maybe_applied)
     cdef public bint expired      # its deadline passed before it was DONE
-    cdef public double deadline   # trio.current_time() after which its caller gives up
+    cdef public double deadline   # the client's clock time after which its caller gives up
 
     def __init__(self, payload, double deadline):
         self.payload = payload
@@ -96,7 +106,10 @@ cdef inline int _wake(Op op) except -1:
     task = op.task
     if task is not None:
         op.task = None
-        _reschedule(task)
+        if type(task) is _TrioTask:
+            _reschedule(task)
+        else:
+            task()
     return 0
 
 
