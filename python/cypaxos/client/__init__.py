@@ -1,12 +1,21 @@
-"""The cypaxos client: `open_client` (Trio) and `connect` (blocking), over one engine.
+"""The cypaxos client: `open_client` (Trio) and `connect` (blocking), over one session.
 
-`cypaxos.client.api` holds the Trio `Client` (leader finding, pipelining, batching,
-safe retries); `cypaxos.client.blocking` runs one in a background thread for plain
-code.  Addresses are parsed by `cypaxos.addresses.parse_addresses`.
+* `cypaxos.client.session`: `ClientSession`, the client's protocol without I/O
+  (sessions, numbering, batches, the in-flight window, resends, redirects, reads,
+  deadlines), with `cypaxos.client.routing` (which replica, when, and what the
+  errors say);
+* `cypaxos.client.calls`: `ClientCalls`, the public calls over a session, for any
+  event loop;
+* `cypaxos.client.api`: the Trio `Client` and `open_client`, wired with
+  `cypaxos.client.connection` (dial, handshake, frames);
+* `cypaxos.client.blocking`: `BlockingClient`, a `Client` in a background thread.
+
+Addresses are parsed by `cypaxos.addresses.parse_addresses`.
 """
 from ..addresses import parse_addresses
 from .api import COMMAND_BYTES_MAX, Client, open_client
 from .blocking import BlockingClient, connect
+from .session import ClientSession, SessionSettings
 
 __all__ = ["Client", "BlockingClient", "open_client", "connect", "parse_addresses",
-           "COMMAND_BYTES_MAX"]
+           "COMMAND_BYTES_MAX", "ClientSession", "SessionSettings"]

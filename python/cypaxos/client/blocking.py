@@ -76,7 +76,7 @@ class BlockingClient:
         def start():
             # In the loop thread.  Must not raise: an error here would crash the loop.
             try:
-                if client._closed:
+                if client.closed:
                     raise ClosedError("the client is closed")
                 client._nursery.start_soon(run)
             except BaseException as exc:
