@@ -21,9 +21,9 @@ import pytest
 import trio
 
 from cypaxos import commands, wire
-from cypaxos.client import api as client_module
 from cypaxos.client import (
-    COMMAND_BYTES_MAX, BlockingClient, Client, connect, open_client, parse_addresses,
+    COMMAND_BYTES_MAX, BlockingClient, Client, SessionSettings, connect, open_client,
+    parse_addresses,
 )
 from cypaxos.errors import (
     ClientError, ClosedError, CommandError, ConfigError, RequestError, SessionExpiredError,
@@ -239,17 +239,92 @@ async def test_oversized_command_refused_before_sending():
 
 
 async def test_nothing_listening_is_unavailable_not_applied():
-    async with open_client("127.0.0.1:9,127.0.0.1:11", timeout=0.5) as kv:
-        start = trio.current_time()
+    # Every replica refuses the connection: the calls fail as soon as each address
+    # has refused once, not at their deadline (60 s here; the guard is far below it).
+    async with open_client("127.0.0.1:9,127.0.0.1:11", timeout=60) as kv:
+        with trio.fail_after(30):
+            with pytest.raises(UnavailableError) as info:
+                await kv.put(b"k", b"v")
+            assert not info.value.maybe_applied
+            assert str(info.value) == ("no replica reachable: 127.0.0.1:9: connection "
+                                       "refused; 127.0.0.1:11: connection refused")
+            with pytest.raises(UnavailableError) as info:
+                await kv.get_many([b"k", b"l"])
+            assert not info.value.maybe_applied
+            assert "127.0.0.1:11: connection refused" in str(info.value)
+        stats = kv.statistics()
+        assert stats["connect_failures"] >= 4 and stats["fail_fast"] == 2
+        assert stats["queued_commands"] == 0
+
+
+async def test_an_error_in_the_block_leaves_it_as_itself():
+    # Not as an exception group around it (the client's tasks live in a nursery of
+    # the block): `except cypaxos.UnavailableError` around the block must catch it.
+    with pytest.raises(UnavailableError):
+        async with open_client("127.0.0.1:9", timeout=60) as kv:
+            with trio.fail_after(30):
+                await kv.put(b"k", b"v")
+    with pytest.raises(KeyError):
+        async with open_client("127.0.0.1:9"):
+            raise KeyError("the caller's own")
+    with trio.CancelScope() as scope:   # cancellation goes through as before
+        async with open_client("127.0.0.1:9"):
+            scope.cancel()
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+
+
+async def _answering_like(nursery, answer: bytes) -> str:
+    """A TCP server that answers whatever it is sent with `answer`, then closes."""
+    async def handler(stream):
+        await stream.receive_some(1024)
+        await stream.send_all(answer)
+        await stream.aclose()
+    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    return "127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
+
+
+async def test_a_server_that_is_not_a_replica_is_named_so(nursery):
+    # An HTTP server (one that rejects a request it cannot parse, as most do) used
+    # to read "frame body of 1213486160 bytes exceeds the limit".
+    http = await _answering_like(nursery, b"HTTP/1.1 400 Bad Request\r\n"
+                                          b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    tls = await _answering_like(nursery, bytes.fromhex("15030300020246"))  # a TLS alert
+    async with open_client([http], timeout=60) as kv:
+        with trio.fail_after(30):   # every address definitively failed: at once
+            with pytest.raises(UnavailableError) as info:
+                await kv.put(b"k", b"v")
+        assert str(info.value) == ("no replica reachable: %s: not a cypaxos replica "
+                                   "(it answered 'HTTP/1.1 400 Bad Request')" % http)
+        assert not info.value.maybe_applied
+    async with open_client([tls, http], timeout=60) as kv:
+        status = await kv.status()
+    assert status[0]["error"] == "not a cypaxos replica without TLS (it answered in TLS)"
+    assert status[1]["error"].startswith("not a cypaxos replica (it answered 'HTTP/1.1 400")
+    assert not status[0]["reachable"] and not status[1]["reachable"]
+
+
+async def test_a_replica_naming_an_unreachable_leader_means_no_leader(nursery):
+    # A quorum lost: the replica left up still names the leader it last heard of,
+    # which refuses connections.  That is "no leader", not "connection refused".
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        dead = "127.0.0.1:%d" % sock.getsockname()[1]
+    follower = await start_fake(nursery, replica_id=1)
+    follower.submit_hook = lambda f, rid, batch: wire.redirect(rid, dead)
+    follower.read_hook = lambda f, rid, queries, stale: wire.redirect(rid, dead)
+    follower.hook_registrations = True
+    async with open_client([follower.address], timeout=1.0) as kv:
         with pytest.raises(UnavailableError) as info:
             await kv.put(b"k", b"v")
-        assert 0.45 <= trio.current_time() - start < 2.0
+        assert str(info.value) == (
+            f"no leader within 1 s: no quorum, or an election in progress "
+            f"({follower.address} names {dead} as the leader, which is unreachable "
+            f"(connection refused))")
         assert not info.value.maybe_applied
-        assert "connection refused" in str(info.value)
-        with pytest.raises(UnavailableError) as info:
-            await kv.get(b"k", timeout=0.2)
-        assert not info.value.maybe_applied
-        assert kv.statistics()["connect_failures"] >= 2
+        with pytest.raises(UnavailableError, match="^no leader within 0.5 s"):
+            await kv.get(b"k", timeout=0.5)
+        assert kv.statistics()["fail_fast"] == 0   # a replica was up the whole time
 
 
 # ---------------------------------------------------------------------------
@@ -288,7 +363,11 @@ async def test_new_connection_sends_queued_calls_without_a_wakeup(nursery):
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    async with open_client("127.0.0.1:%d" % port, timeout=10) as kv:
+    # A second address that accepts and never answers: dials there time out, which
+    # is no proof that the cluster is down, so the call waits instead of failing fast.
+    silent = await start_fake(nursery, welcome=False)
+    async with open_client(["127.0.0.1:%d" % port, silent.address], timeout=10,
+                           settings=SessionSettings(connect_timeout_s=0.1)) as kv:
         done = trio.Event()
 
         async def put():
@@ -299,7 +378,7 @@ async def test_new_connection_sends_queued_calls_without_a_wakeup(nursery):
             while not (kv.statistics()["queued_commands"]
                        and kv.statistics()["connect_failures"]):
                 await trio.sleep(0.005)
-        kv._kick = trio.Event()   # the wake-up is gone, as if a dead sender took it
+        kv._kick_event = trio.Event()   # the wake-up is gone, as if a dead sender took it
         fake = await start_fake(nursery, port=port)
         with trio.fail_after(5):
             await done.wait()
@@ -526,7 +605,7 @@ async def test_no_leader_anywhere_is_unavailable(nursery):
         fake.submit_hook = lambda f, rid, batch: wire.redirect(rid, None)
         fake.hook_registrations = True
     async with open_client([f.address for f in fakes], timeout=0.5) as kv:
-        with pytest.raises(UnavailableError, match="leading") as info:
+        with pytest.raises(UnavailableError, match="^no leader within") as info:
             await kv.put(b"k", b"v")
     # Never sent: with no leader the client could not even register its session.
     assert not info.value.maybe_applied
@@ -573,12 +652,12 @@ async def test_replica_of_another_cluster_is_refused(nursery):
     assert not other.requests
 
 
-async def test_stalled_replica_is_left_for_another(nursery, monkeypatch):
-    monkeypatch.setattr(client_module, "_STALL_TIMEOUT", 0.2)
+async def test_stalled_replica_is_left_for_another(nursery):
     stuck = await start_fake(nursery, replica_id=1)
     stuck.submit_hook = lambda f, rid, batch: SILENT
     good = await start_fake(nursery, replica_id=2, cluster=stuck)
-    async with open_client([stuck.address, good.address], timeout=5) as kv:
+    async with open_client([stuck.address, good.address], timeout=5,
+                           settings=SessionSettings(stall_timeout_s=0.2)) as kv:
         for i in range(3):
             await kv.put(b"k%d" % i, b"v")
         assert kv.statistics()["connected_to"] == good.address
@@ -763,10 +842,10 @@ async def test_bulk_call_deadline_and_cancel(nursery):
         assert await kv.get_many([b"after", b"k0"], timeout=5) == [b"1", b"v"]
 
 
-async def test_bulk_call_larger_than_the_queue(nursery, monkeypatch):
-    monkeypatch.setattr(client_module, "QUEUE_COMMANDS_MAX", 100)
+async def test_bulk_call_larger_than_the_queue(nursery):
     fake = await start_fake(nursery)
-    async with open_client(fake.address) as kv:
+    async with open_client(fake.address,
+                           settings=SessionSettings(queue_commands_max=100)) as kv:
         await kv.put_many([(b"q%d" % i, b"%d" % i) for i in range(1000)])
         assert await kv.get_many([b"q%d" % i for i in range(1000)]) == \
             [b"%d" % i for i in range(1000)]
@@ -1019,6 +1098,29 @@ async def test_evicted_sessions_are_expired_not_reapplied(new_cluster):
             assert await second.get(b"later") == b"2"
             statuses = await first.status()
             assert all(s["reachable"] for s in statuses)
+    finally:
+        cluster.close()
+
+
+async def test_quorum_loss_is_no_leader(new_cluster):
+    cluster = new_cluster(fsync=False)
+    cluster.start_all()
+    try:
+        async with open_client(cluster.cluster_arg, timeout=10) as kv:
+            leader = await wait_leader(kv)
+            await kv.put(b"quorum", b"1")
+            # The leader and one follower die; the last replica is up, alone.
+            other = next(i for i in cluster.ids if i != leader["id"])
+            cluster.kill(leader["id"])
+            cluster.kill(other)
+            with pytest.raises(UnavailableError) as info:
+                await kv.put(b"quorum", b"2", timeout=3)
+            assert str(info.value).startswith("no leader within 3 s: no quorum"), info.value
+            assert info.value.maybe_applied   # it was sent (redirected, or lost with the leader)
+            with pytest.raises(UnavailableError) as info:
+                await kv.get(b"quorum", timeout=2)
+            assert str(info.value).startswith("no leader within 2 s: no quorum"), info.value
+            assert not info.value.maybe_applied
     finally:
         cluster.close()
 
