@@ -51,7 +51,15 @@ class Deadlines:
 
     def expire(self, now: float) -> float:
         """Expire the ops due at `now` (waking their callers) and drop finished ones
-        at the heads; the next deadline (inf if none)."""
+        at the heads; the next deadline (inf if none), at which the wiring is to call
+        this again."""
+        self._next_at = next_at = self.sweep(now)
+        return next_at
+
+    def sweep(self, now: float) -> float:
+        """`expire`, without moving the wiring's next call (ops that just finished
+        leave the heads early; the wiring still wakes at the deadline it was given,
+        rather than once per call)."""
         next_at = _ops.sweep_fifo(self._fifo, now)
         heap = self._heap
         while heap:
@@ -65,5 +73,4 @@ class Deadlines:
             else:
                 next_at = min(next_at, deadline)
                 break
-        self._next_at = next_at
         return next_at

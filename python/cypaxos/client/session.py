@@ -368,7 +368,7 @@ class ClientSession:
                 self._answered = True
                 if target.done:
                     self.router.leader_answered(now)
-                    self._deadlines.expire(now)   # drops finished heads
+                    self._deadlines.sweep(now)   # drops finished heads
                 elif pause is not None:
                     self._resend_at = min(self._resend_at, now + pause)
             elif reply[1] == target.request_id:
@@ -377,7 +377,7 @@ class ClientSession:
                 self._answered = True
                 if not target.stale:
                     self.router.leader_answered(now)
-                self._deadlines.expire(now)
+                self._deadlines.sweep(now)
         elif kind == "redirect":
             self._stats["redirects"] += 1
             hint = reply[2]
