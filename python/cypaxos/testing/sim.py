@@ -10,8 +10,9 @@ fault healed, and checks:
   replica's every commit);
 * every replica applies a prefix of that one sequence, and replicas at equal applied
   indexes have equal state digests;
-* the clients' history (put/get/cas/delete with retries through sessions) is
-  linearizable per key;
+* the clients' history (put/get/cas/delete through the real client's session, with
+  its retries, resends and timeouts: `cypaxos.testing.simclient`) is linearizable
+  per key, and a call it reported as certainly not applied had no effect;
 * liveness: once faults stop, every submitted operation completes within a bound and
   all replicas converge to the same commit index and state digest.
 
@@ -24,17 +25,15 @@ from __future__ import annotations
 import argparse
 import heapq
 import random
+import struct
 import sys
 from dataclasses import dataclass, field
 
-from cypaxos.commands import (
-    SEQ_LIMIT, decode_bool, decode_get, encode_cas, encode_delete, encode_get, encode_put,
-    pack_client_batch, unpack_results,
-)
-from cypaxos.core import NOT_LEADER, PROPOSED, REGISTER_SESSION_ID, Config, Replica
-from cypaxos.protocol import RESULT_ERROR, RESULT_OK, RESULT_RETRY, RESULT_SESSION_EXPIRED
+from cypaxos import wire
+from cypaxos.core import NOT_LEADER, PROPOSED, BatchError, Config, Replica
 from cypaxos.statemachine import KVStore
 from cypaxos.testing.linearizability import History, check
+from cypaxos.testing.simclient import SimClient as Client
 
 MS = 1000  # microseconds per millisecond
 
@@ -133,8 +132,8 @@ class Node:
         self.tick_us = int(sim.tick_us * skew)
         self.core: Replica = None  # type: ignore[assignment]
         self.after: list = []  # (records_written_required, persist_id, messages)
-        self.pending_batches: dict = {}  # (session, first_seq) -> client id
-        self.pending_reads: dict = {}  # read id -> (client id, query)
+        self.pending_batches: dict = {}  # (session, first_seq) -> (connection, request id)
+        self.pending_reads: dict = {}  # read id -> (connection, request id, queries)
         self.checked_commit = 0
         self.snapshot_every = sim.rng.randint(10, 60) if sim.snapshots else 0
         self.start()
@@ -241,18 +240,19 @@ class Node:
             if rd.messages_after_persist or rd.records:
                 self.after.append((self.disk.written, rd.persist_id, rd.messages_after_persist))
             for sid, first, packed in rd.results:
-                client = self.pending_batches.pop((sid, first), None)
-                if client is not None:
-                    sim.to_client(self.rid, client, ("result", sid, first, packed))
+                waiter = self.pending_batches.pop((sid, first), None)
+                if waiter is not None:
+                    waiter[0].reply(wire.ok(waiter[1], packed))
             for rid in rd.reads:
-                client, query = self.pending_reads.pop(rid)
-                sim.to_client(self.rid, client, ("read", rid, self.core.state_machine.query(query)))
+                conn, request_id, queries = self.pending_reads.pop(rid)
+                query = self.core.state_machine.query
+                conn.reply(wire.ok(request_id, [query(q) for q in queries]))
             for rid in rd.reads_failed:
-                client, _ = self.pending_reads.pop(rid)
-                sim.to_client(self.rid, client, ("redirect", self.core.leader_id))
+                conn, request_id, _ = self.pending_reads.pop(rid)
+                conn.reply(wire.redirect(request_id, self.leader_address()))
             if rd.lost_leadership:
-                for (sid, first), client in self.pending_batches.items():
-                    sim.to_client(self.rid, client, ("redirect", self.core.leader_id))
+                for conn, request_id in self.pending_batches.values():
+                    conn.reply(wire.redirect(request_id, self.leader_address()))
                 self.pending_batches = {}
             if restating is not None:
                 self.after_restatement(restating[0], restating[1], write_snapshot=not written)
@@ -286,192 +286,41 @@ class Node:
             self.sim.schedule(disk.sync_due, "sync", self.rid, self.incarnation)
         self.process()
 
-    def on_client(self, client: int, request: tuple) -> None:
-        """A client's request arrives (submit a batch, or a linearizable read)."""
-        if request[0] == "submit":
-            batch = request[1]
-            sid, first = request[2], request[3]
-            status = self.core.propose(batch)
+    def leader_address(self) -> str | None:
+        leader = self.core.leader_id
+        return self.sim.addresses.get(leader) if leader else None
+
+    def on_client(self, conn, request: tuple) -> None:
+        """A client's request (parsed by `wire.parse_client_request`) arrives on `conn`,
+        which takes the replies; handled as the server handles it."""
+        kind, request_id = request[0], request[1]
+        if kind == "submit":
+            batch = request[2]
+            try:
+                status = self.core.propose(batch)
+            except BatchError as exc:
+                conn.reply(wire.error(request_id, "bad_request", str(exc)))
+                return
             if status == PROPOSED:
-                self.pending_batches[(sid, first)] = client
+                self.pending_batches[struct.unpack_from("<QQ", batch)] = (conn, request_id)
+            elif status == NOT_LEADER:
+                conn.reply(wire.redirect(request_id, self.leader_address()))
             else:
-                self.sim.to_client(self.rid, client, ("redirect", self.core.leader_id))
+                conn.reply(wire.error(request_id, "busy", "the leader's queue is full"))
+        elif kind == "read":
+            queries, stale = request[2], request[3]
+            if stale:
+                query = self.core.state_machine.query
+                conn.reply(wire.ok(request_id, [query(q) for q in queries]))
+                return
+            read_id = self.sim.new_id()
+            if self.core.read(read_id):
+                self.pending_reads[read_id] = (conn, request_id, queries)
+            else:
+                conn.reply(wire.redirect(request_id, self.leader_address()))
         else:
-            _, rid, query = request
-            if rid in self.pending_reads:
-                return  # a duplicated request; the shell hands the core unique read ids
-            if self.core.read(rid):
-                self.pending_reads[rid] = (client, query)
-            else:
-                self.sim.to_client(self.rid, client, ("redirect", self.core.leader_id))
+            conn.reply(wire.error(request_id, "bad_request", f"no {kind} in the simulation"))
         self.process()
-
-
-class Client:
-    """A client with a session: numbered commands, retried until answered.
-
-    It first registers its session (a batch for session 0 with a random nonce, answered
-    with the new session id; retried like any batch).  `depth` batches may be
-    outstanding at once (pipelining); retries resend every outstanding batch, in order,
-    to the next replica.
-    """
-
-    def __init__(self, sim: "Simulation", cid: int, depth: int) -> None:
-        self.sim = sim
-        self.cid = cid
-        self.session: int | None = None  # until the registration is answered
-        self.registration: tuple | None = None  # (nonce, batch) while outstanding
-        self.depth = depth
-        self.next_seq = 1
-        self.acked_seq = 0
-        self.done_seqs: set[int] = set()
-        self.outstanding: dict = {}  # first_seq -> (batch, op tokens, kinds)
-        self.read: tuple | None = None  # (read id, token, query, sent)
-        self.target = sim.rng.choice(sim.ids)
-        self.retry_at = 0
-        self.rotate = False
-        self.ops_done = 0
-        self.stopped = False
-
-    def busy(self) -> bool:
-        """Whether anything is still waiting for an answer."""
-        return bool(self.outstanding) or self.read is not None or self.registration is not None
-
-    def maybe_start(self) -> None:
-        """Issue new operations while there is room (only during the run)."""
-        sim = self.sim
-        if self.session is None:
-            if self.registration is None and not self.stopped:
-                nonce = sim.rng.randrange(1, SEQ_LIMIT - 1)
-                self.registration = (nonce, pack_client_batch(REGISTER_SESSION_ID, nonce, 0, [b""]))
-                self.send_registration()
-            return
-        while not self.stopped and self.read is None and len(self.outstanding) < self.depth:
-            key = sim.rng.choice(sim.keys)
-            roll = sim.rng.random()
-            if roll < 0.3 and not self.outstanding:
-                rid = sim.new_id()
-                token = sim.history.invoke(self.cid, "get", key, None, sim.now)
-                self.read = (rid, token, encode_get(key))
-                self.send_read()
-                return
-            ops = []
-            for _ in range(sim.rng.choice((1, 1, 1, 2, 3))):
-                r = sim.rng.random()
-                value = b"v%d" % sim.new_id()
-                if r < 0.55:
-                    ops.append(("put", key, value, encode_put(key, value)))
-                elif r < 0.85:
-                    expected = sim.rng.choice([None] + sim.written[key][-3:])
-                    ops.append(("cas", key, (expected, value), encode_cas(key, expected, value)))
-                else:
-                    ops.append(("delete", key, None, encode_delete(key)))
-                key = sim.rng.choice(sim.keys)
-            first = self.next_seq
-            self.next_seq += len(ops)
-            tokens = []
-            for kind, k, arg, _ in ops:
-                tokens.append(sim.history.invoke(self.cid, kind, k, arg, sim.now))
-                if kind == "put":
-                    sim.written[k].append(arg)
-                elif kind == "cas":
-                    sim.written[k].append(arg[1])
-            batch = pack_client_batch(self.session, first, self.acked_seq, [o[3] for o in ops])
-            self.outstanding[first] = (batch, tokens, [o[0] for o in ops], len(ops))
-            self.send_batch(first)
-
-    def send_batch(self, first: int) -> None:
-        batch = self.outstanding[first][0]
-        self.sim.to_replica(self.cid, self.target, ("submit", batch, self.session, first))
-        self.retry_at = self.sim.now + self.sim.client_timeout_us
-        self.rotate = True
-
-    def send_registration(self) -> None:
-        nonce, batch = self.registration
-        self.sim.to_replica(self.cid, self.target, ("submit", batch, REGISTER_SESSION_ID, nonce))
-        self.retry_at = self.sim.now + self.sim.client_timeout_us
-        self.rotate = True
-
-    def send_read(self) -> None:
-        rid, token, query = self.read
-        self.sim.to_replica(self.cid, self.target, ("read", rid, query))
-        self.retry_at = self.sim.now + self.sim.client_timeout_us
-        self.rotate = True
-
-    def retry(self, rotate: bool) -> None:
-        """Resend everything outstanding, to the next replica if `rotate`."""
-        sim = self.sim
-        if rotate:
-            self.target = sim.ids[(sim.ids.index(self.target) + 1) % len(sim.ids)]
-        if self.registration is not None:
-            self.send_registration()
-        if self.read is not None:
-            rid = sim.new_id()  # a fresh id: the old replica may still answer the old one
-            self.read = (rid,) + self.read[1:]
-            self.send_read()
-        for first in sorted(self.outstanding):
-            self.send_batch(first)
-
-    def on_reply(self, src: int, reply: tuple) -> None:
-        sim = self.sim
-        kind = reply[0]
-        if kind == "redirect":
-            # Follow the hint after a short pause; every outstanding request may
-            # bounce, and resending everything per bounce would snowball.
-            if self.busy() and src == self.target:
-                hint = reply[1]
-                self.target = hint if hint in sim.ids and hint != src else \
-                    sim.ids[(sim.ids.index(src) + 1) % len(sim.ids)]
-                self.retry_at = min(self.retry_at, sim.now + 10 * MS)
-                self.rotate = False
-            return
-        if kind == "read":
-            if self.read is None or reply[1] != self.read[0]:
-                return
-            _, token, query = self.read
-            sim.history.complete(token, "ok", decode_get(reply[2]), sim.now)
-            self.read = None
-            self.ops_done += 1
-        elif reply[1] == REGISTER_SESSION_ID:
-            _, _, nonce, packed = reply
-            if self.registration is None or nonce != self.registration[0]:
-                return  # an answer to a registration already answered
-            (status, data), = unpack_results(packed)
-            if status != RESULT_OK:
-                raise SimulationFailure(f"seed {sim.seed}: registration answered {status}")
-            self.session = int.from_bytes(data, "little")
-            self.registration = None
-        else:
-            _, sid, first, packed = reply
-            if sid != self.session:
-                return  # an answer for an earlier session of this client
-            entry = self.outstanding.get(first)
-            if entry is None:
-                return  # an answer to a retry we already have
-            batch, tokens, kinds, count = entry
-            results = unpack_results(packed)
-            if len(results) != count:
-                raise SimulationFailure(f"seed {sim.seed}: {len(results)} results for {count} commands")
-            statuses = {status for status, _ in results}
-            if statuses == {RESULT_RETRY}:
-                self.retry_at = min(self.retry_at, sim.now + 10 * MS)
-                self.rotate = False
-                return  # resent on the next retry, after the earlier batches
-            if RESULT_RETRY in statuses or RESULT_SESSION_EXPIRED in statuses or RESULT_ERROR in statuses:
-                raise SimulationFailure(f"seed {sim.seed}: unexpected result statuses {statuses}")
-            for token, k, (status, data) in zip(tokens, kinds, results):
-                if k == "put":
-                    result = None
-                else:
-                    result = decode_bool(data)
-                sim.history.complete(token, "ok", result, sim.now)
-            del self.outstanding[first]
-            self.done_seqs.update(range(first, first + count))
-            while self.acked_seq + 1 in self.done_seqs:
-                self.done_seqs.discard(self.acked_seq + 1)
-                self.acked_seq += 1
-            self.ops_done += count
-        self.maybe_start()
 
 
 class Simulation:
@@ -494,7 +343,6 @@ class Simulation:
             settings["pre_vote"] = True
             self.config = Config(**settings)
         self.tick_us = 10 * MS
-        self.client_timeout_us = 150 * MS
         self.safety_us = safety_us
         self.liveness_us = liveness_us
         self.verbose = verbose
@@ -511,6 +359,8 @@ class Simulation:
         self.fault_counts: dict[str, int] = {}
         self.messages = 0
         self.healing = False
+        self.addresses = {i: f"sim-{i}:7000" for i in self.ids}
+        self.address_ids = {a: i for i, a in self.addresses.items()}
         self.nodes = {i: Node(self, i) for i in self.ids}
         self.clients = [Client(self, 1000 + c, depth=1 + (c % 3)) for c in range(clients)]
         self.client_by_id = {c.cid: c for c in self.clients}
@@ -560,20 +410,6 @@ class Simulation:
             self.schedule(self.now + self.delay(), "deliver", src, dst, msg)
             if twice:
                 self.schedule(self.now + self.delay(), "deliver", src, dst, msg)
-
-    def to_replica(self, cid: int, rid: int, request: tuple) -> None:
-        deliver, twice = self.lossy(cid, rid)
-        if deliver:
-            self.schedule(self.now + self.delay(), "client_request", cid, rid, request)
-            if twice:
-                self.schedule(self.now + self.delay(), "client_request", cid, rid, request)
-
-    def to_client(self, rid: int, cid: int, reply: tuple) -> None:
-        deliver, twice = self.lossy(rid, cid)
-        if deliver:
-            self.schedule(self.now + self.delay(), "client_reply", rid, cid, reply)
-            if twice:
-                self.schedule(self.now + self.delay(), "client_reply", rid, cid, reply)
 
     # -- checks
 
@@ -628,6 +464,8 @@ class Simulation:
             if target is None or not self.nodes[target].up:
                 return
             self.nodes[target].crash()
+            for client in self.clients:
+                client.replica_crashed(target)   # their connections to it are reset
             self.count("crash")
             self.log(f"crash {target}")
             self.schedule(self.now + self.rng.randint(20 * MS, 600 * MS), "restart", target)
@@ -665,6 +503,9 @@ class Simulation:
             raise
         except Exception as exc:  # an invariant or a crash inside the core is a failure too
             raise SimulationFailure(f"seed {self.seed}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            for client in self.clients:
+                client.shutdown()   # calls still parked end here (checked already)
 
     def _run(self) -> SimResult:
         for node in self.nodes.values():
@@ -736,24 +577,16 @@ class Simulation:
                     self.check_commits(other)
 
     def on_client_start(self, cid: int) -> None:
-        self.client_by_id[cid].maybe_start()
+        self.client_by_id[cid].on_timer()
         self.schedule(self.now + 5 * MS, "client_timer", cid)
 
     def on_client_timer(self, cid: int) -> None:
-        client = self.client_by_id[cid]
-        if client.busy() and self.now >= client.retry_at:
-            client.retry(client.rotate)
-        client.maybe_start()
+        self.client_by_id[cid].on_timer()
         self.schedule(self.now + 5 * MS, "client_timer", cid)
 
-    def on_client_request(self, cid: int, rid: int, request: tuple) -> None:
-        node = self.nodes[rid]
-        if node.up and (cid, rid) not in self.blocked:
-            node.on_client(cid, request)
-
-    def on_client_reply(self, rid: int, cid: int, reply: tuple) -> None:
-        if (rid, cid) not in self.blocked:
-            self.client_by_id[cid].on_reply(rid, reply)
+    def on_client_event(self, handler, *args) -> None:
+        """Something on a client's simulated connection (`cypaxos.testing.simclient`)."""
+        handler(*args)
 
     def on_fault(self) -> None:
         if self.healing:
