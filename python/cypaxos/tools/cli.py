@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wal-segment-bytes", type=int_in(1 << 12, 1 << 32), default=8 << 20,
                    metavar="B", help="size of one log segment file, zero-filled when "
                                      "created (default: 8 MiB)")
+    p.add_argument("--read-lease", action="store_true",
+                   help="serve linearizable reads at the leader under a lease, without a "
+                        "quorum round (needs --clock-drift-ms; see docs/cli.md)")
+    p.add_argument("--clock-drift-ms", type=int_in(0, 1 << 20), metavar="MS",
+                   help="with --read-lease: how far any replica's clock may run ahead of "
+                        "or behind the leader's over one election timeout (250 ms)")
     p.set_defaults(handler=_cmd_serve)
 
     # local
@@ -283,7 +289,12 @@ def _cmd_serve(args) -> int:
         snapshot_slots=args.snapshot_slots,
         retain_slots=args.retain_slots,
         wal_segment_bytes=args.wal_segment_bytes,
+        read_lease=args.read_lease,
+        clock_drift_ms=args.clock_drift_ms,
     )
+    if args.clock_drift_ms is not None and not args.read_lease:
+        raise ConfigError("--clock-drift-ms is only for --read-lease")
+    options.core_config()   # a lease that does not fit: one line, exit 2
     try:
         return run_server(options)
     except BaseException as raised:
