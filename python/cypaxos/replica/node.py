@@ -75,7 +75,7 @@ log = logging.getLogger("cypaxos.server")  # the name in log lines, kept across 
 
 FAULT_RELEASE_BEFORE_DURABLE = 1   # messages_after_persist leave with their records unsynced
 FAULT_INSTALL_UNVERIFIED = 2       # a received snapshot is installed without verification
-FAULT_COMPACT_BEFORE_DURABLE = 4   # the WAL is truncated before the restatement is durable
+FAULT_COMPACT_BEFORE_DURABLE = 4   # the WAL is truncated before the snapshot is durable
 
 _SESSION_HEADER = struct.Struct("<QQ")
 
@@ -540,6 +540,8 @@ class ReplicaNode:
         parts = snapshots.encode_parts(self.cluster_id, snapshot)
         del snapshot
         self.storage.write_snapshot(job.index, parts)
+        if self.fault & FAULT_COMPACT_BEFORE_DURABLE:
+            self.storage.truncate_before(job.cut)
         return True
 
     def restate(self, job: _SnapshotJob) -> None:
@@ -584,7 +586,7 @@ class ReplicaNode:
         before the restatement and forget old slots."""
         job = self.snapshot_job
         storage = self.storage
-        if storage.durable_seq < job.restate_end and not (self.fault & FAULT_COMPACT_BEFORE_DURABLE):
+        if storage.durable_seq < job.restate_end:
             return
         storage.truncate_before(job.cut)
         self.core.compact(job.index - self.options.retain_slots)

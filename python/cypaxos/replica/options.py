@@ -70,7 +70,8 @@ class ServerOptions:
 
     def core_config(self) -> Config:
         """The core's settings: ~30 ms heartbeats and 250-500 ms election timeouts;
-        with `read_lease`, a lease of the election timeout less the drift bound.
+        with `read_lease`, a lease of the election timeout less the drift bound and
+        one tick.
 
         Raises ConfigError (one line) for a lease whose drift bound leaves no lease.
         """
@@ -85,7 +86,9 @@ class ServerOptions:
             if self.clock_drift_ms is None:
                 raise ConfigError("--read-lease needs an explicit --clock-drift-ms bound")
             drift_ticks = math.ceil(self.clock_drift_ms / self.tick_ms)
-            lease_ticks = election_ticks - drift_ticks
+            # One tick less again: a follower counts the election timeout from the
+            # tick it heard the leader in, which may have begun up to a tick earlier.
+            lease_ticks = election_ticks - drift_ticks - 1
             if self.clock_drift_ms < 0 or lease_ticks < 1:
                 raise ConfigError(
                     f"--clock-drift-ms {self.clock_drift_ms} leaves no lease: a lease plus "
