@@ -75,7 +75,7 @@ def test_a_nondeterministic_state_machine_is_caught_with_its_seed():
     assert message.startswith("seed ") and "snapshot() bytes differ" in message
     seed = int(message.split()[1].rstrip(":"))
     assert message.splitlines()[-1] == (
-        f"reproduce: python -m cypaxos.testing.simulate {__name__}:Jittery "
+        f"reproduce: python -m cypaxos.testing.statemachines {__name__}:Jittery "
         f"{__name__}:small_commands --seed {seed} --replicas 3")
 
 
@@ -87,7 +87,7 @@ def test_a_snapshot_that_does_not_round_trip_is_caught():
 def test_the_reproduction_line_runs():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.join(HERE, "..", "docs", "examples"), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-m", "cypaxos.testing.simulate", "ledger:Ledger",
+    out = subprocess.run([sys.executable, "-m", "cypaxos.testing.statemachines", "ledger:Ledger",
                           "ledger:workload", "--seed", "3"], capture_output=True, text=True,
                          env=env, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -1,18 +1,18 @@
 """Test-support tools for cypaxos.
 
-* `simulate` (`cypaxos.testing.simulate`): run your own state machine inside the
+* `simulate` (`cypaxos.testing.statemachines`): run your own state machine inside the
   production replica node under seeded faults (docs/state-machines.md).
 * `cypaxos.testing.sim`: the seeded simulator itself (`Simulation`, `Faults`).
 * `cypaxos.testing.linearizability`: history recording and linearizability checking.
 
 The names below are loaded on first use, so that `python -m cypaxos.testing.sim`
-(or `.simulate`) runs its module only once.
+(or `.statemachines`) runs its module only once.
 """
 from __future__ import annotations
 
 __all__ = ["simulate", "SimulateReport", "SimulationFailure", "Faults"]
 
-_HOMES = {"simulate": "simulate", "SimulateReport": "simulate",
+_HOMES = {"simulate": "statemachines", "SimulateReport": "statemachines",
           "SimulationFailure": "sim", "Faults": "sim"}
 
 

@@ -25,7 +25,7 @@ unordered set leaking into its state or snapshot) or whose snapshot does not rou
 makes a seed fail: `simulate` raises `SimulationFailure` whose message starts with the
 seed and ends with a one-line reproduction:
 
-    python -m cypaxos.testing.simulate ledger:Ledger mymodule:workload --seed 17
+    python -m cypaxos.testing.statemachines ledger:Ledger mymodule:workload --seed 17
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def simulate(state_machine_class, workload: Callable[[random.Random], bytes], *,
         try:
             result = sim.run()
         except SimulationFailure as exc:
-            repro = (f"python -m cypaxos.testing.simulate {_name(state_machine_class)} "
+            repro = (f"python -m cypaxos.testing.statemachines {_name(state_machine_class)} "
                      f"{_name(workload)} --seed {seed} --replicas {replicas}")
             raise SimulationFailure(f"{exc}\nreproduce: {repro}") from exc
         count += 1
@@ -96,7 +96,7 @@ def _load(spec: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m cypaxos.testing.simulate SM_CLASS WORKLOAD [--seed S | --seeds N]`."""
+    """`python -m cypaxos.testing.statemachines SM_CLASS WORKLOAD [--seed S | --seeds N]`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("state_machine", help="module:Class of the state machine")
     parser.add_argument("workload", help="module:function(rng) -> command bytes")
