@@ -94,6 +94,7 @@ import struct
 
 from cypaxos import wire
 from cypaxos.ballots import format_ballot
+from cypaxos.commands import RESULT_ERROR, RESULT_OK, RESULT_RETRY, RESULT_SESSION_EXPIRED
 from cypaxos.core import Config, Replica
 from cypaxos.replica.node import NodeOptions, ReplicaNode
 from cypaxos.statemachine import KVStore
@@ -102,7 +103,8 @@ from cypaxos.storage import snapshots
 MESSAGE_NAMES = wire.MESSAGE_NAMES
 MESSAGE_TYPES = {name: kind for kind, name in MESSAGE_NAMES.items()}
 RECORD_NAMES = {1: "PROMISE", 2: "ACCEPT", 3: "COMMIT"}
-RESULT_STATUS = {0: "ok", 1: "error", 2: "session-expired", 3: "retry"}
+RESULT_STATUS = {RESULT_OK: "ok", RESULT_ERROR: "error", RESULT_SESSION_EXPIRED: "session-expired",
+                 RESULT_RETRY: "retry"}
 MAX_VALUES_SHOWN = 8
 
 

@@ -92,7 +92,8 @@ class ReplicaServer:
                     chunk_ack_ticks=max(1, round(SNAPSHOT_ACK_TIMEOUT_S * ticks_per_s)),
                     chunk_tries=SNAPSHOT_SEND_TRIES,
                     incoming_bytes_max=options.snapshot_receive_bytes_max,
-                    status={"fsync": options.fsync}),
+                    status={"fsync": options.fsync,
+                            "read_lease_ms": config.lease_ticks * options.tick_ms}),
                 core, self.storage, self.transport, self.kick,
                 validate_state=self.validate_state)
             self.transport.stats = self.node.stats

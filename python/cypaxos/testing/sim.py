@@ -39,8 +39,8 @@ from typing import Callable, Optional
 
 from cypaxos import wire
 from cypaxos.commands import (
-    decode_bool, decode_get, encode_cas, encode_delete, encode_get, encode_put,
-    pack_client_batch, unpack_results,
+    RESULT_OK, RESULT_RETRY, RESULT_SESSION_EXPIRED, decode_bool, decode_get, encode_cas,
+    encode_delete, encode_get, encode_put, pack_client_batch, unpack_results,
 )
 from cypaxos.core import Config
 from cypaxos.statemachine import KVStore
@@ -48,8 +48,6 @@ from cypaxos.testing.linearizability import History, check
 from cypaxos.testing.simnode import SimReplica
 
 MS = 1000  # microseconds per millisecond
-
-RESULT_OK, RESULT_ERROR, RESULT_EXPIRED, RESULT_RETRY = 0, 1, 2, 3
 
 __all__ = ["Faults", "SimResult", "Simulation", "SimulationFailure", "KVWorkload",
            "CommandWorkload", "MS", "main"]
@@ -308,7 +306,7 @@ class Client:
             self.retry_at = min(self.retry_at, sim.now + 10 * MS)
             self.rotate = False
             return  # resent on the next retry, after the earlier batches
-        if RESULT_RETRY in statuses or RESULT_EXPIRED in statuses:
+        if RESULT_RETRY in statuses or RESULT_SESSION_EXPIRED in statuses:
             raise SimulationFailure(f"seed {sim.seed}: unexpected result statuses {statuses}")
         for token, kind, (st, data) in zip(tokens, kinds, results):
             sim.workload.on_result(sim, token, kind, st, data)

@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wal-segment-bytes", type=int_in(1 << 12, 1 << 32), default=8 << 20,
                    metavar="B", help="size of one log segment file, zero-filled when "
                                      "created (default: 8 MiB)")
+    p.add_argument("--snapshot-receive-bytes-max", type=int_in(1 << 10, 1 << 50),
+                   default=1 << 34, metavar="B",
+                   help="refuse a snapshot transfer from a peer larger than this "
+                        "(default: 16 GiB)")
     p.add_argument("--read-lease", action="store_true",
                    help="serve linearizable reads at the leader under a lease, without a "
                         "quorum round (needs --clock-drift-ms; see docs/cli.md)")
@@ -289,6 +293,7 @@ def _cmd_serve(args) -> int:
         snapshot_slots=args.snapshot_slots,
         retain_slots=args.retain_slots,
         wal_segment_bytes=args.wal_segment_bytes,
+        snapshot_receive_bytes_max=args.snapshot_receive_bytes_max,
         read_lease=args.read_lease,
         clock_drift_ms=args.clock_drift_ms,
     )
