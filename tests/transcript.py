@@ -1,5 +1,9 @@
 """A data-driven transcript driver for replica nodes (the core and the rules around it).
 
+(One module of about 1,000 lines: a script interpreter, its fakes and its formatting
+of every message and record, which read best side by side with the command list
+below.)
+
 In the style of etcd-io/raft's interaction tests: a small interpreter runs a cluster
 of N production `cypaxos.replica.node.ReplicaNode`s (cores with
 `Config(check_invariants=True)` and a `KVStore`) over a fake disk and network, where
