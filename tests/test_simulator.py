@@ -59,7 +59,8 @@ def ids(seeds):
 
 
 def run_seeds(seeds, **kwargs):
-    totals = {"ops": 0, "faults": 0, "snapshots": 0, "installs": 0, "chunked_seeds": 0}
+    totals = {"ops": 0, "faults": 0, "snapshots": 0, "installs": 0, "chunked_seeds": 0,
+              "competing": 0}
     for seed in seeds:
         result = Simulation(seed, **kwargs).run()  # raises SimulationFailure naming the seed
         totals["ops"] += result.ops_completed
@@ -67,15 +68,18 @@ def run_seeds(seeds, **kwargs):
         totals["snapshots"] += result.faults.get("snapshots_taken", 0)
         totals["installs"] += result.faults.get("snapshots_installed", 0)
         totals["chunked_seeds"] += result.faults.get("chunked_transfers", 0) > 0
+        totals["competing"] += result.faults.get("competing_transfers", 0)
     return totals
 
 
-def assert_transfers(totals, seeds, share):
-    """Snapshots are taken and sent in chunks in at least `share` of the seeds."""
+def assert_transfers(totals, seeds, share, competing=True):
+    """Snapshots are taken and sent in chunks in at least `share` of the seeds, and
+    (`competing`) some replica received transfers from two peers at once."""
     if ONLY_SEED is not None:
         return
     assert totals["snapshots"] >= len(seeds) and totals["installs"] >= 1, totals
     assert totals["chunked_seeds"] >= share * len(seeds), totals
+    assert totals["competing"] >= 1 or not competing, totals
 
 
 @pytest.mark.parametrize("seeds", seeds_for(SEEDS), ids=ids)
@@ -98,7 +102,7 @@ def test_hostile_faults(seeds):
     # transfers still happen (in chunks, against a quarter of the messages lost).
     totals = run_seeds(seeds, replicas=3, config=config(), faults=hostile(),
                        safety_us=4000 * MS, snapshot_slots=(3, 10))
-    assert_transfers(totals, seeds, 0.1)
+    assert_transfers(totals, seeds, 0.1, competing=False)
 
 
 @pytest.mark.parametrize("seeds", seeds_for(SEEDS // 4, offset=400_000), ids=ids)

@@ -82,6 +82,8 @@ FAULT_INSTALL_UNVERIFIED = 2       # a received snapshot is installed without ve
 FAULT_COMPACT_BEFORE_DURABLE = 4   # the WAL is truncated before the snapshot is durable
 
 _SESSION_HEADER = struct.Struct("<QQ")
+_SNAPSHOT_CHUNK = wire.SNAPSHOT_CHUNK   # module globals: read for every peer message
+_SNAPSHOT_ACK = wire.SNAPSHOT_ACK
 
 
 class _SnapshotJob:
@@ -321,10 +323,10 @@ class ReplicaNode:
         handled; the caller flushes).  Raises `wire.ProtocolError` for a message the
         core or the transfer refuses: drop the connection."""
         kind = msg[0]
-        if kind == wire.SNAPSHOT_CHUNK:
+        if kind == _SNAPSHOT_CHUNK:
             self.on_snapshot_chunk(peer, msg[2], msg[3], msg[4], msg[5])
             return False
-        if kind == wire.SNAPSHOT_ACK:
+        if kind == _SNAPSHOT_ACK:
             self.on_snapshot_ack(peer, msg[2], msg[3])
             return False
         try:
@@ -585,8 +587,8 @@ class ReplicaNode:
         else:
             log.info("gave up sending snapshot %d to replica %d at byte %d",
                      sender.index, peer, sender.offset)
-        if not self.senders and self.outgoing is not None and self.outgoing[0] != self.snapshot_index:
-            self.outgoing = None   # an old file's bytes: nobody needs them
+        if not self.senders:
+            self.outgoing = None   # the file's bytes are held only while someone is sent them
 
     # ------------------------------------------------------------------ transfer: receiving
 

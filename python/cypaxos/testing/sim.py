@@ -610,9 +610,10 @@ class Simulation:
             total = sum(r.counter(name) for r in replicas)
             if total:
                 self.count(name, total)
-        chunked = sum(r.storage.chunked_transfers for r in replicas)
-        if chunked:
-            self.count("chunked_transfers", chunked)
+        for name in ("chunked_transfers", "competing_transfers"):
+            total = sum(getattr(r.storage, name) for r in replicas)
+            if total:
+                self.count(name, total)
         done, unknown = self.workload.completed()
         return SimResult(
             seed=self.seed,

@@ -47,6 +47,7 @@ class SimStorage:
         self.incoming: dict[int, bytearray] = {}
         self.incoming_writes: dict[int, int] = {}  # writes that built each incoming file
         self.chunked_transfers = 0  # incoming files built from several chunks, read back
+        self.competing_transfers = 0  # transfers begun while another peer's was under way
 
     # -- the log
 
@@ -129,6 +130,8 @@ class SimStorage:
         if offset == 0:
             self.incoming[peer] = bytearray()
             self.incoming_writes[peer] = 0
+            if len(self.incoming) > 1:
+                self.competing_transfers += 1   # another peer's transfer is under way
         buf = self.incoming[peer]
         buf[offset:offset + len(data)] = data
         self.incoming_writes[peer] += 1
