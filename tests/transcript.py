@@ -699,7 +699,7 @@ class Transcript:
         options = NodeOptions(
             replica_id=n.rid, cluster={i: f"r{i}" for i in self.nodes}, cluster_id="t",
             snapshot_bytes=1 << 60, snapshot_slots=1 << 60, follower_inline_sync=False,
-            drive_lone_requests=False, **self.node_settings)
+            drive_lone_requests=False, check_invariants=True, **self.node_settings)
         n.node = ReplicaNode(options, core, n.disk, Net(self, n.rid), lambda: None,
                              validate_state=lambda state: KVStore().restore(state))
         n.disk.node = n.node

@@ -106,4 +106,5 @@ class NodeOptions:
     chunk_tries: int = 10             # unanswered chunks in a row before a transfer stops
     incoming_bytes_max: int = 1 << 34  # a snapshot transfer over this many bytes is refused
     status: dict = field(default_factory=dict)  # fixed status fields added by the runner
+    check_invariants: bool = False    # assert the node's invariants after every drive (slow)
     fault: int = 0                    # test-only FAULT_* bits; never set in production

@@ -183,6 +183,31 @@ class ReplicaNode:
                 return
             self.release_durable()
         self.transport.flush()
+        if self.options.check_invariants:
+            self.check_invariants()
+
+    def check_invariants(self) -> None:
+        """Assert the invariants written next to the fields (tests and the simulator)."""
+        storage = self.storage
+        assert storage.durable_seq <= storage.last_seq
+        last = (0, self.persisted_id)
+        for seq, persist_id, _ in self.after:
+            assert seq >= last[0] and persist_id >= last[1], (seq, persist_id, last)
+            assert seq <= storage.last_seq
+            last = (seq, persist_id)
+        if self.after and not (self.fault & FAULT_RELEASE_BEFORE_DURABLE):
+            assert self.after[0][0] > storage.durable_seq or storage.sync_in_flight or \
+                self.fatal is not None, "durable messages left waiting"
+        job = self.snapshot_job
+        if job is not None and job.written:
+            assert job.cut <= job.restate_end + 1
+        assert self.pending_install is None or job is not None
+        for receiver in self.receivers.values():
+            assert 0 <= receiver.held <= receiver.total
+            assert not (receiver.writing and receiver.verifying)
+            assert not receiver.verifying or receiver.held == receiver.total
+        for sender in self.senders.values():
+            assert 0 <= sender.offset <= sender.total and not sender.finished
 
     def sync_inline(self) -> bool:
         """Whether to sync in the caller's thread, blocking it (see the module doc).

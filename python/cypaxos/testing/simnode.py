@@ -213,6 +213,7 @@ class SimReplica:
             chunk_ack_ticks=rng.randint(4, 12),
             chunk_tries=10,
             incoming_bytes_max=1 << 20,
+            check_invariants=True,
             fault=sim.node_fault)
         self.start()
 
