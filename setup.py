@@ -1,8 +1,15 @@
 """Build the compiled core: every engine/cypaxos/*.pyx becomes cypaxos.<name>.
 
 Cython resolves a .pxd by its full module name, so the sources mirror the package
-under engine/ and engine/ is the include path.  Set CYPAXOS_DEBUG=1 to build with
-invariant checks compiled in (assert statements and bounds checking).
+under engine/ and engine/ is the include path.
+
+Set CYPAXOS_DEBUG=1 for a debug build (docs/testing.md): bounds and initialization
+checks, and the debug-only asserts (`if DEBUG: assert ...` in the core, compiled out
+otherwise), with `cypaxos.core.DEBUG_BUILD` True.  Each kind of build keeps its
+generated C in its own directory (build/cython-debug, build/cython-release), and a
+build of the other kind than the last rebuilds every extension: Cython and setuptools
+decide what to rebuild by file times alone, which once let a CYPAXOS_DEBUG=1 build
+silently reuse the release build.
 """
 import os
 from glob import glob
@@ -11,6 +18,7 @@ from setuptools import Extension, setup
 from Cython.Build import cythonize
 
 DEBUG = os.environ.get("CYPAXOS_DEBUG", "") not in ("", "0")
+MODE = "debug" if DEBUG else "release"
 
 directives = {
     "language_level": 3,
@@ -21,6 +29,23 @@ directives = {
     "embedsignature": True,
 }
 
+
+def build_kind_stamp():
+    """A file that changes (and so is newer than every extension) when the kind does."""
+    stamp = os.path.join("build", "cypaxos-build-kind")
+    try:
+        with open(stamp) as f:
+            unchanged = f.read() == MODE
+    except OSError:
+        unchanged = False
+    if not unchanged:
+        os.makedirs("build", exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(MODE)
+    return stamp
+
+
+stamp = build_kind_stamp()
 extensions = []
 for source in sorted(glob(os.path.join("engine", "cypaxos", "*.pyx"))):
     name = os.path.splitext(os.path.basename(source))[0]
@@ -28,6 +53,8 @@ for source in sorted(glob(os.path.join("engine", "cypaxos", "*.pyx"))):
         Extension(
             f"cypaxos.{name}",
             [source],
+            depends=[stamp],
+            define_macros=[("CYPAXOS_DEBUG", "1" if DEBUG else "0")],
             extra_compile_args=["-O2"] + ([] if DEBUG else ["-DNDEBUG"]),
         )
     )
@@ -37,5 +64,6 @@ setup(
         extensions,
         include_path=["engine"],
         compiler_directives=directives,
+        build_dir=os.path.join("build", f"cython-{MODE}"),
     ),
 )

@@ -41,11 +41,11 @@ class InProcessCluster:
         self.cores = {i: Replica(i, ids, KVStore(), config, seed=i) for i in ids}
         self.batch_size = batch_size
         self.payloads = [make_payload(batch_size, k * batch_size) for k in range(16)]
-        self.session = 7
         self.seq = 1
         self.leader = self.elect()
+        self.session = self.register()
 
-    def pump(self):
+    def pump(self, on_result=None):
         """Deliver everything until no core has anything left to do."""
         cores = self.cores
         busy = True
@@ -57,10 +57,23 @@ class InProcessCluster:
                     continue
                 busy = True
                 core.persisted(rd.persist_id)
+                if on_result is not None:
+                    for result in rd.results:
+                        on_result(*result)
                 for to, msg in rd.messages:
                     cores[to].step(msg)
                 for to, msg in rd.messages_after_persist:
                     cores[to].step(msg)
+
+    def register(self):
+        """Register the benchmark's client session at the leader; its id."""
+        self.leader.propose(struct.pack("<QQQIII", 0, 1, 0, 1, 4, 0))   # session 0, nonce 1
+        registered = []
+        while not registered:
+            self.pump(on_result=lambda sid, first, packed: registered.append(packed)
+                      if (sid, first) == (0, 1) else None)
+            self.leader.tick()
+        return int.from_bytes(registered[0][5:13], "little")
 
     def elect(self):
         while True:

@@ -12,6 +12,7 @@ Two kinds:
 
 Nothing sleeps to wait for a state: waits poll with a deadline.
 """
+import struct
 import subprocess
 import sys
 import threading
@@ -25,9 +26,10 @@ from cypaxos.client import (
     COMMAND_BYTES_MAX, BlockingClient, Client, connect, open_client, parse_addresses,
 )
 from cypaxos.errors import (
-    ClientError, ClosedError, CommandError, ConfigError, RequestError, TimeoutError,
-    UnavailableError,
+    ClientError, ClosedError, CommandError, ConfigError, RequestError, SessionExpiredError,
+    TimeoutError, UnavailableError,
 )
+from cypaxos.core import PROPOSED, Config, Replica
 from cypaxos.statemachine import KVStore
 
 # ---------------------------------------------------------------------------
@@ -39,14 +41,19 @@ DROP = object()      # a hook's "close the connection without answering"
 
 
 class FakeReplica:
-    """One fake replica: real KV semantics and session table, scripted misbehaviour.
+    """One fake replica: a real one-replica core behind it (the key-value store and the
+    session table, registrations included), scripted misbehaviour in front.
 
     `submit_hook(fake, request_id, batch)` and `read_hook(fake, request_id, queries,
-    stale)` may return a reply body, DEFAULT, SILENT or DROP.  Every request is
+    stale)` may return a reply body, DEFAULT, SILENT or DROP; registrations are
+    answered without the hook unless `hook_registrations` is set.  Every request is
     recorded in `requests` as the parsed tuple.
     """
 
-    def __init__(self, replica_id=1, *, welcome=True, cluster_id="fake", port=0):
+    def __init__(self, replica_id=1, *, welcome=True, cluster_id="fake", port=0,
+                 max_sessions=100, cluster=None):
+        """`cluster`: another FakeReplica whose state (core) this one shares, as the
+        replicas of one cluster do."""
         self.port = port
         self.replica_id = replica_id
         self.welcome = welcome
@@ -54,9 +61,16 @@ class FakeReplica:
         self.address = None
         self.requests = []
         self.connections = 0
-        self.store = KVStore()
-        self.sessions = {}   # sid -> [next_seq, {first_seq: packed}]
+        if cluster is not None:
+            self.core = cluster.core
+        else:
+            self.core = Replica(1, [1], KVStore(), Config(max_sessions=max_sessions))
+            for _ in range(40):
+                self.core.tick()
+            self._drive()
+            assert self.core.role == "leader"
         self.submit_hook = None
+        self.hook_registrations = False
         self.read_hook = None
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED):
@@ -65,30 +79,36 @@ class FakeReplica:
         task_status.started(self)
         await trio.serve_listeners(self._handle, listeners)
 
+    @property
+    def store(self):
+        return self.core.state_machine
+
+    def _drive(self):
+        results = {}
+        while (rd := self.core.ready()) is not None:
+            for sid, first, packed in rd.results:
+                results[sid, first] = packed
+            self.core.persisted(rd.persist_id)
+        return results
+
     def apply(self, batch):
-        """The core's session logic (docs/internals.md): packed results for a batch."""
-        parsed, _ = commands.unpack_client_batch(batch)
-        session = self.sessions.get(parsed.session_id)
-        count = len(parsed.commands)
-        retry = commands.pack_results([(commands.RESULT_RETRY, b"")] * count)
-        if session is None:
-            if parsed.first_seq != 1 and parsed.acked_seq + 1 < parsed.first_seq:
-                return retry
-            session = self.sessions[parsed.session_id] = [parsed.first_seq, {}]
-        if parsed.first_seq == session[0]:
-            packed = commands.pack_results(self.store.apply(c) for c in parsed.commands)
-            session[1][parsed.first_seq] = packed
-            session[0] += count
-            return packed
-        if parsed.first_seq + count <= session[0]:
-            return session[1][parsed.first_seq]
-        return retry
+        """Propose `batch` to the core; its packed results once chosen and applied."""
+        assert self.core.propose(batch) == PROPOSED
+        return self._drive()[struct.unpack_from("<QQ", batch)]
+
+    def register(self):
+        """Register one more session (from another client, as it were): its id."""
+        packed = self.apply(commands.pack_client_batch(0, 1, 0, [b""]))
+        (status, data), = commands.unpack_results(packed)
+        assert status == commands.RESULT_OK
+        return int.from_bytes(data, "little")
 
     def respond(self, request):
         op, request_id = request[0], request[1]
         if op == "submit":
             reply = DEFAULT
-            if self.submit_hook is not None:
+            if self.submit_hook is not None and (self.hook_registrations
+                                                 or not is_registration(request[2])):
                 reply = self.submit_hook(self, request_id, request[2])
             if reply is DEFAULT:
                 reply = wire.ok(request_id, self.apply(request[2]))
@@ -139,9 +159,18 @@ class FakeReplica:
             pass
 
     def submits(self):
-        """The client batches received, parsed, in arrival order."""
+        """The client batches received (registrations aside), parsed, in arrival order."""
         return [commands.unpack_client_batch(r[2])[0] for r in self.requests
-                if r[0] == "submit"]
+                if r[0] == "submit" and not is_registration(r[2])]
+
+    def registrations(self):
+        """The registrations received, in arrival order (their nonces)."""
+        return [commands.unpack_client_batch(r[2])[0].first_seq for r in self.requests
+                if r[0] == "submit" and is_registration(r[2])]
+
+
+def is_registration(batch):
+    return batch[:8] == bytes(8)
 
 
 async def start_fake(nursery, **kwargs):
@@ -239,7 +268,8 @@ async def test_batches_carry_consecutive_seqs_and_acked(nursery):
         stats = kv.statistics()
     batches = fake.submits()
     assert stats["commands"] == 900
-    assert stats["submit_requests"] == len(batches) < 900 // 10   # batched
+    assert stats["registrations"] == len(fake.registrations()) == 1
+    assert stats["submit_requests"] == len(batches) + 1 < 900 // 10   # batched
     assert {b.session_id for b in batches} == {kv.session_id}
     seq = 1
     for b in batches:
@@ -289,7 +319,7 @@ async def test_retry_result_resends_same_bytes(nursery):
     async with open_client(fake.address) as kv:
         await kv.put(b"a", b"1")
         assert kv.statistics()["retry_results"] == 1
-    sent = [r[2] for r in fake.requests if r[0] == "submit"]
+    sent = [r[2] for r in fake.requests if r[0] == "submit" and not is_registration(r[2])]
     assert sent == [answered[0], answered[0]]
 
 
@@ -312,7 +342,7 @@ async def test_reconnect_resends_outstanding_batches_in_order(nursery):
                 n.start_soon(kv.put, b"k%d" % i, b"v")
                 await trio.sleep(0.01)   # three separate batches
         stats = kv.statistics()
-    sent = [r[2] for r in fake.requests if r[0] == "submit"]
+    sent = [r[2] for r in fake.requests if r[0] == "submit" and not is_registration(r[2])]
     assert len(sent) == 6 and sent[3:] == sent[:3]   # byte for byte, seq order
     assert fake.connections == 2
     assert stats["resent_batches"] == 3
@@ -355,6 +385,7 @@ async def test_refused_command_fails_alone_and_session_moves_on(nursery):
     bad = b"Pbad"
     fake.submit_hook = refuse_batches_with(bad)
     async with open_client(fake.address) as kv:
+        await kv.put(b"z", b"0")
         old_session = kv.session_id
         results = {}
 
@@ -377,6 +408,25 @@ async def test_refused_command_fails_alone_and_session_moves_on(nursery):
         assert [await kv.get(k) for k in (b"a", b"b", b"c")] == [b"1", b"2", b"3"]
     new = [b for b in fake.submits() if b.session_id != old_session]
     assert new[0].first_seq == 1
+
+
+async def test_session_expired_fails_the_call_and_a_new_session_follows(nursery):
+    fake = await start_fake(nursery, max_sessions=1)
+    async with open_client(fake.address) as kv:
+        await kv.put(b"a", b"1")
+        first = kv.session_id
+        fake.register()          # another client's registration evicts ours
+        with pytest.raises(SessionExpiredError) as info:
+            await kv.put(b"b", b"2")
+        assert info.value.maybe_applied
+        await kv.put(b"c", b"3")  # in a new session
+        assert kv.session_id not in (None, first)
+        stats = kv.statistics()
+        assert (stats["registrations"], stats["sessions_expired"]) == (2, 1)
+        # The expired command was not applied; the others were, once each.
+        assert [await kv.get(k) for k in (b"a", b"b", b"c")] == [b"1", None, b"3"]
+    assert [b.session_id for b in fake.submits()] == [first, first, kv.session_id]
+    assert len(fake.registrations()) == 2
 
 
 async def test_reads_batched_and_bad_query_isolated(nursery):
@@ -458,7 +508,7 @@ async def test_large_values_batched_reads(nursery):
 
 async def test_redirect_to_leader(nursery):
     leader = await start_fake(nursery, replica_id=2)
-    follower = await start_fake(nursery, replica_id=1)
+    follower = await start_fake(nursery, replica_id=1, cluster=leader)
     follower.submit_hook = lambda f, rid, batch: wire.redirect(rid, leader.address)
     async with open_client([follower.address]) as kv:
         await kv.put(b"k", b"v")
@@ -470,13 +520,17 @@ async def test_redirect_to_leader(nursery):
 
 
 async def test_no_leader_anywhere_is_unavailable(nursery):
-    fakes = [await start_fake(nursery, replica_id=i) for i in (1, 2)]
+    fakes = [await start_fake(nursery, replica_id=1)]
+    fakes.append(await start_fake(nursery, replica_id=2, cluster=fakes[0]))
     for fake in fakes:
         fake.submit_hook = lambda f, rid, batch: wire.redirect(rid, None)
+        fake.hook_registrations = True
     async with open_client([f.address for f in fakes], timeout=0.5) as kv:
         with pytest.raises(UnavailableError, match="leading") as info:
             await kv.put(b"k", b"v")
-    assert info.value.maybe_applied   # it was sent (and refused, but we cannot know that)
+    # Never sent: with no leader the client could not even register its session.
+    assert not info.value.maybe_applied
+    assert all(not f.submits() and f.registrations() for f in fakes)
 
 
 async def test_timeout_maybe_applied_flags(nursery):
@@ -523,7 +577,7 @@ async def test_stalled_replica_is_left_for_another(nursery, monkeypatch):
     monkeypatch.setattr(client_module, "_STALL_TIMEOUT", 0.2)
     stuck = await start_fake(nursery, replica_id=1)
     stuck.submit_hook = lambda f, rid, batch: SILENT
-    good = await start_fake(nursery, replica_id=2)
+    good = await start_fake(nursery, replica_id=2, cluster=stuck)
     async with open_client([stuck.address, good.address], timeout=5) as kv:
         for i in range(3):
             await kv.put(b"k%d" % i, b"v")
@@ -534,7 +588,7 @@ async def test_stalled_replica_is_left_for_another(nursery, monkeypatch):
 async def test_shutting_down_replica_is_left_for_another(nursery):
     leaving = await start_fake(nursery, replica_id=1)
     leaving.submit_hook = lambda f, rid, batch: wire.error(rid, "shutting_down", "bye")
-    good = await start_fake(nursery, replica_id=2)
+    good = await start_fake(nursery, replica_id=2, cluster=leaving)
     async with open_client([leaving.address, good.address], timeout=5) as kv:
         for i in range(3):
             await kv.put(b"k%d" % i, b"v")
@@ -940,6 +994,31 @@ async def test_leader_crash_under_load(new_cluster):
                 if result == "ok":
                     assert await kv.get(b"lc%d" % i) == b"v%d" % i
             assert sum(r == "ok" for r in outcome.values()) >= 150   # 10 s is plenty
+    finally:
+        cluster.close()
+
+
+async def test_evicted_sessions_are_expired_not_reapplied(new_cluster):
+    """With `serve --max-sessions 1`, a second client's registration evicts the first
+    client's session: its next write fails SessionExpiredError instead of being
+    applied in a recreated session, and its write after that goes in a new one."""
+    cluster = new_cluster(fsync=False, extra_args=("--max-sessions", "1"))
+    cluster.start_all()
+    try:
+        async with open_client(cluster.cluster_arg, timeout=10) as first, \
+                open_client(cluster.cluster_arg, timeout=10) as second:
+            await wait_leader(first)
+            assert await first.cas(b"once", None, b"first") is True
+            await second.put(b"other", b"x")           # registers: evicts `first`'s
+            with pytest.raises(SessionExpiredError) as info:
+                await first.put(b"late", b"1")
+            assert info.value.maybe_applied
+            assert await first.get(b"late") is None      # not applied
+            await first.put(b"later", b"2")              # a new session (evicts `second`)
+            assert first.statistics()["registrations"] == 2
+            assert await second.get(b"later") == b"2"
+            statuses = await first.status()
+            assert all(s["reachable"] for s in statuses)
     finally:
         cluster.close()
 

@@ -128,9 +128,14 @@ def test_without_snapshots(seeds):
 
 def test_liveness_without_faults_is_quick():
     """With nothing going wrong every operation completes and the cluster converges."""
-    result = Simulation(1, faults=Faults.none(), config=config(), safety_us=1000 * MS).run()
+    sim = Simulation(1, faults=Faults.none(), config=config(), safety_us=1000 * MS)
+    result = sim.run()
     assert result.ops_completed > 100
     assert "crash" not in result.faults and "partition" not in result.faults
+    # Every client registered its session first (and ran in it).
+    sessions = {c.session for c in sim.clients}
+    assert None not in sessions and len(sessions) == len(sim.clients)
+    assert all(r.core.statistics()["sessions"] == len(sim.clients) for r in sim.replicas.values())
 
 
 def test_failure_names_its_seed():

@@ -29,6 +29,10 @@ no `----` section gets one when the script is rewritten (`run_script`, or
 `python tests/transcript.py SCRIPT` to print the transcript).  A command that
 prints nothing prints `ok`; a mistake in a script prints `script error: ...`.
 
+Clients (`client=c1`, the default, up to `c20`) have registered sessions from the
+start: every replica first boots from a snapshot of slot 0 whose session table holds
+them, so scripts need no registration round.
+
 Only `process` (and `stabilize`) call ready(), so `tick`, `deliver`, `propose` and
 `read` show nothing but the role and commit changes they cause; their messages
 appear at the next `process`.  A Ready whose `messages_after_persist` come with
@@ -40,7 +44,7 @@ list what they applied.
 Commands (replica ids are 1..N; `IDS` is an id, a comma list `1,2` or `all`):
 
   cluster N [seed=7] [lease=0] [drift=0] [election=10] [heartbeat=2] [window=64]
-            [resend=4] [check_quorum=true] [accept_ahead=65536]
+            [resend=4] [check_quorum=true] [pre_vote=false] [accept_ahead=65536]
             [batch_bytes=1048576] [message_bytes=4194304]
             [retain=64] [chunk=1048576] [chunk_ticks=200] [chunk_tries=10]
                               start N fresh replicas (ids 1..N); options set the
@@ -69,7 +73,10 @@ Commands (replica ids are 1..N; `IDS` is an id, a comma list `1,2` or `all`):
   resend ID [client=c1]       propose the client's last batch again, byte for byte
   read ID RID [KEY]           register linearizable read RID (a get of KEY) at ID
   snapshot ID                 the node takes a snapshot (restating the log; its file
-                              is written at `complete`)
+                              is written at `complete`); once the file and the
+                              restatement are durable the node compacts (printed)
+  install ID FROM             FROM's newest snapshot file reaches ID as one whole
+                              chunk (as if transferred: its file operations follow)
   complete IDS [n=K]          end the replica's pending file operations (at most K),
                               in the order they were started (operations they start
                               wait for the next `complete`)
@@ -78,7 +85,8 @@ Commands (replica ids are 1..N; `IDS` is an id, a comma list `1,2` or `all`):
   crash ID                    the replica dies: unsynced records, held messages and
                               pending file operations are lost (messages already in
                               flight stay in flight)
-  restart ID                  a fresh core recovers from the durable records
+  restart ID                  a fresh node recovers from its snapshot file and the
+                              durable records
   partition A.. | B.. [| ..]  only replicas in the same group can talk (messages
                               across groups are dropped at delivery)
   heal                        remove the partition
@@ -98,18 +106,25 @@ import struct
 
 from cypaxos import wire
 from cypaxos.ballots import format_ballot
-from cypaxos.commands import RESULT_ERROR, RESULT_OK, RESULT_RETRY, RESULT_SESSION_EXPIRED
 from cypaxos.core import Config, Replica
+from cypaxos.protocol import MESSAGE_NAMES, RECORD_NAMES, RESULT_ERROR, RESULT_NAMES, RESULT_OK
 from cypaxos.replica.node import NodeOptions, ReplicaNode
 from cypaxos.statemachine import KVStore
 from cypaxos.storage import snapshots
 
-MESSAGE_NAMES = wire.MESSAGE_NAMES
 MESSAGE_TYPES = {name: kind for kind, name in MESSAGE_NAMES.items()}
-RECORD_NAMES = {1: "PROMISE", 2: "ACCEPT", 3: "COMMIT"}
-RESULT_STATUS = {RESULT_OK: "ok", RESULT_ERROR: "error", RESULT_SESSION_EXPIRED: "session-expired",
-                 RESULT_RETRY: "retry"}
+RESULT_STATUS = {status: name.lower().replace("_", "-") for status, name in RESULT_NAMES.items()}
 MAX_VALUES_SHOWN = 8
+CLIENTS_MAX = 20
+FIRST_SESSION = 101  # client k (c1, c2, ...) has session FIRST_SESSION + k - 1
+
+
+def genesis() -> tuple:
+    """The snapshot every replica boots from before its first records: slot 0, with the
+    clients' sessions registered (session 0's entry holds the next id to hand out)."""
+    sessions = [[0, FIRST_SESSION + CLIENTS_MAX, []]]
+    sessions += [[FIRST_SESSION + k, 1, []] for k in range(CLIENTS_MAX)]
+    return (0, 0, sessions, KVStore().snapshot())
 
 
 class ScriptError(Exception):
@@ -319,6 +334,9 @@ class Node:
         self.disk = Disk(rid)
         self.incarnation = 0
         self.checked = 0  # slots up to here were checked against the chosen values
+        self.snapshot: tuple | None = None  # the latest durable snapshot
+        self.cut: int | None = None  # records before this one are redundant once the
+        #                              restatement after it is durable
 
     @property
     def core(self) -> Replica | None:
@@ -517,6 +535,10 @@ class Transcript:
             return f"{head} from={m[3]}"
         if kind == "CHOSEN":
             return f"{head} slots={fmt_slots(m[3], len(m[4]))} {self.fmt_values(m[4])}"
+        if kind == "PREVOTE":
+            return head
+        if kind == "PREVOTE_ACK":
+            return f"{head} {'granted' if m[3] else 'refused'}"
         return f"{head} {m[3:]!r}"
 
     def fmt_record(self, r: tuple) -> str:
@@ -536,9 +558,9 @@ class Transcript:
         words = []
         for k, (status, data) in enumerate(unpack_results(packed)):
             word = RESULT_STATUS.get(status, f"status{status}")
-            if status == 1:
+            if status == RESULT_ERROR:
                 word += f"({data.decode(errors='replace')})"
-            elif status == 0 and k < len(cmds) and cmds[k][:1] in (b"D", b"C"):
+            elif status == RESULT_OK and k < len(cmds) and cmds[k][:1] in (b"D", b"C"):
                 if cmds[k][:1] == b"D":
                     word += "(existed)" if data == b"\x01" else "(absent)"
                 else:
@@ -588,7 +610,7 @@ class Transcript:
                 continue
             client = next((c for c in self.clients.values() if c.session == sid), None)
             statuses = [status for status, _ in unpack_results(packed)]
-            if client is not None and all(st in (0, 1) for st in statuses):
+            if client is not None and all(st in (RESULT_OK, RESULT_ERROR) for st in statuses):
                 client.answered.update(range(first, first + len(statuses)))
             self.say(f"  result: {self.fmt_results(sid, first, packed)}")
         if elsewhere:
@@ -602,6 +624,8 @@ class Transcript:
             key = self.requests[reply[1]][2]
             shown = f"{key}={answer[1:].decode()}" if answer[:1] == b"\x01" else f"{key} absent"
             self.say(f"  read {rid}: {shown}")
+        for peer in rd.snapshot_to:
+            self.say(f"  snapshot to: {peer}")
         redirected = [r for r in answered.get("submit", []) if r[0] == "redirect"]
         if rd.lost_leadership:
             lost = ", ".join(self.requests[r[1]][1] for r in redirected) or "none pending"
@@ -629,11 +653,15 @@ class Transcript:
         sent = len(self.net)
         disk = n.disk
         appended = disk.last_seq
+        base = disk.base
         action(*args)
         for r in disk.unsynced[len(disk.unsynced) - (disk.last_seq - appended):]:
             self.say(f"  persist: {self.fmt_record(r)}")
         for s, d, m in self.net[sent:]:
             self.say(f"  send: {self.fmt_message(s, d, m)}")
+        if n.up and disk.base != base:
+            self.say(f"  compacted: {disk.base - base} records deleted, {len(disk.durable)} "
+                     f"left; log starts at slot {n.core.log_start}")
 
     def blocked(self, src: int, dst: int) -> str | None:
         node = self.nodes.get(dst)
@@ -672,7 +700,8 @@ class Transcript:
         names = {"lease": "lease_ticks", "drift": "clock_drift_ticks",
                  "election": "election_ticks", "heartbeat": "heartbeat_ticks",
                  "window": "window_slots", "resend": "resend_ticks",
-                 "check_quorum": "check_quorum", "accept_ahead": "accept_ahead_max",
+                 "check_quorum": "check_quorum", "pre_vote": "pre_vote",
+                 "accept_ahead": "accept_ahead_max",
                  "message_bytes": "message_bytes_max", "batch_bytes": "batch_bytes_max"}
         node_names = {"retain": "retain_slots", "chunk": "chunk_bytes",
                       "chunk_ticks": "chunk_ack_ticks", "chunk_tries": "chunk_tries"}
@@ -683,7 +712,8 @@ class Transcript:
         for k, v in opts.items():
             if k not in names:
                 raise ScriptError(f"unknown cluster option {k!r}")
-            kwargs[names[k]] = v.lower() in ("1", "true", "yes") if k == "check_quorum" else int(v)
+            flag = k in ("check_quorum", "pre_vote")
+            kwargs[names[k]] = v.lower() in ("1", "true", "yes") if flag else int(v)
         self.config = Config(check_invariants=True, **kwargs)
         self.nodes = {i: Node(i) for i in range(1, int(pos[0]) + 1)}
         self.net, self.groups, self.clients, self.chosen = [], None, {}, {}
@@ -705,7 +735,7 @@ class Transcript:
         n.disk.node = n.node
         files = n.disk.files
         latest = snapshots.decode(files[max(files)], "t") if files else None
-        n.node.recover([copy_tuple(r) for r in n.disk.durable], latest)
+        n.node.recover([copy_tuple(r) for r in n.disk.durable], latest or genesis())
         n.checked = 0
 
     def cmd_tick(self, args):
@@ -814,7 +844,9 @@ class Transcript:
     def client(self, opts) -> Client:
         name = opts.get("client", "c1")
         if name not in self.clients:
-            self.clients[name] = Client(name, 100 + len(self.clients) + 1)
+            if len(self.clients) == CLIENTS_MAX:
+                raise ScriptError(f"at most {CLIENTS_MAX} clients")
+            self.clients[name] = Client(name, FIRST_SESSION + len(self.clients))
         return self.clients[name]
 
     def cmd_propose(self, args):
@@ -952,6 +984,21 @@ class Transcript:
         snap = f"snapshot {n.node.snapshot_index} and " if n.node.snapshot_index else ""
         self.say(f"{n.rid} restarted from {snap}{len(n.disk.durable)} records: b={format_ballot(c.ballot)} "
                  f"commit={c.commit_index} applied={c.applied_index} last={c.last_slot}")
+
+    def cmd_install(self, args):
+        if len(args) != 2:
+            raise ScriptError("install ID FROM")
+        n, source = self.node(args[0]), self.node(args[1], live=False)
+        files = source.disk.files
+        if not files:
+            raise ScriptError(f"{source.rid} has no snapshot file")
+        index = max(files)
+        data = files[index]
+        self.say(f"{source.rid}'s snapshot file at slot {index} ({len(data)} bytes) reaches "
+                 f"{n.rid}")
+        before = self.snapshot()
+        self.show_effects(n, n.node.on_snapshot_chunk, source.rid, index, 0, len(data), data)
+        self.observe(before)
 
     def cmd_partition(self, args):
         groups, cur = [], set()

@@ -17,6 +17,8 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
+from cypaxos.protocol cimport CLIENT_BATCH_HEADER_BYTES, SEQ_LIMIT_C
+
 import trio
 
 _reschedule = trio.lowlevel.reschedule
@@ -36,11 +38,11 @@ cdef enum:
     _DONE = 3
     _ABANDONED = 4
 
-BATCH_HEADER_BYTES = 32
+BATCH_HEADER_BYTES = CLIENT_BATCH_HEADER_BYTES
 """Bytes before a client batch's payload: session_id, first_seq, acked_seq (u64 each),
 count and payload_len (u32 each), little-endian."""
 
-SEQ_LIMIT = 2**62
+SEQ_LIMIT = SEQ_LIMIT_C
 """The core refuses a batch unless 1 <= first_seq and first_seq + count <= SEQ_LIMIT."""
 
 cdef uint64_t _U32_MAX = 0xFFFFFFFF

@@ -5,6 +5,16 @@ from libc.stdint cimport int64_t, uint64_t
 from cypaxos.statemachine cimport ResultWriter, StateMachine
 
 
+cdef extern from *:
+    """
+    #ifndef CYPAXOS_DEBUG
+    #define CYPAXOS_DEBUG 0
+    #endif
+    """
+    # 1 in a CYPAXOS_DEBUG=1 build: `if DEBUG: assert ...` is compiled out otherwise.
+    const bint DEBUG "CYPAXOS_DEBUG"
+
+
 cdef enum Role:
     FOLLOWER = 0
     CANDIDATE = 1
@@ -62,11 +72,16 @@ cdef class Replica:
     cdef readonly int64_t now
 
     # Acceptor hard state.  Invariant: promised >= every ballot in `ballots` other
-    # than CHOSEN_BALLOT; promised only grows.
+    # than CHOSEN_BALLOT; promised only grows (promised_checked is its value at the
+    # last check_invariants()).
     cdef int64_t promised
-    # The highest ballot in a record handed out (PROMISE or ACCEPT).  Invariant: a
-    # PROMISE for ballot b is only sent after a record with a ballot >= b.
+    cdef int64_t promised_checked
+    # The highest ballot in a record handed out (PROMISE or ACCEPT).  Invariant:
+    # promise_recorded <= promised, and a PROMISE or ACCEPTED for ballot b is only
+    # sent after a record with a ballot >= b (record_promise() decides).
     cdef int64_t promise_recorded
+    # The highest round in any ballot seen (from a peer that passed every check, or
+    # our own).  Invariant: round_seen >= the round of promised.
     cdef int64_t round_seen
 
     # The log.  values[i] / ballots[i] describe slot log_base + i.
@@ -90,13 +105,16 @@ cdef class Replica:
     cdef int64_t prevote_ballot
     cdef set prevotes
 
-    # Candidate.
+    # Candidate.  prepare_from is the first slot this campaign's PREPAREs ask about;
+    # every PROMISE entry is for a slot >= it.
     cdef dict promises
     cdef bint self_promised
+    cdef int64_t prepare_from
 
     # Leader.  Invariant: commit_index < next_slot; votes holds a bitmask for every
-    # unchosen slot this leader proposed.
+    # unchosen slot this leader proposed (leader_start .. next_slot - 1).
     cdef int64_t next_slot
+    cdef int64_t leader_start
     cdef dict votes
     cdef dict sent_tick
     cdef int64_t leader_barrier
@@ -116,14 +134,21 @@ cdef class Replica:
     cdef list reads_confirmed
     cdef int64_t lease_until
 
-    # Catch-up of chosen slots this replica lacks.
+    # Catch-up of chosen slots this replica lacks.  While catchup_inflight, a
+    # CATCHUP_REQ from slot catchup_from went to catchup_peer: only CHOSEN from that
+    # peer for that slot is taken.
     cdef int64_t known_commit
     cdef int catchup_peer
     cdef int64_t catchup_sent_tick
+    cdef int64_t catchup_from
     cdef bint catchup_inflight
 
-    # Exactly-once sessions (replicated state, applied in slot order).
+    # Exactly-once sessions (replicated state, applied in slot order).  Sessions are
+    # created only by registration, with ids from next_session_id (also replicated),
+    # and evicted least recently used past max_sessions; a batch for a session not in
+    # the table is answered SESSION_EXPIRED.
     cdef object sessions
+    cdef uint64_t next_session_id
     cdef ResultWriter writer
 
     # Outputs gathered until the next ready().
@@ -146,14 +171,17 @@ cdef class Replica:
     # Internals.
     cdef uint64_t next_random(self)
     cdef void reset_election_timer(self)
-    cdef inline int64_t last_slot(self)
     cdef int64_t ballot_at(self, int64_t slot)
     cdef int set_entry(self, int64_t slot, object value, int64_t ballot) except -1
     cdef list entries_from(self, int64_t slot)
     cdef int send(self, int to, tuple msg) except -1
     cdef int send_after(self, int to, tuple msg) except -1
-    cdef int send_values(self, int to, int kind, int64_t first, list values) except -1
+    cdef int send_accepts(self, int to, int64_t first, list values) except -1
+    cdef int append_record(self, tuple record, int64_t ballot) except -1
+    cdef int record_promise(self, int64_t ballot) except -1
+    cdef int observe_ballot(self, int64_t ballot) except -1
     cdef int become_follower(self) except -1
+    cdef int64_t next_round(self) except -1
     cdef int pre_campaign(self) except -1
     cdef int on_prevote(self, int src, int64_t ballot) except -1
     cdef int on_prevote_ack(self, int src, int64_t ballot, int64_t granted) except -1
@@ -162,12 +190,13 @@ cdef class Replica:
     cdef int become_leader(self) except -1
     cdef int propose_slots(self, list values) except -1
     cdef int cut_batches(self) except -1
-    cdef int note_leader(self, int src, int64_t ballot) except -1
+    cdef int note_leader(self, int src) except -1
     cdef int learn_commit(self, int src, int64_t ballot, int64_t commit) except -1
     cdef int want_catchup(self, int src, int64_t commit) except -1
     cdef int advance_commit(self) except -1
     cdef int apply_committed(self) except -1
     cdef int apply_value(self, bytes value) except -1
+    cdef int register_session(self, uint64_t nonce, const char* batch, Py_ssize_t n) except -1
     cdef int emit_status(self, uint64_t session_id, uint64_t first_seq, int count, int status) except -1
     cdef int broadcast_heartbeat(self) except -1
     cdef int update_confirmed(self) except -1
@@ -183,5 +212,6 @@ cdef class Replica:
     cdef int on_heartbeat_ack(self, int src, int64_t ballot, int64_t ctx, int64_t commit) except -1
     cdef int on_catchup_req(self, int src, int64_t from_slot) except -1
     cdef int on_chosen(self, int src, int64_t first, list values) except -1
+    cdef int restore_state(self, int64_t index, object sessions, bytes state) except -1
     cdef int restate_log(self) except -1
     cdef int check_invariants(self) except -1

@@ -34,6 +34,14 @@ arrived that it still leads, then serves once applied up to the commit index it 
 
 Ballots are int64 `round << 16 | replica_id`; `CHOSEN_BALLOT` marks a slot known to
 be chosen.  See docs/internals.md for the message and record formats.
+
+What peers send is checked before any of it is recorded or adopted, even though the
+shell only hands over messages from authenticated members: a ballot outside the
+ballot space or far ahead of every round seen, a slot value whose client batches
+disagree with their bytes, slot numbers no honest peer could send, a CHOSEN that was
+not asked for or that contradicts a value known chosen.  `step()` then raises
+MessageError (or ignores a message that may be honest but late) and the replica's
+state is as if the message had never arrived.
 """
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -42,56 +50,51 @@ from libc.string cimport memcpy
 
 from collections import OrderedDict
 
-from cypaxos.statemachine cimport (
-    RESULT_RETRY, RESULT_SESSION_EXPIRED, ResultWriter, StateMachine,
+from cypaxos.protocol cimport (
+    ACCEPT, ACCEPTED, BALLOT_ID_BITS, BALLOT_ID_MASK, BALLOT_ROUND_MAX_C, CATCHUP_REQ,
+    CHOSEN, CHOSEN_BALLOT_C, CLIENT_BATCH_HEADER_BYTES, HEARTBEAT, HEARTBEAT_ACK, NACK,
+    PREPARE, PREVOTE, PREVOTE_ACK, PROMISE, REC_ACCEPT, REC_COMMIT, REC_PROMISE,
+    RESULT_ERROR, RESULT_OK, RESULT_RETRY, RESULT_SESSION_EXPIRED, SEQ_LIMIT_C, ballot_fits,
+)
+from cypaxos.statemachine cimport ResultWriter, StateMachine
+
+from cypaxos.errors import WalCorruptError
+from cypaxos.protocol import (  # noqa: F401 - re-exported, as before
+    CHOSEN_BALLOT, MESSAGE_NAMES, ballot_owner, ballot_round, make_ballot,
 )
 
-# Message types.
-cdef enum:
-    PREPARE = 1
-    PROMISE = 2
-    NACK = 3
-    ACCEPT = 4
-    ACCEPTED = 5
-    HEARTBEAT = 6
-    HEARTBEAT_ACK = 7
-    CATCHUP_REQ = 8
-    CHOSEN = 9
-    PREVOTE = 12
-    PREVOTE_ACK = 13
-
-# Record types.
-cdef enum:
-    REC_PROMISE = 1
-    REC_ACCEPT = 2
-    REC_COMMIT = 3
+DEBUG_BUILD = bool(DEBUG)
+"""True in a build made with CYPAXOS_DEBUG=1 (its debug-only asserts are compiled in)."""
 
 # Actions that wait for the caller's persisted().
 cdef enum:
     SELF_VOTE = 1
     SELF_PROMISE = 2
 
-# Test-only faults that deliberately break the protocol, to prove the simulator
-# notices (tests/test_simulator_faults.py).  Never set in production.
+# Test-only faults that deliberately break the protocol, to prove that the simulator
+# notices (tests/test_simulator.py, test_simulator_catches_broken_protocols) and that
+# a debug build's asserts fire (tests/test_core_debug.py).  Never set in production.
 FAULT_REPLY_BEFORE_PERSIST = 1
 FAULT_SKIP_ADOPTION = 2
 FAULT_COMMIT_WITHOUT_QUORUM = 4
-
-cdef int64_t CHOSEN_BALLOT_C = 0x7fffffffffffffff
-CHOSEN_BALLOT = CHOSEN_BALLOT_C
-cdef int BALLOT_ID_BITS = 16
-cdef int CLIENT_BATCH_HEADER = 32
+FAULT_UNCHECKED_VALUES = 8   # ACCEPT values from peers are not checked
 
 PROPOSED = 0
 NOT_LEADER = 1
 BUSY = 2
 
-MESSAGE_NAMES = {
-    PREPARE: "PREPARE", PROMISE: "PROMISE", NACK: "NACK", ACCEPT: "ACCEPT",
-    ACCEPTED: "ACCEPTED", HEARTBEAT: "HEARTBEAT", HEARTBEAT_ACK: "HEARTBEAT_ACK",
-    CATCHUP_REQ: "CATCHUP_REQ", CHOSEN: "CHOSEN", PREVOTE: "PREVOTE",
-    PREVOTE_ACK: "PREVOTE_ACK",
-}
+# The session id of registrations: a batch for it asks for a new session (its first_seq
+# is the client's nonce, its one command empty) and is answered with the new id.
+cdef uint64_t REGISTER_SESSION = 0
+REGISTER_SESSION_ID = REGISTER_SESSION
+
+# A peer's ballot may be at most this many rounds above every round this replica has
+# seen.  Honest rounds grow by one per election (2**32 of them is over a century of
+# one a second), so only a forged or corrupted ballot jumps that far; refusing it
+# keeps one message from using up the ballot space and leaving no next ballot.
+cdef int64_t ROUND_JUMP_MAX_C = <int64_t>1 << 32
+ROUND_JUMP_MAX = ROUND_JUMP_MAX_C
+
 ROLE_NAMES = ("follower", "candidate", "leader")
 
 
@@ -103,23 +106,8 @@ class BatchError(ValueError):
     """A client batch that does not follow the documented layout."""
 
 
-def make_ballot(round_, replica_id):
-    """The ballot `(round, replica_id)` as the int64 the core compares."""
-    return (round_ << BALLOT_ID_BITS) | replica_id
-
-
-def ballot_round(ballot):
-    """The round of a ballot."""
-    return ballot >> BALLOT_ID_BITS
-
-
-def ballot_owner(ballot):
-    """The replica that owns a ballot."""
-    return ballot & 0xffff
-
-
 cdef inline int owner_of(int64_t ballot) noexcept:
-    return <int>(ballot & 0xffff)
+    return <int>(ballot & BALLOT_ID_MASK)
 
 
 cdef inline uint64_t load_u64(const char* p) noexcept nogil:
@@ -142,34 +130,131 @@ cdef inline int popcount(uint64_t x) noexcept:
     return n
 
 
+# What is wrong with a client batch (0: nothing), as found by batch_length().
+cdef enum:
+    BATCH_OK = 0
+    BATCH_SHORT = 1
+    BATCH_NO_COMMANDS = 2
+    BATCH_SEQ_RANGE = 3
+    BATCH_PAYLOAD_OVERRUN = 4
+    BATCH_COMMAND_OVERRUN = 5
+    BATCH_TRAILING = 6
+    BATCH_NOT_BYTES = 7
+
+BATCH_FAULTS = (
+    "", "shorter than its header", "with no commands or sequence number 0",
+    "with sequence numbers out of range", "whose payload overruns it",
+    "with a command that overruns its payload", "with trailing bytes in its payload",
+    "that is not bytes",
+)
+
+
+cdef Py_ssize_t batch_length(const char* p, Py_ssize_t n, int* fault) noexcept nogil:
+    """The length of the client batch at `p` (`n` bytes there), or -1 with `*fault` set.
+
+    One pass over the commands' u32 lengths and no objects; a batch that passes can be
+    handed to the state machine, which then reads no byte outside it.
+    """
+    cdef uint64_t first
+    cdef uint32_t count, k
+    cdef Py_ssize_t end, q
+    if n < CLIENT_BATCH_HEADER_BYTES:
+        fault[0] = BATCH_SHORT
+        return -1
+    first = load_u64(p + 8)
+    count = load_u32(p + 24)
+    if count == 0 or first == 0:
+        fault[0] = BATCH_NO_COMMANDS
+        return -1
+    if first > SEQ_LIMIT_C - count:
+        fault[0] = BATCH_SEQ_RANGE
+        return -1
+    end = CLIENT_BATCH_HEADER_BYTES + <Py_ssize_t>load_u32(p + 28)
+    if end > n:
+        fault[0] = BATCH_PAYLOAD_OVERRUN
+        return -1
+    q = CLIENT_BATCH_HEADER_BYTES
+    for k in range(count):
+        # Each command takes at least 4 bytes, so a huge count stops at the payload's end.
+        if q + 4 > end:
+            fault[0] = BATCH_COMMAND_OVERRUN
+            return -1
+        q += 4 + <Py_ssize_t>load_u32(p + q)
+        if q > end:
+            fault[0] = BATCH_COMMAND_OVERRUN
+            return -1
+    if q != end:
+        fault[0] = BATCH_TRAILING
+        return -1
+    return end
+
+
+cdef int value_fault(object value) noexcept:
+    """BATCH_OK if `value` is a slot value (b"" or client batches back to back)."""
+    cdef const char* p
+    cdef Py_ssize_t n, pos = 0, k
+    cdef int fault = BATCH_OK
+    if type(value) is not bytes:
+        return BATCH_NOT_BYTES
+    p = PyBytes_AS_STRING(value)
+    n = PyBytes_GET_SIZE(value)
+    while pos < n:
+        k = batch_length(p + pos, n - pos, &fault)
+        if k < 0:
+            return fault
+        pos += k
+    return BATCH_OK
+
+
+cdef int check_values(list values, str what) except -1:
+    """Raise MessageError unless every item of `values` is a slot value."""
+    cdef Py_ssize_t k
+    cdef int fault
+    for k in range(len(values)):
+        fault = value_fault(values[k])
+        if fault:
+            raise MessageError(f"{what} value {k} holds a client batch {BATCH_FAULTS[fault]}"
+                               if fault != BATCH_NOT_BYTES else f"{what} value {k} is not bytes")
+    return 0
+
+
 def validate_client_batch(bytes batch):
     """Check a client batch's layout; return (session_id, first_seq, count) or raise BatchError."""
     cdef const char* p = PyBytes_AS_STRING(batch)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(batch)
-    cdef Py_ssize_t pos
-    cdef uint32_t count, i, plen
-    cdef uint64_t first
-    if n < CLIENT_BATCH_HEADER:
-        raise BatchError("client batch shorter than its header")
-    first = load_u64(p + 8)
-    count = load_u32(p + 24)
-    plen = load_u32(p + 28)
-    if count == 0 or first == 0:
-        raise BatchError("client batch with no commands or sequence number 0")
-    if first + count > (<uint64_t>1 << 62):
-        raise BatchError("client batch sequence numbers out of range")
-    if <Py_ssize_t>plen != n - CLIENT_BATCH_HEADER:
-        raise BatchError("client batch payload length does not match")
-    pos = CLIENT_BATCH_HEADER
-    for i in range(count):
-        if pos + 4 > n:
-            raise BatchError("client batch truncated")
-        pos += 4 + load_u32(p + pos)
-        if pos > n:
-            raise BatchError("client batch command overruns the batch")
-    if pos != n:
-        raise BatchError("client batch has trailing bytes")
-    return load_u64(p), first, count
+    cdef int fault = BATCH_OK
+    cdef Py_ssize_t k = batch_length(p, n, &fault)
+    if k < 0:
+        raise BatchError(f"client batch {BATCH_FAULTS[fault]}")
+    if k != n:
+        raise BatchError("client batch has bytes after its payload")
+    return load_u64(p), load_u64(p + 8), load_u32(p + 24)
+
+
+cdef inline bint registration_layout(const char* p, Py_ssize_t n) noexcept nogil:
+    """Whether the checked client batch at `p` is a registration: session 0, one empty
+    command (its first_seq is the client's nonce)."""
+    return (n == CLIENT_BATCH_HEADER_BYTES + 4 and load_u64(p) == REGISTER_SESSION
+            and load_u32(p + 24) == 1 and load_u32(p + CLIENT_BATCH_HEADER_BYTES) == 0)
+
+
+cdef bint is_registration(bytes batch) noexcept:
+    return registration_layout(PyBytes_AS_STRING(batch), PyBytes_GET_SIZE(batch))
+
+
+cdef int64_t recovered_ballot(object ballot, str where) except -1:
+    """A ballot read back from the WAL or a snapshot, or WalCorruptError if outside the space."""
+    if type(ballot) is not int or not 0 <= ballot < CHOSEN_BALLOT_C or not ballot_fits(ballot):
+        raise WalCorruptError(
+            f"{where} holds ballot {ballot!r}, outside the ballot space (rounds up to "
+            f"{BALLOT_ROUND_MAX_C}): this replica could never campaign again; replace it "
+            f"(docs/internals.md, \"Ballots\")")
+    return ballot
+
+
+cdef int fail(str what) except -1:
+    """Report a broken invariant or an illegal transition (a bug, never bad input)."""
+    raise AssertionError(what)
 
 
 @cython.final
@@ -185,9 +270,12 @@ cdef class Config:
     message_bytes_max: ACCEPT / CHOSEN messages are split to stay under this.
     resend_ticks: an unchosen slot is sent again to silent acceptors after this.
     pending_bytes_max: propose() answers BUSY past this many queued bytes.
-    max_sessions: the session table keeps this many clients (least recently used go).
-    accept_ahead_max: slots further than this past the commit index are ignored
-        (a far-behind replica catches up first instead of allocating a huge log).
+    max_sessions: the session table keeps this many clients; a registration past it
+        evicts the least recently used one, whose later commands get SESSION_EXPIRED.
+    accept_ahead_max: slots further than this past this replica's commit index are
+        ignored, and a candidate does not count a promise whose commit index is
+        further ahead than this (a far-behind replica catches up first instead of
+        allocating a huge log); it also bounds the no-op holes a new leader fills.
     lease_ticks: 0 disables leases; otherwise a leader serves reads without a quorum
         round for this long after a quorum acknowledged a heartbeat, and followers
         refuse to promise another proposer for election_ticks after hearing the
@@ -198,7 +286,8 @@ cdef class Config:
     pre_vote: before campaigning, ask the peers whether they would promise; they say
         yes only if they have not heard from a leader for election_ticks, so a replica
         that restarts or was cut off cannot depose a healthy leader.
-    check_invariants: assert the documented invariants after every input (slow).
+    check_invariants: check the documented invariants after every input (slow); a
+        broken one raises AssertionError, in any build.
     """
 
     def __init__(self, *, heartbeat_ticks=2, election_ticks=10, window_slots=64,
@@ -286,7 +375,7 @@ cdef class Replica:
         members = tuple(sorted(set(int(i) for i in replica_ids)))
         if replica_id not in members:
             raise ValueError(f"replica {replica_id} is not among {members}")
-        if len(members) > 63 or min(members) < 1 or max(members) > 0xffff:
+        if len(members) > 63 or min(members) < 1 or max(members) > BALLOT_ID_MASK:
             raise ValueError("replica ids must be 1..65535, at most 63 of them")
         self.replica_id = replica_id
         self.members = members
@@ -320,6 +409,7 @@ cdef class Replica:
         self.reads_inflight = []
         self.reads_confirmed = []
         self.sessions = OrderedDict()
+        self.next_session_id = 1
         self.writer = ResultWriter()
         self.out_records = []
         self.out_messages = []
@@ -330,9 +420,20 @@ cdef class Replica:
         self.out_snapshot_to = []
         self.pending_self = []
         self.awaiting = []
+        # chosen_unasked: CHOSEN ignored (not the answer to our outstanding request);
+        # chosen_conflicts: CHOSEN refused for contradicting a value known chosen;
+        # promises_deferred: promises not counted (their commit index is too far
+        # ahead: catching up first); promises_refused: promise sets that no honest
+        # quorum could send; ballots_exhausted: elections skipped for want of a round;
+        # sessions_registered / sessions_evicted: the session table's comings and
+        # goings; sessions_expired: batches answered SESSION_EXPIRED (no such session).
         self.stats = {"elections": 0, "became_leader": 0, "slots_proposed": 0,
                       "slots_applied": 0, "catchup_requests": 0, "retransmits": 0,
-                      "reads_served": 0, "duplicates": 0}
+                      "reads_served": 0, "duplicates": 0, "chosen_unasked": 0,
+                      "chosen_conflicts": 0, "promises_deferred": 0,
+                      "promises_refused": 0, "ballots_exhausted": 0,
+                      "sessions_registered": 0, "sessions_evicted": 0,
+                      "sessions_expired": 0}
         # A (re)started replica acts as if it just heard from a leader, so that a
         # lease granted before a crash is still respected.
         self.leader_heard_tick = 0
@@ -403,26 +504,44 @@ cdef class Replica:
         `snapshot()`.  The promised ballot is the highest ballot in the snapshot or any
         record; a slot's value is the last one recorded (a chosen one always wins);
         COMMIT records say which prefix is chosen, and that prefix is applied.
+
+        Raises cypaxos.errors.WalCorruptError for a record no version of this core
+        writes: an unknown type, a value that is not client batches, a slot said
+        chosen without a value, or a ballot outside the ballot space.  A WAL written
+        by an older version after it promised a forged ballot near the top of the
+        space is such a WAL: its replica could never campaign again (the next round
+        would not fit), so it refuses to start rather than wedge its cluster.  The
+        records stay on disk; the replica has to be replaced (docs/internals.md).
         """
         cdef int64_t ballot, first, commit = 0, i
-        cdef int kind
+        cdef int kind, fault
         if snapshot is not None:
             index, promised, sessions, state = snapshot
+            recovered_ballot(promised, "the snapshot's promise")
             self.restore_state(index, sessions, state)
             if promised > self.promised:
                 self.promised = promised
         for rec in records:
             kind = rec[0]
             if kind == REC_PROMISE:
-                ballot = rec[1]
+                ballot = recovered_ballot(rec[1], "a PROMISE record")
                 if ballot > self.promised:
                     self.promised = ballot
             elif kind == REC_ACCEPT:
                 first = rec[1]
                 ballot = rec[2]
-                if ballot != CHOSEN_BALLOT_C and ballot > self.promised:
-                    self.promised = ballot
+                if first < 1:
+                    raise WalCorruptError(f"WAL has an ACCEPT record for slot {first}")
+                if ballot != CHOSEN_BALLOT_C:
+                    recovered_ballot(ballot, "an ACCEPT record")
+                    if ballot > self.promised:
+                        self.promised = ballot
                 for i, value in enumerate(rec[3]):
+                    fault = value_fault(value)
+                    if fault:
+                        raise WalCorruptError(
+                            f"WAL's value for slot {first + i} holds a client batch "
+                            f"{BATCH_FAULTS[fault]}")
                     if first + i < self.log_base:
                         continue
                     if self.ballot_at(first + i) != CHOSEN_BALLOT_C:
@@ -431,7 +550,7 @@ cdef class Replica:
                 if rec[1] > commit:
                     commit = rec[1]
             else:
-                raise ValueError(f"unknown WAL record type {kind}")
+                raise WalCorruptError(f"unknown WAL record type {kind}")
         self.round_seen = self.promised >> BALLOT_ID_BITS
         self.promise_recorded = self.promised
         # Records are durable in order, so a durable COMMIT record implies that every
@@ -439,7 +558,7 @@ cdef class Replica:
         commit = min(commit, self.log_base + len(self.values) - 1)
         for i in range(self.commit_index + 1, commit + 1):
             if self.values[i - self.log_base] is None:
-                raise ValueError(f"WAL says slot {i} is chosen but holds no value for it")
+                raise WalCorruptError(f"WAL says slot {i} is chosen but holds no value for it")
             self.ballots[i - self.log_base] = CHOSEN_BALLOT_C
         if commit > self.commit_index:
             self.commit_index = commit
@@ -448,10 +567,6 @@ cdef class Replica:
         self.out_results = []
         if self.config.check_invariants:
             self.check_invariants()
-
-    def entry_ballot(self, int64_t slot):
-        """The ballot recorded for a slot (0 if none)."""
-        return self.ballot_at(slot)
 
     def tick(self):
         """Advance logical time by one tick."""
@@ -482,7 +597,7 @@ cdef class Replica:
                     for p in self.peers:
                         if p not in self.promises:
                             self.send_after(p, (PREPARE, self.replica_id, self.promised,
-                                                self.commit_index + 1))
+                                                self.prepare_from))
         if self.catchup_inflight and self.now - self.catchup_sent_tick >= 2 * self.config.resend_ticks:
             # No answer: that peer may be down or may have lost its commit index in a
             # restart, so ask the next one.
@@ -494,9 +609,13 @@ cdef class Replica:
             self.check_invariants()
 
     def step(self, msg):
-        """Handle one message from a peer.  Raises MessageError if it is malformed."""
+        """Handle one message from a peer.
+
+        Raises MessageError if it is malformed or could not come from an honest peer;
+        nothing of such a message is recorded or adopted (the sender should be dropped).
+        """
         cdef int kind, src
-        cdef int64_t ballot
+        cdef int64_t ballot, round_
         try:
             kind = msg[0]
             src = msg[1]
@@ -505,10 +624,12 @@ cdef class Replica:
             raise MessageError(f"malformed message header: {exc}") from None
         if src == self.replica_id or src not in self.member_bit:
             raise MessageError(f"message from unknown replica {src}")
-        if ballot < 0:
-            raise MessageError("negative ballot")
-        if ballot != CHOSEN_BALLOT_C and (ballot >> BALLOT_ID_BITS) > self.round_seen:
-            self.round_seen = ballot >> BALLOT_ID_BITS
+        if not ballot_fits(ballot):
+            raise MessageError(f"ballot {ballot:#x} is outside the ballot space")
+        round_ = ballot >> BALLOT_ID_BITS
+        if round_ - self.round_seen > ROUND_JUMP_MAX_C:
+            raise MessageError(f"ballot {ballot:#x} is {round_ - self.round_seen} rounds "
+                               f"ahead of any seen")
         try:
             if kind == ACCEPT:
                 self.on_accept(src, ballot, msg[3], msg[4], msg[5])
@@ -536,6 +657,9 @@ cdef class Replica:
                 raise MessageError(f"unknown message type {kind}")
         except (TypeError, IndexError, OverflowError) as exc:
             raise MessageError(f"malformed {MESSAGE_NAMES.get(kind, kind)} message: {exc}") from None
+        # Only now that the message passed every check: the next campaign outbids it.
+        if round_ > self.round_seen:
+            self.round_seen = round_
         if self.config.check_invariants:
             self.check_invariants()
 
@@ -544,7 +668,8 @@ cdef class Replica:
 
         Raises BatchError if the batch is malformed.
         """
-        validate_client_batch(batch)
+        if validate_client_batch(batch)[0] == REGISTER_SESSION and not is_registration(batch):
+            raise BatchError("a registration (session 0) is one empty command")
         if self.role_ != LEADER:
             return NOT_LEADER
         if self.pending_bytes_ >= self.config.pending_bytes_max:
@@ -572,6 +697,9 @@ cdef class Replica:
         """Every record handed out up to `persist_id` is durable."""
         cdef int64_t b, first, count, s
         cdef uint64_t bit
+        if persist_id > self.persist_seq:
+            raise ValueError(f"persisted({persist_id}): the newest persist_id handed out "
+                             f"is {self.persist_seq}")
         if persist_id <= self.persisted_seq:
             return
         self.persisted_seq = persist_id
@@ -678,17 +806,27 @@ cdef class Replica:
             self.check_invariants()
         return True
 
-    def restore_state(self, int64_t index, sessions, bytes state):
-        """Replace the state machine, sessions and log prefix with a snapshot's."""
+    cdef int restore_state(self, int64_t index, object sessions, bytes state) except -1:
+        """Replace the state machine, sessions and log prefix with a snapshot's.
+
+        The session table is read first: a malformed one raises before anything changed.
+        """
         cdef Py_ssize_t drop
         cdef Session sess
-        self.state_machine.restore(state)
+        if index < self.log_base - 1:
+            fail(f"restoring a snapshot at slot {index}, below the log ({self.log_base})")
         table = OrderedDict()
+        next_id = 1
         for sid, next_seq, cache in sessions:
+            if sid == REGISTER_SESSION:
+                next_id = next_seq
+                continue
             sess = Session(next_seq)
             sess.cache = [(first, count, results) for first, count, results in cache]
             table[sid] = sess
+        self.state_machine.restore(state)
         self.sessions = table
+        self.next_session_id = next_id
         drop = index - self.log_base + 1
         if drop >= len(self.values):
             self.values = []
@@ -701,11 +839,16 @@ cdef class Replica:
         self.applied_index = index
         if self.commit_recorded < index:
             self.commit_recorded = index
+        return 0
 
     def export_sessions(self):
-        """The session table as plain lists, in eviction order."""
+        """The session table as plain lists, in eviction order.
+
+        The first entry is session 0's: the registrar, whose next number is the next
+        session id to hand out.
+        """
         cdef Session sess
-        out = []
+        out = [[REGISTER_SESSION, self.next_session_id, []]]
         for sid, sess in self.sessions.items():
             out.append([sid, sess.next_seq, [list(e) for e in sess.cache]])
         return out
@@ -716,15 +859,13 @@ cdef class Replica:
         cdef Py_ssize_t i, n = len(self.values)
         cdef int64_t b, run_ballot = 0, run_first = 0
         cdef list run = []
-        self.out_records.append((REC_PROMISE, self.promised))
-        if self.promised > self.promise_recorded:
-            self.promise_recorded = self.promised
+        self.append_record((REC_PROMISE, self.promised), self.promised)
         for i in range(max(0, self.applied_index + 1 - self.log_base), n):
             v = self.values[i]
             b = self.ballots[i]
             if v is None or (run and b != run_ballot):
                 if run:
-                    self.out_records.append((REC_ACCEPT, run_first, run_ballot, run))
+                    self.append_record((REC_ACCEPT, run_first, run_ballot, run), 0)
                     run = []
                 if v is None:
                     continue
@@ -733,7 +874,7 @@ cdef class Replica:
                 run_ballot = b
             run.append(v)
         if run:
-            self.out_records.append((REC_ACCEPT, run_first, run_ballot, run))
+            self.append_record((REC_ACCEPT, run_first, run_ballot, run), 0)
         self.out_records.append((REC_COMMIT, self.commit_index))
         self.commit_recorded = self.commit_index
         return 0
@@ -762,9 +903,6 @@ cdef class Replica:
         self.election_elapsed = 0
         self.election_timeout = self.config.election_ticks + <int64_t>(
             self.next_random() % <uint64_t>self.config.election_ticks)
-
-    cdef inline int64_t last_slot(self):
-        return self.log_base + len(self.values) - 1
 
     cdef int64_t ballot_at(self, int64_t slot):
         if slot < self.log_base or slot >= self.log_base + len(self.values):
@@ -814,23 +952,52 @@ cdef class Replica:
             self.out_after.append((to, msg))
         return 0
 
-    cdef int send_values(self, int to, int kind, int64_t first, list values) except -1:
-        """Send ACCEPT or CHOSEN for consecutive slots, split under message_bytes_max."""
+    cdef int send_accepts(self, int to, int64_t first, list values) except -1:
+        """Send ACCEPT for consecutive slots, split to stay under message_bytes_max."""
         cdef Py_ssize_t start = 0, i, size = 0, n = len(values)
         for i in range(n):
             size += PyBytes_GET_SIZE(values[i]) + 16
             if size >= self.config.message_bytes_max or i == n - 1:
                 chunk = values[start:i + 1] if (start or i != n - 1) else values
-                if kind == ACCEPT:
-                    self.send(to, (ACCEPT, self.replica_id, self.promised, first + start,
-                                   chunk, self.commit_index))
-                else:
-                    self.send(to, (CHOSEN, self.replica_id, self.promised, first + start, chunk))
+                self.send(to, (ACCEPT, self.replica_id, self.promised, first + start,
+                               chunk, self.commit_index))
                 start = i + 1
                 size = 0
         return 0
 
+    # Records.  Invariant (the promise-recorded rule): a PROMISE or ACCEPTED for ballot
+    # b leaves only after a record with a ballot >= b, so that a restart can never
+    # promise or accept below what this replica already vouched for.
+
+    cdef int append_record(self, tuple record, int64_t ballot) except -1:
+        """Hand out a record that vouches for `ballot` (0: for none)."""
+        self.out_records.append(record)
+        if ballot > self.promise_recorded:
+            self.promise_recorded = ballot
+        return 0
+
+    cdef int record_promise(self, int64_t ballot) except -1:
+        """The one place that decides whether a PROMISE record is needed for `ballot`.
+
+        `promised` may have been raised in memory only (by a NACK or a heartbeat): a
+        PROMISE must never leave before a record of it is handed out.
+        """
+        if ballot > self.promise_recorded:
+            self.append_record((REC_PROMISE, ballot), ballot)
+        return 0
+
     # Role transitions: the only places `role_` changes.
+
+    cdef int observe_ballot(self, int64_t ballot) except -1:
+        """The one place a higher ballot raises `promised` and makes this replica step down.
+
+        In memory only: record_promise() decides whether a record must say so.
+        """
+        if ballot > self.promised:
+            self.promised = ballot
+            if self.role_ != FOLLOWER:
+                self.become_follower()
+        return 0
 
     cdef int become_follower(self) except -1:
         if self.role_ == LEADER:
@@ -848,14 +1015,21 @@ cdef class Replica:
         self.reset_election_timer()
         return 0
 
+    cdef int64_t next_round(self) except -1:
+        """The round of the next ballot this replica would campaign with (may not fit)."""
+        return max(self.round_seen, self.promised >> BALLOT_ID_BITS) + 1
+
     cdef int pre_campaign(self) except -1:
         """Ask whether a quorum would promise our next ballot; nothing is persisted."""
-        cdef int64_t round_ = max(self.round_seen, self.promised >> BALLOT_ID_BITS) + 1
+        cdef int64_t round_ = self.next_round()
         if self.role_ != FOLLOWER:
             self.become_follower()
+        self.reset_election_timer()
+        if round_ > BALLOT_ROUND_MAX_C:
+            self.stats["ballots_exhausted"] += 1
+            return 0
         self.prevote_ballot = (round_ << BALLOT_ID_BITS) | self.replica_id
         self.prevotes = {self.replica_id}
-        self.reset_election_timer()
         if len(self.prevotes) >= self.quorum:
             return self.campaign()
         for p in self.peers:
@@ -863,8 +1037,11 @@ cdef class Replica:
         return 0
 
     cdef int on_prevote(self, int src, int64_t ballot) except -1:
-        cdef bint granted = (ballot > self.promised and self.role_ != LEADER
-                             and self.now - self.leader_heard_tick >= self.config.election_ticks)
+        cdef bint granted
+        if owner_of(ballot) != src:
+            raise MessageError(f"replica {src} asks a pre-vote for ballot {ballot:#x} it does not own")
+        granted = (ballot > self.promised and self.role_ != LEADER
+                   and self.now - self.leader_heard_tick >= self.config.election_ticks)
         self.send(src, (PREVOTE_ACK, self.replica_id, ballot, 1 if granted else 0))
         return 0
 
@@ -878,9 +1055,15 @@ cdef class Replica:
         return 0
 
     cdef int campaign(self) except -1:
-        cdef int64_t round_ = max(self.round_seen, self.promised >> BALLOT_ID_BITS) + 1
+        """Become a candidate with a new ballot (from follower or candidate)."""
+        cdef int64_t round_ = self.next_round()
         if self.role_ == LEADER:
-            self.become_follower()
+            fail("a leader campaigns")
+        if round_ > BALLOT_ROUND_MAX_C:
+            # Unreachable but by 2**47 elections: peers refuse ballots that would get here.
+            self.stats["ballots_exhausted"] += 1
+            self.reset_election_timer()
+            return 0
         self.promised = (round_ << BALLOT_ID_BITS) | self.replica_id
         self.round_seen = round_
         self.role_ = CANDIDATE
@@ -888,28 +1071,39 @@ cdef class Replica:
         self.promises = {}
         self.self_promised = False
         self.heartbeat_elapsed = 0
+        self.prepare_from = self.commit_index + 1
         self.stats["elections"] += 1
         self.reset_election_timer()
         # The ballot is durable before any PREPARE carries it, so a restart never
         # reuses it with different values.
-        self.promise_recorded = self.promised
-        self.out_records.append((REC_PROMISE, self.promised))
+        self.record_promise(self.promised)
         self.pending_self.append((SELF_PROMISE, self.promised))
         for p in self.peers:
-            self.out_after.append((p, (PREPARE, self.replica_id, self.promised,
-                                       self.commit_index + 1)))
+            self.out_after.append((p, (PREPARE, self.replica_id, self.promised, self.prepare_from)))
         return 0
 
     cdef int maybe_win(self) except -1:
-        if self.role_ == CANDIDATE and self.self_promised and len(self.promises) + 1 >= self.quorum:
-            self.become_leader()
-        return 0
+        """Lead once a quorum promised; 1 if the promises could not all be honest."""
+        if not (self.role_ == CANDIDATE and self.self_promised
+                and len(self.promises) + 1 >= self.quorum):
+            return 0
+        if self.become_leader():
+            return 0
+        # Slots were reported too far past any slot reported below them: a quorum of
+        # honest acceptors holds every slot but the last window's (each was chosen
+        # before a later one could be proposed).  Collect the promises again.
+        self.promises = {}
+        self.stats["promises_refused"] += 1
+        return 1
 
     cdef int become_leader(self) except -1:
-        cdef int64_t start = self.commit_index, end, slot, b, top_commit = self.commit_index
+        """Adopt the promised slots and lead (from candidate); 0 if they cannot be honest."""
+        cdef int64_t start, end, slot, b, top_commit = self.commit_index
         cdef int top_peer = 0
         cdef dict best = {}
         cdef Py_ssize_t i
+        if self.role_ != CANDIDATE:
+            fail(f"become_leader as {ROLE_NAMES[self.role_]}")
         for src, (commit, entries) in self.promises.items():
             if commit > top_commit:
                 top_commit = commit
@@ -923,6 +1117,8 @@ cdef class Replica:
                 if slot >= start and (slot not in best or b > best[slot][0]):
                     best[slot] = (b, entries[i + 2])
         end = max(best) if best else start - 1
+        if end - start + 1 > len(best) + self.config.accept_ahead_max:
+            return 0
         if self.config.fault & FAULT_SKIP_ADOPTION:
             best = {}
         self.role_ = LEADER
@@ -940,13 +1136,14 @@ cdef class Replica:
         self.quorum_check_elapsed = 0
         self.stats["became_leader"] += 1
         self.next_slot = start
+        self.leader_start = start
         if end < start:
             end = start
         self.leader_barrier = end
         self.propose_slots([best[s][1] if s in best else b"" for s in range(start, end + 1)])
         if top_commit > self.commit_index:
             self.want_catchup(top_peer, top_commit)
-        return 0
+        return 1
 
     cdef int propose_slots(self, list values) except -1:
         cdef int64_t first = self.next_slot, s
@@ -958,10 +1155,10 @@ cdef class Replica:
             self.sent_tick[s] = self.now
         self.next_slot = first + len(values)
         self.stats["slots_proposed"] += len(values)
-        self.out_records.append((REC_ACCEPT, first, self.promised, values))
+        self.append_record((REC_ACCEPT, first, self.promised, values), self.promised)
         self.pending_self.append((SELF_VOTE, self.promised, first, len(values)))
         for p in self.peers:
-            self.send_values(p, ACCEPT, first, values)
+            self.send_accepts(p, first, values)
         if self.config.fault & FAULT_COMMIT_WITHOUT_QUORUM:
             for k in range(len(values)):
                 self.votes[first + k] = (1 << 62) - 1
@@ -997,9 +1194,8 @@ cdef class Replica:
         self.propose_slots(slots)
         return 0
 
-    cdef int note_leader(self, int src, int64_t ballot) except -1:
-        if owner_of(ballot) != src:
-            raise MessageError(f"replica {src} speaks for ballot {ballot:#x} it does not own")
+    cdef int note_leader(self, int src) except -1:
+        """`src` leads the ballot this replica just accepted from it."""
         self.leader_id = src
         self.leader_heard_tick = self.now
         self.election_elapsed = 0
@@ -1036,9 +1232,10 @@ cdef class Replica:
             return 0
         self.catchup_inflight = True
         self.catchup_sent_tick = self.now
+        self.catchup_from = self.commit_index + 1
         self.stats["catchup_requests"] += 1
         self.send(self.catchup_peer, (CATCHUP_REQ, self.replica_id, self.promised,
-                                      self.commit_index + 1))
+                                      self.catchup_from))
         return 0
 
     cdef int advance_commit(self) except -1:
@@ -1057,9 +1254,10 @@ cdef class Replica:
                 m = self.votes.get(s)
                 if m is None or popcount(m) < self.quorum:
                     break
-                del self.votes[s]
-                del self.sent_tick[s]
                 self.ballots[i] = CHOSEN_BALLOT_C
+            if is_leader and self.votes:
+                self.votes.pop(s, None)
+                self.sent_tick.pop(s, None)
             s += 1
         if s - 1 > self.commit_index:
             self.commit_index = s - 1
@@ -1086,35 +1284,36 @@ cdef class Replica:
         cdef Session sess
         cdef StateMachine sm = self.state_machine
         cdef ResultWriter writer = self.writer
+        if DEBUG:
+            # Every value was checked before it entered the log (propose, step, recover).
+            assert value_fault(value) == BATCH_OK, "an unchecked slot value reached apply"
         sessions = self.sessions
-        while pos + CLIENT_BATCH_HEADER <= n:
+        while pos + CLIENT_BATCH_HEADER_BYTES <= n:
             sid = load_u64(p + pos)
             first = load_u64(p + pos + 8)
             acked = load_u64(p + pos + 16)
             count = load_u32(p + pos + 24)
             plen = load_u32(p + pos + 28)
-            end = pos + CLIENT_BATCH_HEADER + plen
+            end = pos + CLIENT_BATCH_HEADER_BYTES + plen
             if end > n:
-                break  # cannot happen: batches are validated before they are proposed
+                break  # cannot happen: slot values are checked before they enter the log
+            if sid == REGISTER_SESSION:
+                self.register_session(first, p + pos, end - pos)
+                pos = end
+                continue
             sess = sessions.get(sid)
             if sess is None:
-                if first == 1 or acked + 1 >= first:
-                    sess = Session(first)
-                    sessions[sid] = sess
-                    if len(sessions) > self.config.max_sessions:
-                        sessions.popitem(last=False)
-                else:
-                    # Earlier commands of this session are not here yet (or the session
-                    # was evicted): the client must resend them first.
-                    self.emit_status(sid, first, count, RESULT_RETRY)
-                    pos = end
-                    continue
-            else:
-                sessions.move_to_end(sid)
+                # Never registered, or evicted: never created here, or an evicted
+                # session's retry would apply its commands a second time.
+                self.stats["sessions_expired"] += 1
+                self.emit_status(sid, first, count, RESULT_SESSION_EXPIRED)
+                pos = end
+                continue
+            sessions.move_to_end(sid)
             while sess.cache and sess.cache[0][0] + sess.cache[0][1] - 1 <= <int64_t>acked:
                 del sess.cache[0]
             if <int64_t>first == sess.next_seq:
-                sm.apply_commands(p + pos + CLIENT_BATCH_HEADER, count, writer)
+                sm.apply_commands(p + pos + CLIENT_BATCH_HEADER_BYTES, count, writer)
                 results = writer.take()
                 sess.cache.append((first, count, results))
                 sess.next_seq = first + count
@@ -1130,6 +1329,29 @@ cdef class Replica:
             else:
                 self.emit_status(sid, first, count, RESULT_RETRY)
             pos = end
+        return 0
+
+    cdef int register_session(self, uint64_t nonce, const char* batch, Py_ssize_t n) except -1:
+        """Apply a registration: a new session, its id (u64 LE) the command's result."""
+        cdef uint64_t sid
+        cdef char id_bytes[8]
+        if not registration_layout(batch, n):
+            # Only a forged slot value gets here (propose() refuses these).
+            self.writer.write(RESULT_ERROR, "a registration is one empty command", 35)
+            self.out_results.append((REGISTER_SESSION, nonce, self.writer.take()))
+            return 0
+        sid = self.next_session_id
+        while sid in self.sessions or sid == REGISTER_SESSION:
+            sid += 1  # ids in a snapshot of an older version were random
+        self.next_session_id = sid + 1
+        self.sessions[sid] = Session(1)
+        self.stats["sessions_registered"] += 1
+        if len(self.sessions) > self.config.max_sessions:
+            self.sessions.popitem(last=False)
+            self.stats["sessions_evicted"] += 1
+        memcpy(id_bytes, &sid, 8)
+        self.writer.write(RESULT_OK, id_bytes, 8)
+        self.out_results.append((REGISTER_SESSION, nonce, self.writer.take()))
         return 0
 
     cdef int emit_status(self, uint64_t session_id, uint64_t first_seq, int count, int status) except -1:
@@ -1214,18 +1436,19 @@ cdef class Replica:
                         run_start = s
                     run.append(self.values[s - self.log_base])
                 elif run:
-                    self.send_values(p, ACCEPT, run_start, run)
+                    self.send_accepts(p, run_start, run)
                     self.stats["retransmits"] += len(run)
                     run = []
             if run:
-                self.send_values(p, ACCEPT, run_start, run)
+                self.send_accepts(p, run_start, run)
                 self.stats["retransmits"] += len(run)
         for s in range(self.commit_index + 1, self.next_slot):
             if s in self.sent_tick and self.now - self.sent_tick[s] >= self.config.resend_ticks:
                 self.sent_tick[s] = self.now
         return 0
 
-    # Message handlers.
+    # Message handlers.  Each checks everything it can refuse before it changes
+    # anything: a MessageError leaves the replica as if the message never arrived.
 
     cdef int on_prepare(self, int src, int64_t ballot, int64_t from_slot) except -1:
         if from_slot < 1:
@@ -1239,14 +1462,8 @@ cdef class Replica:
                 and (self.role_ == LEADER
                      or self.now - self.leader_heard_tick < self.config.election_ticks)):
             return 0  # a lease may still be held: do not help depose its leader
-        if ballot > self.promised and self.role_ != FOLLOWER:
-            self.become_follower()
-        self.promised = ballot
-        if ballot > self.promise_recorded:
-            # `promised` may have been raised in memory only (by a NACK or heartbeat);
-            # a PROMISE must never leave before a record of it is durable.
-            self.promise_recorded = ballot
-            self.out_records.append((REC_PROMISE, ballot))
+        self.observe_ballot(ballot)
+        self.record_promise(ballot)
         self.leader_id = 0
         self.reset_election_timer()
         self.send_after(src, (PROMISE, self.replica_id, ballot, self.commit_index,
@@ -1254,61 +1471,92 @@ cdef class Replica:
         return 0
 
     cdef int on_promise(self, int src, int64_t ballot, int64_t commit, list entries) except -1:
-        if len(entries) % 3:
-            raise MessageError("PROMISE entries are not (slot, ballot, value) triples")
+        cdef Py_ssize_t i, n = len(entries)
+        cdef int64_t slot, b, last = 0
+        cdef int fault
         if self.role_ != CANDIDATE or ballot != self.promised:
+            return 0  # a late answer to an earlier campaign
+        if n % 3:
+            raise MessageError("PROMISE entries are not (slot, ballot, value) triples")
+        if commit < 0:
+            raise MessageError("PROMISE with a negative commit index")
+        for i in range(0, n, 3):
+            slot = entries[i]
+            b = entries[i + 1]
+            # An acceptor answers with its slots from the one this campaign prepares,
+            # in order, each accepted at a ballot it had promised (or known chosen).
+            if slot < self.prepare_from or slot <= last:
+                raise MessageError(f"PROMISE entry for slot {slot}: not in increasing order "
+                                   f"from the prepared slot {self.prepare_from}")
+            if b != CHOSEN_BALLOT_C and not 0 < b <= ballot:
+                raise MessageError(f"PROMISE entry for slot {slot} accepted at ballot {b:#x}, "
+                                   f"not one it promised")
+            fault = value_fault(entries[i + 2])
+            if fault:
+                raise MessageError(f"PROMISE entry for slot {slot} holds a client batch "
+                                   f"{BATCH_FAULTS[fault]}" if fault != BATCH_NOT_BYTES
+                                   else f"PROMISE entry for slot {slot} is not bytes")
+            last = slot
+        if commit - self.commit_index > self.config.accept_ahead_max:
+            # This candidate is far behind that acceptor: it catches up first (the
+            # PREPARE is sent again and the promise counts once it is within reach).
+            self.stats["promises_deferred"] += 1
+            self.want_catchup(src, commit)
             return 0
         self.promises[src] = (commit, entries)
-        self.maybe_win()
+        if self.maybe_win():
+            raise MessageError(f"PROMISE from {src} completes a quorum that reports slots "
+                               f"no honest quorum could")
         return 0
 
     cdef int on_nack(self, int src, int64_t ballot) except -1:
-        if ballot > self.promised:
-            self.promised = ballot
-            if self.role_ != FOLLOWER:
-                self.become_follower()
+        self.observe_ballot(ballot)
         return 0
 
     cdef int on_accept(self, int src, int64_t ballot, int64_t first, list values, int64_t commit) except -1:
-        cdef Py_ssize_t k
+        cdef Py_ssize_t k, n = len(values)
         cdef int64_t s
-        if first < 1:
-            raise MessageError("ACCEPT for slot 0")
+        if first < 1 or n == 0:
+            raise MessageError("ACCEPT with no values or for slot 0")
+        if owner_of(ballot) != src:
+            raise MessageError(f"replica {src} speaks for ballot {ballot:#x} it does not own")
         if ballot < self.promised:
             self.send(src, (NACK, self.replica_id, self.promised))
             return 0
-        self.note_leader(src, ballot)
-        if self.role_ != FOLLOWER:
-            self.become_follower()
-        self.promised = ballot
-        if first + len(values) - 1 > max(self.commit_index, commit) + self.config.accept_ahead_max:
+        if not self.config.fault & FAULT_UNCHECKED_VALUES:
+            check_values(values, "ACCEPT")
+        self.observe_ballot(ballot)
+        self.note_leader(src)
+        if first > self.commit_index + self.config.accept_ahead_max - n + 1:
+            # Far past what this replica knows chosen: catch up first rather than
+            # hold a huge log (and a far-off slot number costs nothing).
             self.learn_commit(src, ballot, commit)
             return 0
-        for k in range(len(values)):
+        for k in range(n):
             s = first + k
-            v = values[k]
-            if type(v) is not bytes:
-                raise MessageError("ACCEPT value is not bytes")
             if s >= self.log_base and self.ballot_at(s) != CHOSEN_BALLOT_C:
-                self.set_entry(s, v, ballot)
-        if ballot > self.promise_recorded:
-            self.promise_recorded = ballot
-        self.out_records.append((REC_ACCEPT, first, ballot, values))
-        self.send_after(src, (ACCEPTED, self.replica_id, ballot, first, len(values), self.commit_index))
+                self.set_entry(s, values[k], ballot)
+        self.append_record((REC_ACCEPT, first, ballot, values), ballot)
+        self.send_after(src, (ACCEPTED, self.replica_id, ballot, first, n, self.commit_index))
         self.learn_commit(src, ballot, commit)
         return 0
 
     cdef int on_accepted(self, int src, int64_t ballot, int64_t first, int64_t count, int64_t commit) except -1:
         cdef int64_t s
         cdef uint64_t bit
+        if first < 1 or count < 1:
+            raise MessageError("ACCEPTED for no slots or for slot 0")
         if self.role_ != LEADER or ballot != self.promised:
             if commit > self.commit_index:
                 self.want_catchup(src, commit)
             return 0
+        if count > self.next_slot - first:
+            raise MessageError(f"ACCEPTED for slots up to {first + count - 1}, past the last "
+                               f"one proposed ({self.next_slot - 1})")
         self.heard.add(src)
         bit = self.member_bit[src]
         votes = self.votes
-        for s in range(max(first, self.commit_index + 1), min(first + count, self.next_slot)):
+        for s in range(max(first, self.commit_index + 1), first + count):
             m = votes.get(s)
             if m is not None:
                 votes[s] = m | bit
@@ -1316,15 +1564,15 @@ cdef class Replica:
         return 0
 
     cdef int on_heartbeat(self, int src, int64_t ballot, int64_t commit, int64_t ctx) except -1:
+        if owner_of(ballot) != src:
+            raise MessageError(f"replica {src} speaks for ballot {ballot:#x} it does not own")
         if ballot < self.promised:
             self.send(src, (NACK, self.replica_id, self.promised))
             return 0
-        self.note_leader(src, ballot)
-        if self.role_ != FOLLOWER:
-            self.become_follower()
         # Not persisted: an acknowledgement only says "I promised nothing higher",
         # and every promise that matters was persisted before it was given.
-        self.promised = ballot
+        self.observe_ballot(ballot)
+        self.note_leader(src)
         self.send(src, (HEARTBEAT_ACK, self.replica_id, ballot, ctx, self.commit_index))
         self.learn_commit(src, ballot, commit)
         return 0
@@ -1332,9 +1580,9 @@ cdef class Replica:
     cdef int on_heartbeat_ack(self, int src, int64_t ballot, int64_t ctx, int64_t commit) except -1:
         if self.role_ != LEADER or ballot != self.promised:
             return 0
-        self.heard.add(src)
         if ctx > self.read_ctx:
             raise MessageError("HEARTBEAT_ACK for a heartbeat never sent")
+        self.heard.add(src)
         if ctx > self.peer_ctx.get(src, 0):
             self.peer_ctx[src] = ctx
             self.update_confirmed()
@@ -1362,48 +1610,94 @@ cdef class Replica:
         return 0
 
     cdef int on_chosen(self, int src, int64_t first, list values) except -1:
-        cdef Py_ssize_t k
+        cdef Py_ssize_t k, i, n = len(values), held = len(self.values)
         cdef int64_t s
         cdef list fresh = []
         cdef int64_t fresh_first = 0
-        if first < 1:
-            raise MessageError("CHOSEN for slot 0")
-        for k in range(len(values)):
+        if first < 1 or n == 0:
+            raise MessageError("CHOSEN with no values or for slot 0")
+        if not (self.catchup_inflight and src == self.catchup_peer and first == self.catchup_from):
+            # Not the answer to this replica's outstanding request (maybe a late or
+            # duplicated one): what was not asked for is never written.
+            self.stats["chosen_unasked"] += 1
+            return 0
+        check_values(values, "CHOSEN")
+        for k in range(n):
             s = first + k
-            v = values[k]
-            if type(v) is not bytes:
-                raise MessageError("CHOSEN value is not bytes")
+            i = s - self.log_base
+            if i < 0:
+                continue
+            if i >= held:
+                break
+            if ((s <= self.commit_index or self.ballots[i] == CHOSEN_BALLOT_C)
+                    and self.values[i] != values[k]):
+                self.stats["chosen_conflicts"] += 1
+                raise MessageError(f"CHOSEN for slot {s} contradicts the value known chosen")
+        for k in range(n):
+            s = first + k
             if s <= self.commit_index or s < self.log_base:
                 continue
             if s > self.commit_index + self.config.accept_ahead_max:
                 break
             if not fresh:
                 fresh_first = s
-            fresh.append(v)
-            self.set_entry(s, v, CHOSEN_BALLOT_C)
+            fresh.append(values[k])
+            self.set_entry(s, values[k], CHOSEN_BALLOT_C)
         if fresh:
-            self.out_records.append((REC_ACCEPT, fresh_first, CHOSEN_BALLOT_C, fresh))
+            self.append_record((REC_ACCEPT, fresh_first, CHOSEN_BALLOT_C, fresh), 0)
         self.catchup_inflight = False
         self.advance_commit()
         if self.commit_index < self.known_commit:
             self.want_catchup(src, self.known_commit)
         return 0
 
+    # Invariants.
+
     cdef int check_invariants(self) except -1:
-        cdef Py_ssize_t i
-        assert self.log_base <= self.applied_index + 1, "compacted past the applied index"
-        assert self.applied_index <= self.commit_index, "applied past the commit index"
-        assert self.commit_index <= self.log_base + len(self.values) - 1 or \
-            self.commit_index == self.log_base - 1, "commit index past the log"
-        assert len(self.values) == len(self.ballots)
+        """Check the invariants written next to the fields (Config.check_invariants)."""
+        cdef Py_ssize_t i, n = len(self.values)
+        cdef int64_t s, b
+        cdef Session sess
+        if not self.log_base <= self.applied_index + 1:
+            fail("compacted past the applied index")
+        if not self.applied_index <= self.commit_index:
+            fail("applied past the commit index")
+        if not (self.commit_index <= self.log_base + n - 1 or self.commit_index == self.log_base - 1):
+            fail("commit index past the log")
+        if len(self.ballots) != n:
+            fail("values and ballots differ in length")
         for i in range(0, self.commit_index - self.log_base + 1):
-            assert self.values[i] is not None and self.ballots[i] == CHOSEN_BALLOT_C, \
-                f"slot {self.log_base + i} committed but not known chosen"
+            if self.values[i] is None or self.ballots[i] != CHOSEN_BALLOT_C:
+                fail(f"slot {self.log_base + i} committed but not known chosen")
         for b in self.ballots:
-            assert b == CHOSEN_BALLOT_C or b <= self.promised, "accepted above the promise"
-        if self.role_ != FOLLOWER:
-            assert owner_of(self.promised) == self.replica_id, "leading someone else's ballot"
+            if b != CHOSEN_BALLOT_C and b > self.promised:
+                fail("accepted above the promise")
+        if self.promised < self.promised_checked:
+            fail(f"promised went down from {self.promised_checked:#x} to {self.promised:#x}")
+        self.promised_checked = self.promised
+        if not self.promise_recorded <= self.promised:
+            fail("recorded a promise above the promised ballot")
+        for to, msg in self.out_after:
+            if (msg[0] == PROMISE or msg[0] == ACCEPTED) and msg[2] > self.promise_recorded:
+                fail(f"{MESSAGE_NAMES[msg[0]]} for ballot {msg[2]:#x} without a record of it")
+        if not self.config.fault & FAULT_REPLY_BEFORE_PERSIST:
+            for to, msg in self.out_messages:
+                if msg[0] == PROMISE or msg[0] == ACCEPTED:
+                    fail(f"{MESSAGE_NAMES[msg[0]]} sent before its record is durable")
+        if self.role_ != FOLLOWER and owner_of(self.promised) != self.replica_id:
+            fail("leading someone else's ballot")
         if self.role_ == LEADER:
-            assert self.next_slot > self.commit_index, "leader's next slot is committed"
-            assert self.confirmed_ctx <= self.read_ctx
+            if not self.next_slot > self.commit_index:
+                fail("leader's next slot is committed")
+            if not self.confirmed_ctx <= self.read_ctx:
+                fail("confirmed a heartbeat never sent")
+            for s in range(max(self.leader_start, self.commit_index + 1), self.next_slot):
+                if self.ballot_at(s) != CHOSEN_BALLOT_C and s not in self.votes:
+                    fail(f"slot {s} proposed by this leader but not counted")
+        for sess in self.sessions.values():
+            s = 0
+            for entry in sess.cache:
+                if entry[0] < s or entry[0] + entry[1] > sess.next_seq:
+                    fail("session cache out of order or past the next sequence number")
+                s = entry[0] + entry[1]
         return 0

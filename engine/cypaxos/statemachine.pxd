@@ -2,12 +2,7 @@
 """Declarations of the state machine protocol the core applies batches to."""
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
-
-cdef enum ResultStatus:
-    RESULT_OK = 0
-    RESULT_ERROR = 1
-    RESULT_SESSION_EXPIRED = 2
-    RESULT_RETRY = 3
+from cypaxos.protocol cimport RESULT_ERROR, RESULT_OK, RESULT_RETRY, RESULT_SESSION_EXPIRED
 
 
 cdef class ResultWriter:

@@ -1,17 +1,18 @@
 """Ballots: ``round << 16 | replica_id`` as one int64, and how they are shown.
 
-The arithmetic lives in the core (`make_ballot`, `ballot_round`, `ballot_owner`,
-`CHOSEN_BALLOT`); this module re-exports it beside the one way a ballot is written
-for people (the status table, logs, traces): `format_ballot`.
+The layout and its arithmetic live in cypaxos.protocol (`make_ballot`,
+`ballot_round`, `ballot_owner`, `CHOSEN_BALLOT`, the table the core compiles in); this
+module re-exports them beside the one way a ballot is written for people (the status
+table, logs, traces): `format_ballot`.
 """
 from __future__ import annotations
 
-from .core import CHOSEN_BALLOT, ballot_owner, ballot_round, make_ballot
+from .protocol import BALLOT_ID_MASK, CHOSEN_BALLOT, ballot_owner, ballot_round, make_ballot
 
 __all__ = ["REPLICA_ID_MAX", "CHOSEN_BALLOT", "make_ballot", "ballot_round", "ballot_owner",
            "format_ballot"]
 
-REPLICA_ID_MAX = 0xFFFF
+REPLICA_ID_MAX = BALLOT_ID_MASK
 """Replica ids are 1..REPLICA_ID_MAX: a ballot keeps the id in its low 16 bits."""
 
 

@@ -11,6 +11,7 @@ from typing import NamedTuple
 # The client's hot path, compiled: built there, exported from here.
 from .clientops import (BATCH_HEADER_BYTES, SEQ_LIMIT, decode_gets, encode_gets,
                         encode_puts, pack_client_batch)
+from .protocol import RESULT_ERROR, RESULT_OK, RESULT_RETRY, RESULT_SESSION_EXPIRED
 
 __all__ = [
     "RESULT_OK", "RESULT_ERROR", "RESULT_SESSION_EXPIRED", "RESULT_RETRY",
@@ -32,14 +33,11 @@ __all__ = [
     "decode_lease_keys", "decode_store_status", "decode_kv_snapshot",
 ]
 
-RESULT_OK = 0
-"""Result status: the command was applied; the bytes are its result."""
-RESULT_ERROR = 1
-"""Result status: the state machine raised; the bytes are the error text (UTF-8)."""
-RESULT_SESSION_EXPIRED = 2
-"""Result status: the client's session is gone; its commands were not applied."""
-RESULT_RETRY = 3
-"""Result status used by the core (statemachine.pxd), not yet in docs/internals.md."""
+# Result statuses (cypaxos.protocol; docs/internals.md, "Slot values and client batches"):
+# OK, the command was applied and the bytes are its result; ERROR, the state machine
+# raised and the bytes are the error text (UTF-8); SESSION_EXPIRED, the session is gone
+# and the command may have been applied; RETRY, earlier commands of the session are
+# not applied yet: resend them first.
 
 _BATCH_HEADER = struct.Struct("<QQQII")  # session_id, first_seq, acked_seq, count, payload_len
 _U32 = struct.Struct("<I")

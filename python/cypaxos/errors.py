@@ -61,7 +61,16 @@ class CommandError(ClientError):
 
 
 class SessionExpiredError(ClientError):
-    """The cluster dropped this client's session state; the outcome is unknown."""
+    """The cluster had evicted this client's session (its table holds `max_sessions`).
+
+    The command was not applied this time, but an earlier try of it may have been, so
+    `maybe_applied` is True; the client's later calls go in a new session.
+    """
+
+    maybe_applied = True
+
+    def __init__(self, message: str, *, maybe_applied: bool = True) -> None:
+        super().__init__(message, maybe_applied=maybe_applied)
 
 
 class RequestError(ClientError):

@@ -12,14 +12,22 @@ How a `Client` works (docs/internals.md, "Slot values and client batches" and "W
 - It keeps ONE connection, to the leader.  It dials the addresses starting at a random
   one, follows `["redirect", id, address]` replies, and on connection loss reconnects
   with a short backoff (20 ms doubling to 500 ms), cycling through the addresses.
+- Before its first write the client registers a session: a batch for session 0 with a
+  random nonce and one empty command, whose result is the session id the cluster
+  assigned (once per session: nothing per command).  A registration that was applied
+  but not answered is sent again; at worst that leaves an unused session, which ages
+  out of the table.
 - Every write (put, delete, cas, submit) gets the next sequence number of this client's
-  session (a random 63-bit id).  A sender task takes whatever writes are queued (up to
+  session.  A sender task takes whatever writes are queued (up to
   1 MiB or 4096 commands) into one client batch and sends `["submit", id, batch]`; at most
   64 batches are in flight, and further calls wait (every queue is bounded).  Reads
   (get, query) are batched likewise into one `["read", id, [query, ...], stale]`.
 - After a reconnect every outstanding batch is resent byte for byte, in sequence order:
   the replicas' session table answers a batch it already applied from its cache, so a
-  retried write is applied exactly once.
+  retried write is applied exactly once.  A session evicted from the table (it holds
+  `max_sessions` clients, least recently used go) answers SESSION_EXPIRED instead:
+  those calls raise `SessionExpiredError` (`maybe_applied=True`), and the client
+  registers a new session for the calls after them.
 - A call has a deadline (`timeout`); past it the call raises `cypaxos.TimeoutError`
   (or `UnavailableError` if no replica could be reached, or none led, the whole time),
   whose `maybe_applied` says whether the command ever left the client.
@@ -38,6 +46,7 @@ from typing import Optional, Union
 import trio
 
 from .. import clientops as _ops
+from ..core import REGISTER_SESSION_ID
 from .. import commands as _cmd
 from .. import wire
 from ..addresses import Addresses, parse_addresses, split_address
@@ -156,7 +165,8 @@ class _Batch:
 
     @property
     def key(self):
-        return (self.epoch, self.first_seq)
+        # A registration (session 0, first_seq a nonce) goes before its session's batches.
+        return (self.epoch, self.first_seq if self.session_id != REGISTER_SESSION_ID else 0)
 
 
 class _Read:
@@ -216,10 +226,14 @@ class Client:
         self._rr = random.randrange(len(self._addresses)) - 1  # round robin, random start
         self._hint = None           # leader address from the last redirect
 
-        # Session: every write gets the next seq.  After a permanent refusal (a hole
-        # the session could never get past) a new session ("epoch") takes over.
+        # Session: registered before the first write (None until then); every write
+        # gets the next seq.  After a permanent refusal (a hole the session could never
+        # get past) or SESSION_EXPIRED a new session ("epoch") takes over.
         self._epoch = 0
-        self._session_id = secrets.randbits(63) or 1
+        self._session_id = None
+        self._registration = None   # this epoch's registration _Batch while unanswered
+        self._repack = []           # op lists (a refused batch's successors) for the
+        #                             next session, in order, once it is registered
         self._next_seq = 1
         self._acked_seq = 0
         self._completed = {}        # first_seq -> count, answered above _acked_seq
@@ -267,8 +281,9 @@ class Client:
         return list(self._addresses)
 
     @property
-    def session_id(self) -> int:
-        """This client's current session id (random, 63 bits)."""
+    def session_id(self) -> Optional[int]:
+        """This client's current session id (assigned by the cluster when the client
+        registers, before its first write; None until then)."""
         return self._session_id
 
     async def put(self, key: Bytes, value: Bytes, *, timeout: Optional[float] = None) -> None:
@@ -404,7 +419,8 @@ class Client:
         `submit_requests` (submit frames sent, resends included), `resent_batches`,
         `reads`/`stale_reads` (queries called), `read_requests`, `resent_reads`,
         `redirects`, `connections`, `connect_failures`, `retry_results`,
-        `busy_replies`, `timeouts`, `session_restarts`, `stalls`; and
+        `busy_replies`, `timeouts`, `session_restarts`, `registrations` (sessions
+        registered), `sessions_expired` (sessions the cluster had dropped), `stalls`; and
         `session_id`, `connected_to`, `connected_replica_id`, `queued_commands`,
         `outstanding_batches`, `outstanding_reads`.
         """
@@ -419,7 +435,8 @@ class Client:
         for name in ("commands", "batches", "submit_requests", "resent_batches", "reads",
                      "stale_reads", "read_requests", "resent_reads", "redirects",
                      "connections", "connect_failures", "retry_results", "busy_replies",
-                     "timeouts", "session_restarts", "stalls"):
+                     "timeouts", "session_restarts", "registrations", "sessions_expired",
+                     "stalls"):
             stats[name] = self._stats[name]
         return stats
 
@@ -801,6 +818,7 @@ class Client:
         pending += [(op, False) for ops, _ in self._split_reads for op in ops]
         for batch in self._outstanding.values():
             pending += [(op, True) for op in batch.ops]
+        pending += [(op, False) for ops in self._repack for op in ops]
         for read in self._inflight_reads:
             pending += [(op, False) for op in read.ops]
         for op, maybe_applied in pending:
@@ -818,7 +836,7 @@ class Client:
 
     def _has_work(self) -> bool:
         """Whether any caller waits on something a connection would carry."""
-        if self._queued_count:
+        if self._queued_count or self._repack:
             return True
         # Reads abandoned by callers that timed out do not count (nor linger).
         self._reads = _live(self._reads)
@@ -996,6 +1014,9 @@ class Client:
         if type(payload) is not bytes:
             raise wire.ProtocolError("submit answered with a non-bytes payload")
         conn.answered = True
+        if batch.session_id == REGISTER_SESSION_ID:
+            self._on_registered(batch, payload)
+            return
         if _cmd.all_ok_empty(payload, len(batch.ops)):
             # A batch of puts: nothing to unpack or look at one by one.
             self._result_max[0] *= 0.9
@@ -1032,6 +1053,37 @@ class Client:
         self._redirect_streak = 0
         self._finish_batch(batch, results)
 
+    def _on_registered(self, batch: _Batch, payload: bytes) -> None:
+        try:
+            (status, data), = _cmd.unpack_results(payload)
+        except ValueError:
+            raise wire.ProtocolError("a registration answered with other than one result") from None
+        if status != _cmd.RESULT_OK or len(data) != 8:
+            raise wire.ProtocolError(f"a registration answered with status {status}")
+        batch.done = True
+        del self._outstanding[batch.key]
+        if batch is not self._registration:
+            return   # an earlier epoch's, answered late: that session just ages out
+        self._registration = None
+        self._session_id = int.from_bytes(data, "little")
+        self._next_seq = 1
+        self._acked_seq = 0
+        self._completed = {}
+        self._stats["registrations"] += 1
+        self._last_leader_ok = trio.current_time()
+        self._backoff = 0.0
+        self._redirect_streak = 0
+        self._kick.set()
+
+    def _new_session(self) -> None:
+        """Start a new epoch: the next write registers a new session first."""
+        self._epoch += 1
+        self._session_id = None
+        self._registration = None
+        self._next_seq = 1
+        self._acked_seq = 0
+        self._completed = {}
+
     def _finish_batch(self, batch: _Batch, results) -> None:
         """Finish a batch's calls with `results` ((status, bytes) per command; None:
         every one OK with no bytes)."""
@@ -1059,6 +1111,13 @@ class Client:
             else:
                 op.finish(error=ClientError(f"unknown result status {status}",
                                             maybe_applied=True))
+        if (results and results[0][0] == _cmd.RESULT_SESSION_EXPIRED
+                and batch.epoch == self._epoch):
+            # The session was evicted (the core then answers every command of the batch
+            # so): later calls go in a new one.  Batches of the old one still in flight
+            # get their own answers.
+            self._stats["sessions_expired"] += 1
+            self._new_session()
         self._sweep(trio.current_time())
         self._kick.set()   # window room
 
@@ -1105,6 +1164,9 @@ class Client:
 
     def _refused_batch(self, batch: _Batch, code: str, message: str) -> None:
         """The cluster refused a batch outright, so it was never proposed."""
+        if batch.session_id == REGISTER_SESSION_ID:
+            raise wire.ProtocolError(f"the cluster refused a session registration "
+                                     f"({code}: {message})")
         if len(batch.ops) > 1:
             # Maybe one command is to blame (a replica with a smaller limit than ours):
             # the same seqs in two halves (and so on) isolate it.  Safe: a refused
@@ -1136,19 +1198,11 @@ class Client:
         if batch.epoch != self._epoch:
             return  # already renumbered by an earlier refusal
         self._stats["session_restarts"] += 1
-        self._epoch += 1
-        self._session_id = secrets.randbits(63) or 1
-        self._next_seq = 1
-        self._acked_seq = 0
-        self._completed = {}
-        for old in later:
+        self._new_session()
+        for old in later:   # sent again, in order, once the new session is registered
             del self._outstanding[old.key]
             old.done = True
-            fresh = self._pack(self._epoch, self._session_id, self._next_seq, 0, old.ops)
-            self._next_seq += len(old.ops)
-            fresh.resend_due = True
-            self._outstanding[fresh.key] = fresh
-        self._resend_at = trio.current_time()
+            self._repack.append(old.ops)
         self._kick.set()
 
     def _refused_read(self, read: _Read, code: str, message: str) -> None:
@@ -1174,7 +1228,11 @@ class Client:
         return self._request_id
 
     def _pack(self, epoch, session_id, first_seq, acked_seq, ops) -> _Batch:
-        data = _ops.pack_ops(session_id, first_seq, acked_seq, ops)
+        """A batch of `ops`; with no ops, a registration (its one command empty)."""
+        if ops:
+            data = _ops.pack_ops(session_id, first_seq, acked_seq, ops)
+        else:
+            data = _cmd.pack_client_batch(session_id, first_seq, acked_seq, [b""])
         return _Batch(epoch, session_id, first_seq, ops, data)
 
     def _submit_frame(self, conn: _Conn, batch: _Batch) -> bytes:
@@ -1307,9 +1365,24 @@ class Client:
                 self._inflight_reads.append(read)
                 frames.append(self._read_frame(conn, read))
 
-        # Writes: one batch per ~1 MiB, consecutive seqs of the session.
-        if not held:
-            while self._queued_count and len(self._outstanding) < INFLIGHT_BATCHES_MAX:
+        # Writes: one batch per ~1 MiB, consecutive seqs of the session, once it is
+        # registered (a refused batch's successors first).
+        if not held and self._session_id is None:
+            if (self._queued_count or self._repack) and self._registration is None:
+                self._registration = self._pack(
+                    self._epoch, REGISTER_SESSION_ID, secrets.randbelow(_cmd.SEQ_LIMIT - 2) + 1,
+                    0, [])
+                self._outstanding[self._registration.key] = self._registration
+                frames.append(self._submit_frame(conn, self._registration))
+        elif not held:
+            while self._repack and len(self._outstanding) < INFLIGHT_BATCHES_MAX:
+                ops = self._repack.pop(0)
+                batch = self._pack(self._epoch, self._session_id, self._next_seq, 0, ops)
+                self._next_seq += len(ops)
+                self._outstanding[batch.key] = batch
+                frames.append(self._submit_frame(conn, batch))
+            while (self._queued_count and not self._repack
+                   and len(self._outstanding) < INFLIGHT_BATCHES_MAX):
                 ops, size = _ops.take(self._queue, self._request_cap(False), BATCH_BYTES_MAX)
                 if not ops:
                     break

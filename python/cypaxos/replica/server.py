@@ -27,10 +27,10 @@ import signal
 
 import trio
 
-from .. import wire
+from .. import logs, wire
 from ..addresses import split_address
 from ..core import Replica
-from ..errors import ConfigError, Error
+from ..errors import ConfigError, Error, WalCorruptError
 from ..groups import BaseExceptionGroup, expected_error
 from ..storage import snapshots
 from ..storage.datadir import open_data_dir
@@ -98,7 +98,10 @@ class ReplicaServer:
                 validate_state=self.validate_state)
             self.transport.stats = self.node.stats
             self.storage.attach(self.node)
-            self.node.recover(replayed_records(wal), snapshot)
+            try:
+                self.node.recover(replayed_records(wal), snapshot)
+            except (ValueError, WalCorruptError) as exc:  # e.g. a snapshot file was deleted
+                raise WalCorruptError(f"cannot recover {options.data_dir}: {exc}") from None
             del snapshot
         except BaseException:
             if wal is not None:
@@ -194,11 +197,12 @@ class ReplicaServer:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; then finish the fsync in flight and close the WAL."""
-        host, port = split_address(self.address)
+        bind = self.options.listen or self.address
+        host, port = split_address(bind)
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {self.address}: {exc.strerror or exc}") from None
+            raise ConfigError(f"cannot listen on {bind}: {exc.strerror or exc}") from None
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
@@ -250,8 +254,7 @@ def run_server(options: ServerOptions) -> int:
     raise `cypaxos.errors.Error` with a one-line message.
     """
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=os.environ.get("CYPAXOS_LOG_LEVEL", "INFO"),
-                            format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+        logs.configure()  # CYPAXOS_LOG_LEVEL / CYPAXOS_LOG_FORMAT (a ConfigError if bad)
     try:
         trio.run(serve, options)
     except BaseExceptionGroup as group:

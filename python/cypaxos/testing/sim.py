@@ -39,9 +39,10 @@ from typing import Optional
 
 from cypaxos import wire
 from cypaxos.commands import (
-    RESULT_RETRY, RESULT_SESSION_EXPIRED, pack_client_batch, unpack_results,
+    SEQ_LIMIT, pack_client_batch, unpack_results,
 )
-from cypaxos.core import Config
+from cypaxos.core import REGISTER_SESSION_ID, Config
+from cypaxos.protocol import RESULT_OK, RESULT_RETRY, RESULT_SESSION_EXPIRED
 from cypaxos.testing.linearizability import History
 from cypaxos.testing.simnode import SimReplica
 from cypaxos.testing.workloads import CommandWorkload, KVWorkload, WorkloadError
@@ -104,15 +105,19 @@ class SimResult:
 class Client:
     """A client with a session: numbered commands, retried until answered.
 
-    It speaks the client protocol of `cypaxos.wire` to the nodes.  `depth` batches may
-    be outstanding at once (pipelining); retries resend every outstanding batch, in
-    order, to the next replica.
+    It speaks the client protocol of `cypaxos.wire` to the nodes.  It first registers
+    its session (a batch for session 0 with a random nonce, answered with the new
+    session id; retried like any batch).  `depth` batches may be outstanding at once
+    (pipelining); retries resend every outstanding batch, in order, to the next
+    replica.
     """
 
     def __init__(self, sim: "Simulation", cid: int, depth: int) -> None:
         self.sim = sim
         self.cid = cid
-        self.session = sim.rng.getrandbits(63) | 1
+        self.session: int | None = None  # until the registration is answered
+        # (nonce, batch, request ids it was sent with) while outstanding.
+        self.registration: tuple | None = None
         self.depth = depth
         self.next_seq = 1
         self.acked_seq = 0
@@ -131,11 +136,18 @@ class Client:
 
     def busy(self) -> bool:
         """Whether anything is still waiting for an answer."""
-        return bool(self.outstanding) or self.read is not None
+        return bool(self.outstanding) or self.read is not None or self.registration is not None
 
     def maybe_start(self) -> None:
         """Issue new operations while there is room (only during the run)."""
         sim = self.sim
+        if self.session is None:
+            if self.registration is None and not self.stopped:
+                nonce = sim.rng.randrange(1, SEQ_LIMIT - 1)
+                self.registration = (nonce, pack_client_batch(REGISTER_SESSION_ID, nonce, 0, [b""]),
+                                     set())
+                self.send_registration()
+            return
         while not self.stopped and self.read is None and len(self.outstanding) < self.depth:
             kind, *rest = sim.workload.next_ops(sim, self, not self.outstanding)
             if kind == "read":
@@ -158,6 +170,13 @@ class Client:
         self.retry_at = self.sim.now + self.sim.client_timeout_us
         self.rotate = True
 
+    def send_registration(self) -> None:
+        request_id = self.sim.new_id()
+        self.registration[2].add(request_id)
+        self.sim.to_replica(self.cid, self.target, ("submit", request_id, self.registration[1]))
+        self.retry_at = self.sim.now + self.sim.client_timeout_us
+        self.rotate = True
+
     def send_read(self) -> None:
         request_id, token, query = self.read
         self.sim.to_replica(self.cid, self.target, ("read", request_id, [query], False))
@@ -169,6 +188,8 @@ class Client:
         sim = self.sim
         if rotate:
             self.target = sim.ids[(sim.ids.index(self.target) + 1) % len(sim.ids)]
+        if self.registration is not None:
+            self.send_registration()
         if self.read is not None:
             # A fresh id: the old replica may still answer the old one.
             self.read = (sim.new_id(),) + self.read[1:]
@@ -196,6 +217,14 @@ class Client:
             sim.workload.on_read(sim, token, reply[2][0])
             self.read = None
             self.ops_done += 1
+            self.maybe_start()
+            return
+        if self.registration is not None and request_id in self.registration[2]:
+            (status, data), = unpack_results(reply[2])
+            if status != RESULT_OK:
+                raise SimulationFailure(f"seed {sim.seed}: registration answered {status}")
+            self.session = int.from_bytes(data, "little")
+            self.registration = None
             self.maybe_start()
             return
         first = self.requests.pop(request_id, None)

@@ -11,8 +11,9 @@ import random
 from typing import TYPE_CHECKING, Callable
 
 from cypaxos.commands import (
-    RESULT_OK, decode_bool, decode_get, encode_cas, encode_delete, encode_get, encode_put,
+    decode_bool, decode_get, encode_cas, encode_delete, encode_get, encode_put,
 )
+from cypaxos.protocol import RESULT_OK
 from cypaxos.statemachine import KVStore, PyStateMachine
 from cypaxos.testing.linearizability import History, check
 

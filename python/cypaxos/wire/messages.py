@@ -4,12 +4,13 @@ Sans-I/O: the shell checks each decoded frame body with `parse_hello`,
 `parse_peer_message`, `parse_client_request` or `parse_reply` before acting on it;
 every violation raises `ProtocolError` (then close the connection, with one log line).
 
-The core's own messages are numbered in the core (compile-time constants of
-core.pyx); their numbers here are taken from its `MESSAGE_NAMES`, so the two cannot
-drift apart.  The snapshot transfer's two messages are the shell's and numbered here.
+Message numbers come from cypaxos.protocol, the one table the core compiles in too.
 """
 from ..ballots import REPLICA_ID_MAX
-from ..core import MESSAGE_NAMES as _CORE_MESSAGE_NAMES
+from ..protocol import (
+    ACCEPT, ACCEPTED, CATCHUP_REQ, CHOSEN, HEARTBEAT, HEARTBEAT_ACK, MESSAGE_NAMES, NACK,
+    PREPARE, PREVOTE, PREVOTE_ACK, PROMISE, SNAPSHOT_ACK, SNAPSHOT_CHUNK,
+)
 from .frames import ProtocolError, encode_frame
 
 __all__ = [
@@ -29,27 +30,8 @@ INT_LIMIT = 2**63
 # ---------------------------------------------------------------------------
 # Peer messages
 
-_CORE_TYPES = {name: kind for kind, name in _CORE_MESSAGE_NAMES.items()}
-PREPARE = _CORE_TYPES["PREPARE"]
-PROMISE = _CORE_TYPES["PROMISE"]
-NACK = _CORE_TYPES["NACK"]
-ACCEPT = _CORE_TYPES["ACCEPT"]
-ACCEPTED = _CORE_TYPES["ACCEPTED"]
-HEARTBEAT = _CORE_TYPES["HEARTBEAT"]
-HEARTBEAT_ACK = _CORE_TYPES["HEARTBEAT_ACK"]
-CATCHUP_REQ = _CORE_TYPES["CATCHUP_REQ"]
-CHOSEN = _CORE_TYPES["CHOSEN"]
-PREVOTE = _CORE_TYPES["PREVOTE"]
-PREVOTE_ACK = _CORE_TYPES["PREVOTE_ACK"]
-# Snapshot transfer is the shell's business, not the core's: in these two the third
-# field is the snapshot's index rather than a ballot.
-SNAPSHOT_CHUNK = 10
-SNAPSHOT_ACK = 11
-
-MESSAGE_NAMES = {**_CORE_MESSAGE_NAMES,
-                 SNAPSHOT_CHUNK: "SNAPSHOT_CHUNK", SNAPSHOT_ACK: "SNAPSHOT_ACK"}
-assert len(MESSAGE_NAMES) == len(_CORE_MESSAGE_NAMES) + 2, "a snapshot number is the core's"
-"""Peer message type -> name, for log lines."""
+# Snapshot transfer (SNAPSHOT_CHUNK, SNAPSHOT_ACK) is the shell's business, not the
+# core's: in these two the third field is the snapshot's index rather than a ballot.
 
 # Field kinds after (type, src, ballot).
 _INT = 0      # int in [0, INT_LIMIT)
