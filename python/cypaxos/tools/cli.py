@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 16 GiB)")
     p.add_argument("--read-lease", action="store_true",
                    help="serve linearizable reads at the leader under a lease, without a "
-                        "quorum round (needs --clock-drift-ms; see docs/cli.md)")
+                        "quorum round; the lease is the election timeout less "
+                        "--clock-drift-ms and one tick, and trusts that bound")
     p.add_argument("--clock-drift-ms", type=int_in(0, 1 << 20), metavar="MS",
                    help="with --read-lease: how far any replica's clock may run ahead of "
                         "or behind the leader's over one election timeout (250 ms)")
