@@ -21,8 +21,12 @@ directives = {
     "embedsignature": True,
 }
 
+sources = sorted(glob(os.path.join("engine", "cypaxos", "*.pyx")))
+if not sources:
+    # Building on would make a wheel without the compiled core, which cannot import.
+    raise SystemExit("setup.py: no engine/cypaxos/*.pyx found; the Cython sources are missing")
 extensions = []
-for source in sorted(glob(os.path.join("engine", "cypaxos", "*.pyx"))):
+for source in sources:
     name = os.path.splitext(os.path.basename(source))[0]
     extensions.append(
         Extension(
