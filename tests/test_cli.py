@@ -318,3 +318,15 @@ def test_demo_passes_and_cleans_up():
     assert replicas_alive(ports) == []
     data_dir = re.search(r"data and replica logs in (\S+)", out).group(1)
     assert not os.path.exists(data_dir)
+
+
+# -------------------------------------------------------------------- version
+
+
+def test_version_is_the_package_version():
+    import importlib.metadata
+
+    result = run_cli("--version")
+    assert (result.returncode, result.stderr) == (0, b""), result
+    assert result.stdout.decode() == f"cypaxos {cypaxos.__version__}\n"
+    assert importlib.metadata.version("cypaxos") == cypaxos.__version__

@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 
-from . import bench, errors
+from . import __version__, bench, errors
 from .argtypes import int_in, positive_float
 from .errors import ClientError, ConfigError, Error
 
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 negative answer or failure, 2 bad usage, "
                "3 cluster unavailable.  See docs/cli.md.",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
