@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from transcript import run_script  # noqa: E402
 
+pytestmark = pytest.mark.fast
+
 TESTDATA = Path(__file__).parent / "testdata"
 SCRIPTS = sorted(TESTDATA.glob("*.txt"))
 REWRITE = os.environ.get("CYPAXOS_REWRITE", "") not in ("", "0")

@@ -27,6 +27,9 @@ from cypaxos.wal import (
 )
 
 
+pytestmark = pytest.mark.fast
+
+
 def payloads(n, size=None):
     """n distinct payloads of varied (or fixed) sizes."""
     return [(b"%d:" % i) * (size or 1 + i % 7) for i in range(n)]
