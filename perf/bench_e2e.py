@@ -1,6 +1,6 @@
 """End to end: puts and linearizable gets through the Trio client against a local cluster.
 
-The pyperf master starts one local 3-replica cluster (`cypaxos.local.LocalCluster`,
+The pyperf master starts one local 3-replica cluster (`cypaxos.tools.local.LocalCluster`,
 ``--fsync always``, in a temporary directory) and hands its addresses to every pyperf
 worker process (``--cluster ADDRS`` to use a running cluster instead).  Each worker
 runs the operations from ONE client process with one `Client`, many concurrent tasks
@@ -79,7 +79,7 @@ def main():
     args = runner.parse_args()
     cluster = None
     if args.cluster is None:
-        from cypaxos.local import LocalCluster, free_ports
+        from cypaxos.tools.local import LocalCluster, free_ports
         cluster = LocalCluster(replicas=3, base_port=free_ports(3)[0], fsync=True)
         cluster.start_all()
         cluster.wait_ready(timeout=60)

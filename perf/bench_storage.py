@@ -1,7 +1,7 @@
 """Write-ahead log throughput: records appended and made durable with group commit.
 
 Each benchmark appends ACCEPT records the size a replica writes for one 64-byte put
-(the CBOR record tuple of a one-command client batch, ~120 bytes) to a `cypaxos.wal.Wal`
+(the CBOR record tuple of a one-command client batch, ~120 bytes) to a `cypaxos.storage.wal.Wal`
 in a fresh temporary directory on the real disk (``$TMPDIR``, else /tmp; set
 ``CYPAXOS_BENCH_DIR`` to choose), and calls ``Wal.sync()`` (flush + fdatasync) once every
 N records: N = 1 is one fsync per record, N = 64 and 1024 are what group commit does
@@ -23,7 +23,7 @@ import cbor2
 import pyperf
 
 from cypaxos import commands
-from cypaxos.wal import Wal
+from cypaxos.storage.wal import Wal
 
 GROUPS = (1, 64, 1024)
 

@@ -8,7 +8,7 @@ The workload on both sides: closed-loop writes of 16-byte keys (100,000 distinct
 
 * cypaxos: a local 3-replica cluster with ``--fsync always`` (every write is fdatasync'ed
   on a majority before it is acknowledged), driven through the real client by
-  ``cypaxos bench`` (``python -m cypaxos.bench --json``) at its best settings on this
+  ``cypaxos bench`` (``python -m cypaxos.tools.bench --json``) at its best settings on this
   machine, ``--outstanding 32 --batch 128`` (4 clients in 2 processes, each with 32
   concurrent ``put_many`` calls of 128 puts; change with ``--cypaxos-args``).
 * PySyncObj 0.3.17 (``pip install pysyncobj==0.3.17``): 3 processes, each a ``SyncObj``
@@ -75,7 +75,7 @@ def node_main(args):
     from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
     from pysyncobj.batteries import ReplDict
 
-    from cypaxos.bench import Histogram
+    from cypaxos.tools.bench import Histogram
 
     ports = [int(p) for p in args.ports.split(",")]
     me = f"127.0.0.1:{ports[args.node]}"
@@ -161,7 +161,7 @@ def _free_ports(n):
 
 
 def run_pysyncobj(args):
-    from cypaxos.bench import Histogram
+    from cypaxos.tools.bench import Histogram
 
     tmp = tempfile.mkdtemp(prefix="pysyncobj-bench-")
     ports = _free_ports(3)
@@ -200,7 +200,7 @@ def run_pysyncobj(args):
 
 
 def run_cypaxos(args):
-    cmd = [sys.executable, "-m", "cypaxos.bench", "--json", "--duration", str(args.duration),
+    cmd = [sys.executable, "-m", "cypaxos.tools.bench", "--json", "--duration", str(args.duration),
            "--warmup", str(args.warmup), "--value-size", str(VALUE_BYTES), "--keys", str(KEYS),
            "--read-ratio", "0"] + args.cypaxos_args.split()
     out = subprocess.run(cmd, stdout=subprocess.PIPE, env=_env(), text=True, check=True).stdout

@@ -26,7 +26,7 @@ Prints one JSON object (and writes it to --out if given).  Example:
     PYTHONPATH=python python perf/measure_recovery.py --keys 100000 --repeats 1
 
 `cypaxos serve` has no flags for the snapshot knobs, so replicas are started with a
-small launcher that builds `cypaxos.server.ServerOptions` directly (see
+`cypaxos.tools.local.OptionsCluster`, which builds `ServerOptions` directly (see
 --snapshot-bytes and friends; the defaults are ServerOptions' own).
 """
 from __future__ import annotations
@@ -45,40 +45,8 @@ import trio
 
 from cypaxos import commands, wire
 from cypaxos.client import connect, open_client
-from cypaxos.local import PARENT_PID_ENV, LocalCluster, free_ports, probe
-from cypaxos.server import ServerOptions
-
-LAUNCHER = r'''
-import ctypes, json, os, signal, sys
-parent = os.environ.get("%s")
-if parent and sys.platform.startswith("linux"):
-    ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)
-    if str(os.getppid()) != parent:
-        sys.exit(1)
-from cypaxos.errors import Error
-from cypaxos.server import ServerOptions, run_server
-options = json.loads(sys.argv[1])
-options["cluster"] = {int(k): v for k, v in options["cluster"].items()}
-try:
-    sys.exit(run_server(ServerOptions(**options)))
-except Error as exc:
-    print("cypaxos: error: %%s" %% exc, file=sys.stderr)
-    sys.exit(1)
-''' % PARENT_PID_ENV
-
-
-class OptionsCluster(LocalCluster):
-    """A LocalCluster whose replicas run with extra ServerOptions fields."""
-
-    def __init__(self, *args, options: dict | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.options = dict(options or {})
-
-    def command(self, replica_id: int) -> list[str]:
-        options = dict(replica_id=replica_id, cluster={i: self.address(i) for i in self.ids},
-                       data_dir=self.replica_data_dir(replica_id), fsync=self.fsync,
-                       **self.options)
-        return [self.python, "-c", LAUNCHER, json.dumps(options)]
+from cypaxos.tools.local import OptionsCluster, free_ports, probe
+from cypaxos.replica.options import ServerOptions
 
 
 def dir_bytes(path: str) -> int:
@@ -95,7 +63,7 @@ def dir_bytes(path: str) -> int:
 def wal_record_bytes(wal_dir: str) -> int:
     """Bytes of records in a WAL dir: the segment files minus their headers and their
     unused, preallocated zeros (dir_bytes counts the files as they are on disk)."""
-    from cypaxos.wal import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
+    from cypaxos.storage.wal import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
     total = 0
     for name in sorted(os.listdir(wal_dir)):
         if not name.endswith(".wal"):
@@ -251,9 +219,9 @@ def breakdown(options: ServerOptions, cluster_id: str) -> dict:
     replay, no networking)."""
     import gc
 
-    from cypaxos import snapshots
-    from cypaxos.server import ReplicaServer
-    from cypaxos.snapshots import SnapshotStore
+    from cypaxos.storage import snapshots
+    from cypaxos.replica.server import ReplicaServer
+    from cypaxos.storage.snapshots import SnapshotStore
     from cypaxos.statemachine import KVStore
 
     out = {}

@@ -64,7 +64,7 @@ def sweep(args):
     for r in range(args.repeat):
         for value in values:
             flag = "--outstanding" if args.kind == "outstanding" else "--rate"
-            cmd = [sys.executable, "-m", "cypaxos.bench", "--json", "--duration",
+            cmd = [sys.executable, "-m", "cypaxos.tools.bench", "--json", "--duration",
                    str(args.duration), "--warmup", str(args.warmup), flag, str(value)] + extra
             started = time.monotonic()
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, env=_env(), text=True)

@@ -1,7 +1,7 @@
 """Latency of one durable WAL append when several processes sync at once.
 
 N processes (default 3, like the replicas of a local cluster) each open their own
-`cypaxos.wal.Wal` in one directory tree and, in a loop for a few seconds, append one
+`cypaxos.storage.wal.Wal` in one directory tree and, in a loop for a few seconds, append one
 ~100-byte record and make it durable, timing each sync.  Two WAL modes are measured,
 alternating round by round (a shared machine drifts):
 
@@ -12,7 +12,7 @@ alternating round by round (a shared machine drifts):
   on a journaling ext4, commits the journal).
 
 ``--api sync`` (default) times ``Wal.sync()`` (flush + fdatasync in the calling
-thread); ``--api async`` times ``await Wal.sync_async()`` in a Trio run, which goes
+thread); ``--api async`` times ``await WalSync.sync_async()`` in a Trio run, which goes
 through ``start_sync`` and the native fsync thread, as the server does.
 
 ``--fill-methods`` measures, without the Wal, what the claim behind preallocation
@@ -82,7 +82,7 @@ def disk_writes(stat_path: str | None) -> int | None:
 
 
 def wal_worker(path, mode, api, seconds, record_bytes, segment_bytes, ready, start, out):
-    from cypaxos.wal import Wal
+    from cypaxos.storage.wal import Wal
     wal = Wal.open(path, segment_bytes_max=segment_bytes,
                    preallocate=(mode == "preallocated"))
     waits_at_open = wal.prealloc_waits  # a new WAL writes its first segment at open
@@ -101,13 +101,16 @@ def wal_worker(path, mode, api, seconds, record_bytes, segment_bytes, ready, sta
     else:
         import trio
 
+        from cypaxos.replica.walsync import WalSync
+        syncer = WalSync(wal)
+
         async def run():
             deadline = time.monotonic() + seconds
             perf = time.perf_counter
             while time.monotonic() < deadline:
                 wal.append(record)
                 t0 = perf()
-                await wal.sync_async()
+                await syncer.sync_async()
                 lat.append(perf() - t0)
         trio.run(run)
     waits = (wal.prealloc_waits - waits_at_open, wal.prealloc_wait_seconds)

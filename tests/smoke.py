@@ -106,7 +106,7 @@ class RunningLocal:
     """`cypaxos local` in the background, read until its banner (the cluster has a leader)."""
 
     def __init__(self, replicas: int = 3):
-        from cypaxos.local import free_ports
+        from cypaxos.tools.local import free_ports
 
         self.ports = free_ports(replicas)
         self.cluster_arg = ",".join(f"127.0.0.1:{p}" for p in self.ports)

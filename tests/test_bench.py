@@ -1,4 +1,4 @@
-"""`cypaxos bench` (cypaxos.bench): a short real run against its own local cluster.
+"""`cypaxos bench` (cypaxos.tools.bench): a short real run against its own local cluster.
 
 No timing assertions: the machine running the tests may be slow and shared.  The run
 checks the JSON shape that DESIGN.md section 4 fixes and that operations completed.
@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from cypaxos import bench
+from cypaxos.tools import bench
 
 
 def parse(argv):
@@ -52,7 +52,7 @@ def test_bad_settings_exit_2(capsys):
 
 
 def test_unreachable_cluster_exits_3(capsys):
-    from cypaxos.local import free_ports
+    from cypaxos.tools.local import free_ports
 
     port = free_ports(1)[0]
     code = bench.run(parse(["--cluster", f"127.0.0.1:{port}", "--timeout", "1",

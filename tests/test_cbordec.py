@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cypaxos import cbordec, wire
+from cypaxos.wire import frames
 from cypaxos.cbordec import FALLBACK
 
 pytestmark = pytest.mark.fast
@@ -27,7 +28,7 @@ anything = st.recursive(hard_leaves, lambda children: st.lists(children, max_siz
 
 def cbor2_outcome(data):
     try:
-        return ("value", cbor2.loads(data, **wire._SAFE_OPTIONS))
+        return ("value", cbor2.loads(data, **frames._SAFE_OPTIONS))
     except Exception as exc:
         return ("error", type(exc))
 

@@ -17,19 +17,15 @@ import time
 
 import pytest
 
-import cypaxos
-from cypaxos.local import LocalCluster, free_ports
-
-# The children must import the same cypaxos as this test (an in-tree build or the
-# installed wheel), whatever the current directory is.
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cypaxos.__file__)))
+from cypaxos.tools.local import LocalCluster, child_env, free_ports
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-    env.pop("CYPAXOS_CLUSTER", None)
-    env.update(extra)
+    # The children must import the same cypaxos as this test (an in-tree build or the
+    # installed wheel), whatever the current directory is.
+    env = child_env(extra)
+    if "CYPAXOS_CLUSTER" not in extra:
+        env.pop("CYPAXOS_CLUSTER", None)
     return env
 
 
@@ -145,11 +141,9 @@ def test_serve_on_a_busy_port_is_one_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A 3-replica LocalCluster (fsync off: these tests are about the CLI)."""
-    with LocalCluster(replicas=3, ports=free_ports(3), fsync=False) as c:
-        c.wait_ready(timeout=30)
-        yield c
+def cluster(shared_cluster):
+    """The module's 3-replica cluster (fsync off: these tests are about the CLI)."""
+    return shared_cluster
 
 
 def test_put_get_delete(cluster):

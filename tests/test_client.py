@@ -5,14 +5,13 @@ Two kinds:
 - against `FakeReplica`, an in-process Trio server speaking the client wire protocol
   with scripted misbehaviour (retry results, busy, refusals, redirects, silence,
   dropped connections), to pin down batch assembly, resends and deadlines exactly;
-- against real 3-replica clusters (`cypaxos.local.LocalCluster`: one process per
+- against real 3-replica clusters (`cypaxos.tools.local.LocalCluster`: one process per
   replica on free loopback ports, data in tmp_path), for round trips, batching,
   redirects, stale reads, the blocking client, a leader crash under load and a cluster
   that is down.
 
 Nothing sleeps to wait for a state: waits poll with a deadline.
 """
-import os
 import subprocess
 import sys
 import threading
@@ -20,8 +19,8 @@ import threading
 import pytest
 import trio
 
-from cypaxos import client as client_module
 from cypaxos import commands, wire
+from cypaxos.client import api as client_module
 from cypaxos.client import (
     COMMAND_BYTES_MAX, BlockingClient, Client, connect, open_client, parse_addresses,
 )
@@ -542,16 +541,13 @@ async def test_shutting_down_replica_is_left_for_another(nursery):
         assert kv.statistics()["connected_to"] == good.address
 
 
-def test_unclosed_blocking_client_does_not_hang_exit(tmp_path):
+def test_unclosed_blocking_client_does_not_hang_exit(tmp_path, cypaxos_env):
     script = tmp_path / "script.py"
     script.write_text("import cypaxos.client as c\n"
                       "c.connect('127.0.0.1:9', timeout=0.1)\n"   # dropped, never closed
                       "kv = c.connect('127.0.0.1:9', timeout=0.1)\n"
                       "print('done')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(client_module.__file__)),
-         os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, str(script)], env=env, timeout=20,
+    result = subprocess.run([sys.executable, str(script)], env=cypaxos_env, timeout=20,
                             capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout == "done\n", result.stderr
 
@@ -727,14 +723,6 @@ async def test_bulk_call_larger_than_the_queue(nursery, monkeypatch):
 # ---------------------------------------------------------------------------
 # Real clusters
 
-LocalCluster = pytest.importorskip("cypaxos.local").LocalCluster
-free_ports = pytest.importorskip("cypaxos.local").free_ports
-
-
-def start_cluster(tmp_path):
-    cluster = LocalCluster(3, ports=free_ports(3), data_dir=tmp_path / "cluster", fsync=False)
-    cluster.start_all()
-    return cluster
 
 
 async def wait_leader(kv, timeout=30.0, *, dead=()):
@@ -756,11 +744,9 @@ async def wait_leader(kv, timeout=30.0, *, dead=()):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(shared_cluster):
     """One 3-replica cluster shared by the non-destructive tests of this module."""
-    cluster = start_cluster(tmp_path_factory.mktemp("shared"))
-    yield cluster
-    cluster.close()
+    return shared_cluster
 
 
 async def test_round_trips(cluster):
@@ -918,8 +904,9 @@ def test_blocking_client_from_threads(cluster):
     kv.close()   # twice is fine
 
 
-async def test_leader_crash_under_load(tmp_path):
-    cluster = start_cluster(tmp_path)
+async def test_leader_crash_under_load(new_cluster):
+    cluster = new_cluster(fsync=False)
+    cluster.start_all()
     try:
         async with open_client(cluster.cluster_arg, timeout=10) as kv:
             leader = await wait_leader(kv)
@@ -957,8 +944,9 @@ async def test_leader_crash_under_load(tmp_path):
         cluster.close()
 
 
-async def test_cluster_down(tmp_path):
-    cluster = start_cluster(tmp_path)
+async def test_cluster_down(new_cluster):
+    cluster = new_cluster(fsync=False)
+    cluster.start_all()
     try:
         async with open_client(cluster.cluster_arg, timeout=10) as kv:
             await wait_leader(kv)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from cypaxos import clientops as ops
 from cypaxos import commands as c
-from cypaxos.client import _park
+from cypaxos.client.api import _park
 
 pytestmark = pytest.mark.fast
 

@@ -8,7 +8,6 @@ import os
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 
@@ -17,10 +16,8 @@ import trio
 
 import cypaxos
 from cypaxos import commands, wire
-from cypaxos.local import LocalCluster, free_ports
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from jepsen.cluster import wal_records_end  # noqa: E402
+from cypaxos.addresses import split_address
+from jepsen.cluster import wal_records_end
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -28,10 +25,9 @@ TIMEOUT_S = 60.0
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    with LocalCluster(replicas=3, ports=free_ports(3), data_dir=tmp_path / "cluster") as c:
-        c.wait_ready(timeout=TIMEOUT_S)
-        yield c
+def cluster(running_cluster):
+    """3 replicas, fsync always, a leader elected (tests/conftest.py)."""
+    return running_cluster
 
 
 def wait_until(predicate, timeout=TIMEOUT_S, what="condition"):
@@ -146,8 +142,7 @@ def test_follower_and_leader_kill_then_full_restart_keeps_every_acknowledged_wri
 
 
 def raw_connection(address):
-    host, port = address.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock = socket.create_connection(split_address(address), timeout=10)
     return sock
 
 

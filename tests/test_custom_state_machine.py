@@ -25,8 +25,8 @@ import trio
 
 from cypaxos.client import open_client
 from cypaxos.errors import CommandError, RequestError
-from cypaxos.local import LocalCluster, free_ports
 from cypaxos.statemachine import PyStateMachine
+from clusterwait import wait_converged, wait_ready
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "docs", "examples")
@@ -110,50 +110,14 @@ def test_refused_command_changes_nothing_and_is_status_1():
 
 
 @pytest.fixture
-def ledger_cluster(tmp_path, monkeypatch):
+def ledger_cluster(new_cluster, monkeypatch):
     # The replicas import the example from docs/examples (LocalCluster puts the
     # cypaxos package in front of whatever PYTHONPATH says).
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         p for p in (EXAMPLES, os.environ.get("PYTHONPATH")) if p))
-    cluster = LocalCluster(3, ports=free_ports(3), data_dir=tmp_path / "cluster",
-                           extra_args=("--state-machine", SPEC))
+    cluster = new_cluster(extra_args=("--state-machine", SPEC))
     cluster.start_all()
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-
-
-async def wait_for(check, timeout: float, what, interval: float = 0.05):
-    """Poll `await check()` until truthy; fail after `timeout` seconds."""
-    deadline = trio.current_time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if trio.current_time() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for "
-                                 f"{what() if callable(what) else what}")
-        await trio.sleep(interval)
-
-
-async def wait_ready(cluster, timeout: float = 30.0) -> int:
-    return await trio.to_thread.run_sync(lambda: cluster.wait_ready(timeout=timeout))
-
-
-async def wait_converged(cluster, timeout: float = 60.0) -> dict:
-    seen = {}
-
-    async def check():
-        st = seen["st"] = await trio.to_thread.run_sync(lambda: cluster.statuses(timeout=5.0))
-        if any(s is None for s in st.values()):
-            return None
-        return len({(s["applied_index"], s["state_digest"]) for s in st.values()}) == 1 and st
-
-    def describe():
-        return "equal applied_index and state_digest: " + repr(
-            {i: s and (s["applied_index"], s["state_digest"]) for i, s in seen["st"].items()})
-    return await wait_for(check, timeout, describe)
+    return cluster
 
 
 class Pair:

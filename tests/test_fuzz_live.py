@@ -28,11 +28,12 @@ from hypothesis import strategies as st
 
 import cypaxos
 from cypaxos import wire
-from cypaxos.wal import RECORD_HEADER_SIZE
+from cypaxos.addresses import split_address
+from cypaxos.storage.wal import RECORD_HEADER_SIZE
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from jepsen.cluster import JepsenCluster, probe_status, wal_records  # noqa: E402
-from jepsen.netns import LoopbackBed  # noqa: E402
+from cypaxos.tools.local import child_env, free_ports
+from jepsen.cluster import JepsenCluster, probe_status, wal_records
+from jepsen.netns import LoopbackBed
 
 FUZZ = settings(max_examples=int(os.environ.get("CYPAXOS_FUZZ_EXAMPLES", "120")),
                 deadline=None, derandomize=False,
@@ -56,8 +57,7 @@ def live(tmp_path_factory):
 
 
 def _address(cluster):
-    host, _, port = cluster.replicas[1].address.rpartition(":")
-    return host, int(port)
+    return split_address(cluster.replicas[1].address)
 
 
 def _exchange(cluster, data: bytes, *, wait: float = 8.0) -> tuple[int, bool]:
@@ -344,21 +344,13 @@ def _serve_argv(port, data_dir):
             f"1=127.0.0.1:{port}", "--data-dir", str(data_dir)]
 
 
-def _env():
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(cypaxos.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    return env
-
-
 def _filled_data_dir(tmp_path, keys=40):
     """A one-replica cluster's data dir holding `keys` acknowledged puts; killed -9."""
-    from jepsen.cluster import _free_ports
-    port = _free_ports(1)[0]
+    port = free_ports(1)[0]
     data_dir = tmp_path / "data"
     log = open(tmp_path / "first.log", "wb")
     proc = subprocess.Popen(_serve_argv(port, data_dir), stdout=log, stderr=subprocess.STDOUT,
-                            env=_env())
+                            env=child_env())
     try:
         deadline = time.monotonic() + 30
         while probe_status(f"127.0.0.1:{port}") is None:
@@ -401,7 +393,7 @@ def test_corrupt_wal_record_in_the_middle_refuses_to_start(tmp_path):
     off, length = records[len(records) // 2]
     _flip(segment, off + RECORD_HEADER_SIZE + length // 2)
     proc = subprocess.run(_serve_argv(port, data_dir), capture_output=True, text=True,
-                          timeout=60, env=_env())
+                          timeout=60, env=child_env())
     assert proc.returncode != 0
     out = (proc.stdout + proc.stderr).strip().splitlines()
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
@@ -417,7 +409,7 @@ def test_corrupt_last_wal_record_is_cut_and_the_replica_starts(tmp_path):
     _flip(segment, off + RECORD_HEADER_SIZE + length // 2)
     log = open(tmp_path / "second.log", "wb")
     proc = subprocess.Popen(_serve_argv(port, data_dir), stdout=log, stderr=subprocess.STDOUT,
-                            env=_env())
+                            env=child_env())
     try:
         deadline = time.monotonic() + 30
         while probe_status(f"127.0.0.1:{port}") is None:

@@ -36,51 +36,17 @@ import pytest
 import trio
 import trio.testing
 
-import cypaxos
-from cypaxos import commands, snapshots, wire
+from cypaxos import commands, wire
 from cypaxos.client import open_client
-from cypaxos.local import PARENT_PID_ENV, LocalCluster, free_ports
-from cypaxos.server import SNAPSHOT_CHUNK_BYTES, ReplicaServer, ServerOptions
-from cypaxos.snapshots import SNAPSHOT_DIR
+from cypaxos.replica.options import ServerOptions
+from cypaxos.replica.server import SNAPSHOT_CHUNK_BYTES, ReplicaServer
 from cypaxos.statemachine import KVStore
+from cypaxos.storage import snapshots
+from cypaxos.storage.snapshots import SNAPSHOT_DIR
+from cypaxos.tools.local import PARENT_PID_ENV, LocalCluster, OptionsCluster, child_env
+from clusterwait import brief, statuses, wait_converged, wait_for, wait_ready
 
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cypaxos.__file__)))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Runs one replica from a JSON dict of ServerOptions fields (argv[1]).  Like `cypaxos
-# serve` it asks to be SIGTERMed when the test process dies and reports an expected
-# failure as one line.
-LAUNCHER = r'''
-import ctypes, json, os, signal, sys
-parent = os.environ.get("%s")
-if parent and sys.platform.startswith("linux"):
-    ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)
-    if str(os.getppid()) != parent:
-        sys.exit(1)
-from cypaxos.errors import Error
-from cypaxos.server import ServerOptions, run_server
-options = json.loads(sys.argv[1])
-options["cluster"] = {int(k): v for k, v in options["cluster"].items()}
-try:
-    sys.exit(run_server(ServerOptions(**options)))
-except Error as exc:
-    print("cypaxos: error: %%s" %% exc, file=sys.stderr)
-    sys.exit(1)
-''' % PARENT_PID_ENV
-
-
-class OptionsCluster(LocalCluster):
-    """A LocalCluster whose replicas run with extra `ServerOptions` (snapshot knobs)."""
-
-    def __init__(self, *args, options: dict | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.options = dict(options or {})
-
-    def command(self, replica_id: int) -> list[str]:
-        options = dict(replica_id=replica_id, cluster={i: self.address(i) for i in self.ids},
-                       data_dir=self.replica_data_dir(replica_id), fsync=self.fsync,
-                       **self.options)
-        return [self.python, "-c", LAUNCHER, json.dumps(options)]
 
 
 SMALL = dict(snapshot_bytes=256 << 10, wal_segment_bytes=128 << 10, retain_slots=4)
@@ -123,54 +89,6 @@ def rss_bytes(pid: int) -> int | None:
     except OSError:
         return None
     return None
-
-
-async def statuses(cluster) -> dict:
-    """Every running replica's status (None if silent), off the event loop."""
-    return await trio.to_thread.run_sync(lambda: cluster.statuses(timeout=5.0))
-
-
-async def wait_for(check, timeout: float, what, interval: float = 0.1):
-    """Poll `await check()` until it returns something truthy; fail after `timeout` s.
-
-    `what` describes the condition; a callable is called for the description at
-    failure time (so it can show the last state seen).
-    """
-    deadline = trio.current_time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if trio.current_time() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for "
-                                 f"{what() if callable(what) else what}")
-        await trio.sleep(interval)
-
-
-def brief(st: dict) -> dict:
-    """The positions of every replica's status, for failure messages."""
-    keys = ("role", "applied_index", "snapshot_index", "log_start", "wal_first_seq")
-    return {i: (None if s is None else {k: s.get(k) for k in keys}) for i, s in st.items()}
-
-
-async def wait_converged(cluster, timeout: float = 60.0, ids=None) -> dict:
-    """Until every replica answers with the same applied_index and state_digest."""
-    ids = list(ids or cluster.ids)
-    seen = {}
-
-    async def check():
-        st = seen["st"] = await statuses(cluster)
-        if any(st.get(i) is None for i in ids):
-            return None
-        if len({(st[i]["applied_index"], st[i]["state_digest"]) for i in ids}) == 1:
-            return st
-        return None
-    return await wait_for(check, timeout,
-                          lambda: f"replicas {ids} to converge: {brief(seen.get('st', {}))}")
-
-
-async def wait_ready(cluster, timeout: float = 30.0) -> int:
-    return await trio.to_thread.run_sync(lambda: cluster.wait_ready(timeout=timeout))
 
 
 class Load:
@@ -259,11 +177,10 @@ def data_dir_bound(options: dict, snapshot_file_bytes: int) -> int:
             + 3 * snapshot_file_bytes + (512 << 10))
 
 
-async def run_bounded_load(tmp_path, *, seconds: float, keys: int, value_bytes: int,
+async def run_bounded_load(new_cluster, *, seconds: float, keys: int, value_bytes: int,
                            sample_every: float, on_sample=None) -> dict:
     """(a): continuous writes on a SMALL-knob cluster; returns what was observed."""
-    cluster = OptionsCluster(3, ports=free_ports(3), data_dir=tmp_path / "cluster",
-                             options=SMALL)
+    cluster = new_cluster(cls=OptionsCluster, options=SMALL)
     observed = {"max_dir_bytes": {i: 0 for i in cluster.ids},
                 "max_snapshot_file": 0, "first": None, "last": None, "writes": 0}
     with cluster:
@@ -295,8 +212,8 @@ async def run_bounded_load(tmp_path, *, seconds: float, keys: int, value_bytes: 
 
 
 @pytest.mark.slow
-async def test_data_dir_stays_bounded_under_continuous_writes(tmp_path):
-    observed = await run_bounded_load(tmp_path, seconds=20, keys=1000, value_bytes=100,
+async def test_data_dir_stays_bounded_under_continuous_writes(new_cluster):
+    observed = await run_bounded_load(new_cluster, seconds=20, keys=1000, value_bytes=100,
                                       sample_every=1e9)
     bound = data_dir_bound(SMALL, observed["max_snapshot_file"])
     print(f"writes {observed['writes']} in {observed['elapsed']:.1f}s, largest snapshot file "
@@ -321,9 +238,8 @@ async def test_data_dir_stays_bounded_under_continuous_writes(tmp_path):
 
 
 @pytest.mark.slow
-async def test_wiped_follower_catches_up_by_snapshot_transfer(tmp_path):
-    cluster = OptionsCluster(3, ports=free_ports(3), data_dir=tmp_path / "cluster",
-                             options=SMALL)
+async def test_wiped_follower_catches_up_by_snapshot_transfer(new_cluster):
+    cluster = new_cluster(cls=OptionsCluster, options=SMALL)
     with cluster:
         leader = await wait_ready(cluster)
         follower = next(i for i in cluster.ids if i != leader)
@@ -382,11 +298,10 @@ def flip_byte(path: str, offset: int | None = None) -> None:
 
 
 @pytest.mark.slow
-async def test_transferred_snapshot_is_verified_before_install(tmp_path):
+async def test_transferred_snapshot_is_verified_before_install(new_cluster):
     """A snapshot damaged on the sender's disk is refused by the receiver; a good one
     taken later is installed."""
-    cluster = OptionsCluster(3, ports=free_ports(3), data_dir=tmp_path / "cluster",
-                             options=SMALL)
+    cluster = new_cluster(cls=OptionsCluster, options=SMALL)
     with cluster:
         leader = await wait_ready(cluster)
         follower = next(i for i in cluster.ids if i != leader)
@@ -435,9 +350,8 @@ async def test_transferred_snapshot_is_verified_before_install(tmp_path):
 
 
 @pytest.mark.slow
-async def test_full_cluster_sigkill_after_snapshots_keeps_every_acknowledged_write(tmp_path):
-    cluster = OptionsCluster(3, ports=free_ports(3), data_dir=tmp_path / "cluster",
-                             options=SMALL)
+async def test_full_cluster_sigkill_after_snapshots_keeps_every_acknowledged_write(new_cluster):
+    cluster = new_cluster(cls=OptionsCluster, options=SMALL)
     with cluster:
         await wait_ready(cluster)
         async with open_client(cluster.cluster_arg, timeout=30) as kv:
@@ -491,16 +405,15 @@ def serve_argv(cluster: LocalCluster, replica_id: int) -> list[str]:
 
 
 def run_serve(cluster: LocalCluster, replica_id: int, timeout: float = 30):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    env = child_env()
     env.pop(PARENT_PID_ENV, None)
     return subprocess.run(serve_argv(cluster, replica_id), capture_output=True,
                           timeout=timeout, env=env)
 
 
-async def test_snapshot_request_snapshots_every_replica(tmp_path):
+async def test_snapshot_request_snapshots_every_replica(new_cluster):
     # The real `cypaxos serve`, default knobs: no automatic snapshot for a few writes.
-    with LocalCluster(3, ports=free_ports(3), data_dir=tmp_path / "cluster") as cluster:
+    with new_cluster() as cluster:
         await wait_ready(cluster)
         async with open_client(cluster.cluster_arg, timeout=30) as kv:
             for i in range(200):
@@ -546,8 +459,8 @@ async def test_snapshot_request_snapshots_every_replica(tmp_path):
         await wait_converged(cluster)
 
 
-async def test_damaged_newest_snapshot_refused_and_stray_tmp_ignored(tmp_path):
-    with LocalCluster(3, ports=free_ports(3), data_dir=tmp_path / "cluster") as cluster:
+async def test_damaged_newest_snapshot_refused_and_stray_tmp_ignored(new_cluster):
+    with new_cluster() as cluster:
         await wait_ready(cluster)
         async with open_client(cluster.cluster_arg, timeout=30) as kv:
             indexes = []
@@ -714,7 +627,7 @@ def _flat(samples: list[float], warmup: int) -> tuple[bool, float, float]:
 @pytest.mark.skipif(os.environ.get("CYPAXOS_SOAK") != "1",
                     reason="soak: set CYPAXOS_SOAK=1 (and CYPAXOS_SOAK_SECONDS, default 600)")
 @pytest.mark.timeout(0)
-async def test_soak_data_dir_and_rss_stay_flat(tmp_path):
+async def test_soak_data_dir_and_rss_stay_flat(new_cluster):
     seconds = float(os.environ.get("CYPAXOS_SOAK_SECONDS", "600"))
     interval = float(os.environ.get("CYPAXOS_SOAK_INTERVAL", "10"))
     out = os.environ.get("CYPAXOS_SOAK_OUT",
@@ -741,7 +654,7 @@ async def test_soak_data_dir_and_rss_stay_flat(tmp_path):
         samples.append(row)
         print(json.dumps(row), flush=True)
 
-    observed = await run_bounded_load(tmp_path, seconds=seconds, keys=10_000, value_bytes=100,
+    observed = await run_bounded_load(new_cluster, seconds=seconds, keys=10_000, value_bytes=100,
                                       sample_every=interval, on_sample=on_sample)
     bound = data_dir_bound(SMALL, observed["max_snapshot_file"])
     warmup = max(1, int(len(samples) * 0.2))

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import difflib
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from transcript import run_script  # noqa: E402
+from transcript import run_script
 
 pytestmark = pytest.mark.fast
 

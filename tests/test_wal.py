@@ -1,4 +1,5 @@
-"""Tests of cypaxos.wal: real files, real fsync, no mocks."""
+"""Tests of cypaxos.storage.wal and .datadir (and the WAL's Trio adapter, WalSync):
+real files, real fsync, no mocks."""
 
 import json
 import os
@@ -15,14 +16,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cypaxos.errors import DataDirError, Error, StorageError, WalCorruptError
-from cypaxos.wal import (
-    IDENTITY_FILE,
+from cypaxos.replica.walsync import WalSync
+from cypaxos.storage.datadir import IDENTITY_FILE, open_data_dir
+from cypaxos.storage.wal import (
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
     SEGMENT_MAGIC,
     SPARE_FILE,
     Wal,
-    open_data_dir,
     segment_name,
 )
 
@@ -708,15 +709,18 @@ def test_data_dir_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------ group commit
+# Through the replica's Trio adapter (cypaxos.replica.walsync): the Wal itself has no
+# event loop.
 
 
 async def test_concurrent_sync_async_callers_coalesce(tmp_path):
     wal = Wal.open(tmp_path)
+    sync = WalSync(wal)
     results = {}
 
     async def writer(i):
         seq = wal.append(b"w%d" % i)
-        results[i] = (seq, await wal.sync_async())
+        results[i] = (seq, await sync.sync_async())
 
     async with trio.open_nursery() as nursery:
         for i in range(50):
@@ -725,42 +729,44 @@ async def test_concurrent_sync_async_callers_coalesce(tmp_path):
     assert wal.fsync_count == 2
     assert all(durable >= seq for seq, durable in results.values())
     assert wal.durable_seq == 50
-    wal.close()
+    sync.close()
     assert sorted(read_wal(tmp_path)[0]) == sorted(b"w%d" % i for i in range(50))
 
 
 async def test_sync_async_with_nothing_new_does_not_fsync(tmp_path):
     with Wal.open(tmp_path) as wal:
-        assert await wal.sync_async() == 0
+        sync = WalSync(wal)
+        assert await sync.sync_async() == 0
         wal.append(b"a")
-        assert await wal.sync_async() == 1
-        assert await wal.sync_async() == 1
+        assert await sync.sync_async() == 1
+        assert await sync.sync_async() == 1
         assert wal.fsync_count == 1
 
 
 async def test_sync_async_fsync_false(tmp_path):
     with Wal.open(tmp_path, fsync=False) as wal:
         wal.append(b"a")
-        assert await wal.sync_async() == 1
+        assert await WalSync(wal).sync_async() == 1
         assert wal.fsync_count == 0
     assert read_wal(tmp_path)[0] == [b"a"]
 
 
 async def test_sync_async_under_rotation_and_concurrency(tmp_path):
     wal = Wal.open(tmp_path, segment_bytes_max=300)
+    sync = WalSync(wal)
 
     async def writer(i):
         for j in range(40):
             seq = wal.append(b"%d-%d" % (i, j))
             if j % 3 == 0:
-                assert await wal.sync_async() >= seq
+                assert await sync.sync_async() >= seq
             await trio.lowlevel.checkpoint()
 
     async with trio.open_nursery() as nursery:
         for i in range(8):
             nursery.start_soon(writer, i)
     assert wal.durable_seq == wal.last_seq == 8 * 40  # each writer ends with a sync
-    wal.close()
+    sync.close()
     assert len(segment_files(tmp_path)) > 5
     recovered, warnings = read_wal(tmp_path, segment_bytes_max=300)
     assert warnings == []
@@ -770,18 +776,19 @@ async def test_sync_async_under_rotation_and_concurrency(tmp_path):
 
 async def test_cancelled_caller_leaves_a_consistent_state(tmp_path):
     wal = Wal.open(tmp_path)
+    sync = WalSync(wal)
     async with trio.open_nursery() as nursery:
         wal.append(b"a")
-        nursery.start_soon(wal.sync_async)
+        nursery.start_soon(sync.sync_async)
         await trio.testing.wait_all_tasks_blocked()  # its fsync is in a thread, or done
         wal.append(b"b")
         with trio.CancelScope() as scope:
             scope.cancel()
-            await wal.sync_async()  # cancelled while waiting, or before its own fsync
+            await sync.sync_async()  # cancelled while waiting, or before its own fsync
         assert scope.cancelled_caught
     assert wal.durable_seq >= 1
-    assert await wal.sync_async() == 2
-    wal.close()
+    assert await sync.sync_async() == 2
+    sync.close()
     assert read_wal(tmp_path)[0] == [b"a", b"b"]
 
 
@@ -987,7 +994,7 @@ async def test_fsync_thread_reports_success_and_errno(tmp_path):
 
 
 async def test_failed_fsync_makes_the_wal_unusable(tmp_path, monkeypatch):
-    import cypaxos.wal as wal_module
+    import cypaxos.storage.wal as wal_module
     from cypaxos.fsyncthread import FsyncThread
     read_end, write_end = os.pipe()
 
@@ -997,11 +1004,12 @@ async def test_failed_fsync_makes_the_wal_unusable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(wal_module, "FsyncThread", FailingFsync)
     wal = Wal.open(tmp_path)
+    sync = WalSync(wal)
     failures = []
-    wal.on_sync = failures.append
+    sync.on_sync = failures.append
     wal.append(b"a")
     with pytest.raises((OSError, StorageError)):
-        await wal.sync_async()
+        await sync.sync_async()
     assert wal.durable_seq == 0 and len(failures) == 1 and isinstance(failures[0], OSError)
     with pytest.raises(StorageError):
         wal.append(b"b")

@@ -75,7 +75,8 @@ from __future__ import annotations
 
 import struct
 
-from cypaxos.core import CHOSEN_BALLOT, MESSAGE_NAMES, NOT_LEADER, PROPOSED, Config, Replica
+from cypaxos.ballots import format_ballot
+from cypaxos.core import MESSAGE_NAMES, NOT_LEADER, PROPOSED, Config, Replica
 from cypaxos.statemachine import KVStore
 
 MESSAGE_TYPES = {name: kind for kind, name in MESSAGE_NAMES.items()}
@@ -159,14 +160,6 @@ def unpack_results(packed: bytes) -> list[tuple[int, bytes]]:
         out.append((status, packed[pos + 5:pos + 5 + n]))
         pos += 5 + n
     return out
-
-
-def fmt_ballot(b: int) -> str:
-    if b == CHOSEN_BALLOT:
-        return "chosen"
-    if b == 0:
-        return "0"
-    return f"{b >> 16}.{b & 0xffff}"
 
 
 def fmt_slots(first: int, count: int) -> str:
@@ -292,7 +285,7 @@ class Transcript:
             if old is None:
                 continue
             if role != old[0]:
-                self.say(f"{indent}-> {n.rid} is {role} at b={fmt_ballot(ballot)}")
+                self.say(f"{indent}-> {n.rid} is {role} at b={format_ballot(ballot)}")
             if commit != old[2]:
                 self.say(f"{indent}-> {n.rid} commit={commit} applied={n.core.applied_index}")
 
@@ -347,13 +340,13 @@ class Transcript:
         return "[" + ", ".join(shown) + "]"
 
     def fmt_message(self, src: int, dst: int, m: tuple) -> str:
-        kind, ballot = MESSAGE_NAMES.get(m[0], str(m[0])), fmt_ballot(m[2])
+        kind, ballot = MESSAGE_NAMES.get(m[0], str(m[0])), format_ballot(m[2])
         head = f"{src}->{dst} {kind} b={ballot}"
         if kind == "PREPARE":
             return f"{head} from={m[3]}"
         if kind == "PROMISE":
             e = m[4]
-            entries = ", ".join(f"{e[i]}@{fmt_ballot(e[i + 1])}:{self.fmt_value(e[i + 2])}"
+            entries = ", ".join(f"{e[i]}@{format_ballot(e[i + 1])}:{self.fmt_value(e[i + 2])}"
                                 for i in range(0, len(e), 3))
             return f"{head} commit={m[3]} entries=[{entries}]"
         if kind == "NACK":
@@ -376,10 +369,10 @@ class Transcript:
     def fmt_record(self, r: tuple) -> str:
         kind = RECORD_NAMES.get(r[0], str(r[0]))
         if kind == "PROMISE":
-            return f"PROMISE b={fmt_ballot(r[1])}"
+            return f"PROMISE b={format_ballot(r[1])}"
         if kind == "ACCEPT":
             slots = fmt_slots(r[1], len(r[3]))
-            return f"ACCEPT b={fmt_ballot(r[2])} slots={slots} {self.fmt_values(r[3])}"
+            return f"ACCEPT b={format_ballot(r[2])} slots={slots} {self.fmt_values(r[3])}"
         if kind == "COMMIT":
             return f"COMMIT {r[1]}"
         return repr(r)
@@ -705,7 +698,7 @@ class Transcript:
             raise ScriptError(f"{n.rid} is running")
         self.boot(n)
         c = n.core
-        self.say(f"{n.rid} restarted from {len(n.durable)} records: b={fmt_ballot(c.ballot)} "
+        self.say(f"{n.rid} restarted from {len(n.durable)} records: b={format_ballot(c.ballot)} "
                  f"commit={c.commit_index} applied={c.applied_index} last={c.last_slot}")
 
     def cmd_partition(self, args):
@@ -732,7 +725,7 @@ class Transcript:
                 self.say(f"{n.rid} down ({len(n.durable)} records durable)")
                 continue
             c = n.core
-            line = (f"{n.rid} {c.role:<9} b={fmt_ballot(c.ballot)} leader={c.leader_id} "
+            line = (f"{n.rid} {c.role:<9} b={format_ballot(c.ballot)} leader={c.leader_id} "
                     f"commit={c.commit_index} applied={c.applied_index} last={c.last_slot} "
                     f"digest={c.state_machine.state_digest()}")
             if n.unsynced or n.held:
@@ -752,7 +745,7 @@ class Transcript:
                 self.say(f"{s}: -")
             else:
                 mark = "*" if s <= c.commit_index else " "
-                self.say(f"{s}:{mark}{fmt_ballot(e[0])} {self.fmt_value(e[1])}")
+                self.say(f"{s}:{mark}{format_ballot(e[0])} {self.fmt_value(e[1])}")
         if hi < lo:
             self.say("(empty log)")
 

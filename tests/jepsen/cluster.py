@@ -16,24 +16,21 @@ import json
 import os
 import random
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
 
-import cypaxos
-from cypaxos.local import probe_status  # noqa: F401 - also used by test_fuzz_live
-from cypaxos.wal import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
+from cypaxos.storage.wal import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
+from cypaxos.tools.local import PARENT_PID_ENV, child_env, free_ports
+from cypaxos.tools.local import probe_status  # noqa: F401 - also used by test_fuzz_live
 
 from .netns import Bed, NetnsBed
 from .replica_shim import delay_file, synced_listing, synced_state
 
 PROXY_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "proxy.py")
 SHIM_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "replica_shim.py")
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cypaxos.__file__)))
-PARENT_PID_ENV = "CYPAXOS_PARENT_PID"
 REPLICA_PORT = 7000        # in netns mode every replica listens on its own address:7000
 PROXY_PORT_BASE = 7100     # proxy for link i->j listens on address_i:7100+j
 
@@ -63,23 +60,6 @@ def wal_records_end(data: bytes) -> int:
 
 class ClusterError(RuntimeError):
     pass
-
-
-def _free_ports(n: int) -> list[int]:
-    """`n` distinct free TCP ports on 127.0.0.1 (below the ephemeral range)."""
-    rng = random.Random()
-    ports: list[int] = []
-    while len(ports) < n:
-        port = rng.randrange(20000, 32000)
-        if port in ports:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        ports.append(port)
-    return ports
 
 
 class Replica:
@@ -138,9 +118,7 @@ class ProxyProcess:
 
 
 def _child_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
+    env = child_env({"PYTHONUNBUFFERED": "1"})
     env.pop("LD_PRELOAD", None)
     for key in list(env):
         if key.startswith("FAKETIME"):
@@ -169,7 +147,7 @@ class JepsenCluster:
             ports = {i: REPLICA_PORT for i in self.ids}
             proxy_ports = {(i, j): PROXY_PORT_BASE + j for i in self.ids for j in self.ids if i != j}
         else:
-            free = _free_ports(replicas + replicas * (replicas - 1))
+            free = free_ports(replicas + replicas * (replicas - 1))
             ports = {i: free[i - 1] for i in self.ids}
             pairs = [(i, j) for i in self.ids for j in self.ids if i != j]
             proxy_ports = {pair: free[replicas + k] for k, pair in enumerate(pairs)}

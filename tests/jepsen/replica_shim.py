@@ -253,10 +253,10 @@ def main() -> int:
     argv = sys.argv[2:]
     data_dir = argv[argv.index("--data-dir") + 1]
     install(synced_dir, data_dir)
-    import cypaxos.wal
-    cypaxos.wal.FsyncThread = PythonFsyncThread
+    import cypaxos.storage.wal
+    cypaxos.storage.wal.FsyncThread = PythonFsyncThread
     sys.argv = ["cypaxos"] + argv
-    from cypaxos.cli import main as cli_main
+    from cypaxos.tools.cli import main as cli_main
     return cli_main(argv)
 
 

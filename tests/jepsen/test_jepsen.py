@@ -183,7 +183,7 @@ shim, synced, data, scenario = sys.argv[1:]
 sys.path.insert(0, os.path.dirname(shim))
 import replica_shim
 replica_shim.install(synced, data)
-from cypaxos.wal import Wal
+from cypaxos.storage.wal import Wal
 wal = Wal.open(os.path.join(data, "wal"), segment_bytes_max=4096)
 n = 0
 def put(count):
@@ -215,7 +215,7 @@ def test_power_loss_emulation_undoes_exactly_the_unsynced_writes(tmp_path, scena
     import subprocess
     import sys
     import types
-    from cypaxos.wal import Wal
+    from cypaxos.storage.wal import Wal
     from .cluster import SHIM_SCRIPT, JepsenCluster
 
     data, synced = tmp_path / "data", tmp_path / "synced"

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .errors import ClientError
+from ..errors import ClientError
 from .local import LocalCluster, LocalClusterError, leader_of, free_ports
 
 __all__ = ["run_demo", "DemoResult", "percentile"]
@@ -458,7 +458,7 @@ class _Demo:
                        f"with state digest {digest}")
 
     async def main(self) -> DemoResult:
-        from .client import open_client
+        from ..client import open_client
 
         r = self.result
         async with trio.open_nursery() as background:

@@ -3,7 +3,7 @@
 `LocalCluster` is what `cypaxos local` and `cypaxos demo` run on, and what the
 multi-process tests use::
 
-    from cypaxos.local import LocalCluster, free_ports
+    from cypaxos.tools.local import LocalCluster, free_ports
 
     with LocalCluster(replicas=3, base_port=free_ports(3)[0]) as cluster:
         cluster.wait_ready(timeout=30)
@@ -23,6 +23,7 @@ test, a Trio test or a worker thread.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import random
 import shutil
@@ -35,18 +36,22 @@ import threading
 import time
 from typing import Iterable, Sequence
 
-from . import wire
-from .errors import Error
+from .. import wire
+from ..addresses import split_address
+from ..errors import Error
 
 __all__ = [
-    "LocalCluster", "LocalClusterError", "free_ports", "leader_of", "probe", "probe_status",
-    "PARENT_PID_ENV",
+    "LocalCluster", "OptionsCluster", "LocalClusterError", "free_ports", "leader_of", "probe",
+    "probe_status", "child_env", "PARENT_PID_ENV", "PACKAGE_ROOT",
 ]
 
 PARENT_PID_ENV = "CYPAXOS_PARENT_PID"
 """Set by LocalCluster in a replica's environment: `cypaxos serve` then asks the
 kernel to SIGTERM it when that parent dies, so a SIGKILLed test or demo never leaves
 replicas behind (see cli.py)."""
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+"""The directory holding this cypaxos package (an in-tree build or site-packages)."""
 
 _HOST = "127.0.0.1"
 _STOP_TIMEOUT = 10.0  # seconds a replica gets to exit after SIGTERM before SIGKILL
@@ -90,11 +95,15 @@ def _port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def _split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"{address!r} is not host:port")
-    return host.strip("[]"), int(port)
+def child_env(extra: dict | None = None) -> dict:
+    """This process's environment for a child Python that must import this very cypaxos
+    package (even when ours came from sys.path tweaks: pytest, an uninstalled
+    checkout): `PACKAGE_ROOT` in front of PYTHONPATH, then `extra` on top."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+    env.update(extra or {})
+    return env
 
 
 def probe(address: str, request_body: list, timeout: float = 1.0) -> tuple:
@@ -104,9 +113,10 @@ def probe(address: str, request_body: list, timeout: float = 1.0) -> tuple:
     ``wire.parse_reply`` returns: ``("ok", id, payload)``, ``("redirect", id, addr)``
     or ``("error", id, code, message)``.  Raises OSError (including socket.timeout)
     if the replica cannot be reached or does not answer within `timeout` seconds in
-    all, and wire.ProtocolError if it answers something malformed.
+    all, wire.ProtocolError if it answers something malformed, and ConfigError for a
+    malformed `address`.
     """
-    host, port = _split_address(address)
+    host, port = split_address(address)
     deadline = time.monotonic() + timeout
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -316,13 +326,7 @@ class LocalCluster:
             r = self._get(replica_id)
             if r.running():
                 raise LocalClusterError(f"replica {replica_id} is already running")
-            env = dict(os.environ)
-            # The child must import this very package, even when the parent found it
-            # through sys.path tweaks (pytest rootdir, an uninstalled checkout).
-            package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-            env["PYTHONUNBUFFERED"] = "1"
+            env = child_env({"PYTHONUNBUFFERED": "1"})
             env.pop(PARENT_PID_ENV, None)
             if threading.current_thread() is threading.main_thread():
                 env[PARENT_PID_ENV] = str(os.getpid())
@@ -544,6 +548,51 @@ class LocalCluster:
                 raise LocalClusterError(
                     f"replica {r.id} exited with status {r.process.returncode}"
                     + (f": {tail}" if tail else "") + f" (log: {r.log_path})")
+
+
+# Runs one replica from a JSON dict of ServerOptions fields (argv[1]).  Like `cypaxos
+# serve` it asks to be SIGTERMed when its parent dies and reports an expected failure
+# as one line.
+_OPTIONS_LAUNCHER = r'''
+import ctypes, json, os, signal, sys
+parent = os.environ.get("%s")
+if parent and sys.platform.startswith("linux"):
+    ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+    if str(os.getppid()) != parent:
+        sys.exit(1)
+from cypaxos.errors import Error
+from cypaxos.replica.options import ServerOptions
+from cypaxos.replica.server import run_server
+options = json.loads(sys.argv[1])
+options["cluster"] = {int(k): v for k, v in options["cluster"].items()}
+try:
+    sys.exit(run_server(ServerOptions(**options)))
+except Error as exc:
+    print("cypaxos: error: %%s" %% exc, file=sys.stderr)
+    sys.exit(1)
+''' % PARENT_PID_ENV
+
+
+class OptionsCluster(LocalCluster):
+    """A LocalCluster whose replicas run with extra `ServerOptions` fields.
+
+    For knobs `cypaxos serve` has no flag for (snapshot thresholds, segment sizes,
+    core settings): `options` is a dict of ServerOptions fields (JSON values), given
+    to every replica.  `extra_args` does not apply (there is no command line).
+    """
+
+    def __init__(self, *args, options: dict | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.options = dict(options or {})
+
+    def command(self, replica_id: int) -> list[str]:
+        """The ``python -c`` command line that starts replica `replica_id`."""
+        options = dict(replica_id=replica_id, cluster={i: self.address(i) for i in self.ids},
+                       data_dir=self.replica_data_dir(replica_id), fsync=self.fsync,
+                       **self.options)
+        if self.cluster_id is not None:
+            options.setdefault("cluster_id", self.cluster_id)
+        return [self.python, "-c", _OPTIONS_LAUNCHER, json.dumps(options)]
 
 
 def leader_of(statuses: dict[int, dict | None]) -> int | None:

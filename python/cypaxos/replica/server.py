@@ -1,9 +1,15 @@
 """One replica process: the Trio shell around the pure core.
 
+Still the big module of the package (about 750 lines, over the ~600 the layout aims
+for): ReplicaServer keeps the loop around the core, peer links, client connections
+and snapshot transfer together until they move into an I/O-free replica node and
+thin Trio adapters.  Its options are in `options`, its send queues in `outbox`, the
+WAL's fsync adapter in `walsync`.
+
 The shell owns everything the core may not touch.  It turns real time into ticks,
 frames messages over TCP (one port serves peers and clients), writes the core's
 records to the write-ahead log with group commit (the fsync runs in a native thread,
-`cypaxos.fsyncthread`), and feeds everything back into the core:
+`cypaxos.fsyncthread`, driven by `WalSync`), and feeds everything back into the core:
 
 * a client request is handed to the core at once; if it is the only request in
   flight it is handled right there, otherwise the *driver* task is woken, and by the
@@ -28,29 +34,32 @@ malformed or oversized frame is disconnected with one log line.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib
 import logging
-import math
 import os
 import signal
 import struct
 from collections import deque
-from dataclasses import dataclass, field
 
 import cbor2
 import trio
 
-from cypaxos import snapshots, wire
-from cypaxos.cbordec import FALLBACK as CBOR_FALLBACK
-from cypaxos.cbordec import decode as cbor_decode
-from cypaxos.cborenc import dumps as cbor_dumps
-from cypaxos.core import NOT_LEADER, PROPOSED, BatchError, Config, MessageError, Replica
-from cypaxos.errors import ConfigError, Error, WalCorruptError
-from cypaxos.statemachine import KVStore, PyStateMachine
-from cypaxos.wal import open_data_dir
+from .. import wire
+from ..addresses import split_address
+from ..cbordec import FALLBACK as CBOR_FALLBACK
+from ..cbordec import decode as cbor_decode
+from ..cborenc import dumps as cbor_dumps
+from ..core import NOT_LEADER, PROPOSED, BatchError, MessageError, Replica
+from ..errors import ConfigError, Error, WalCorruptError
+from ..groups import BaseExceptionGroup, expected_error
+from ..storage import snapshots
+from ..storage.datadir import open_data_dir
+from .options import ServerOptions, default_cluster_id, load_state_machine
+from .outbox import Conn, Outbox
+from .walsync import WalSync
 
-log = logging.getLogger("cypaxos.server")
+__all__ = ["ReplicaServer", "serve", "run_server", "read_frames", "receive_into"]
+
+log = logging.getLogger("cypaxos.server")  # the name in log lines, kept across moves
 
 PEER_QUEUE_MAX = 4096  # messages waiting for one peer link before we drop
 CLIENT_QUEUE_MAX = 65536  # replies waiting for one client before it is cut off
@@ -61,185 +70,6 @@ SNAPSHOT_ACK_TIMEOUT_S = 2.0
 SNAPSHOT_SEND_TRIES = 10  # unanswered chunks in a row before a transfer is abandoned
 RECEIVE_BYTES = 1 << 18
 _SESSION_HEADER = struct.Struct("<QQ")
-
-
-def parse_cluster(spec: str) -> dict[int, str]:
-    """Parse `1=host:port,2=host:port,...` into {replica_id: "host:port"}."""
-    cluster: dict[int, str] = {}
-    if not spec or not spec.strip():
-        raise ConfigError("--cluster is empty; expected 1=HOST:PORT,2=HOST:PORT,...")
-    for part in spec.split(","):
-        part = part.strip()
-        rid, sep, address = part.partition("=")
-        if not sep:
-            raise ConfigError(f"--cluster entry {part!r} is not ID=HOST:PORT")
-        try:
-            replica_id = int(rid)
-        except ValueError:
-            raise ConfigError(f"--cluster entry {part!r}: {rid!r} is not a replica id") from None
-        if not 1 <= replica_id <= 0xFFFF:
-            raise ConfigError(f"--cluster entry {part!r}: replica ids are 1..65535")
-        split_address(address)
-        if replica_id in cluster:
-            raise ConfigError(f"--cluster names replica {replica_id} twice")
-        cluster[replica_id] = address
-    if len(set(cluster.values())) != len(cluster):
-        raise ConfigError("--cluster gives two replicas the same address")
-    return cluster
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """`host:port` -> (host, port), or ConfigError."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host:
-        raise ConfigError(f"address {address!r} is not HOST:PORT")
-    try:
-        number = int(port)
-    except ValueError:
-        raise ConfigError(f"address {address!r}: {port!r} is not a port number") from None
-    if not 1 <= number <= 65535:
-        raise ConfigError(f"address {address!r}: port out of range")
-    return host.strip("[]"), number
-
-
-def default_cluster_id(cluster: dict[int, str]) -> str:
-    """A cluster id derived from the membership, so every replica computes the same one."""
-    text = ",".join(f"{i}={cluster[i]}" for i in sorted(cluster))
-    return "c-" + hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def load_state_machine(spec: str | None):
-    """`package.module:Class` -> a core state machine (the key-value store when None)."""
-    if not spec:
-        return KVStore()
-    module_name, sep, class_name = spec.partition(":")
-    if not sep or not module_name or not class_name:
-        raise ConfigError(f"--state-machine {spec!r} is not package.module:Class")
-    try:
-        module = importlib.import_module(module_name)
-        cls = getattr(module, class_name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot load state machine {spec!r}: {exc}") from None
-    try:
-        return PyStateMachine(cls())
-    except TypeError as exc:
-        raise ConfigError(f"state machine {spec!r}: {exc}") from None
-
-
-@dataclass
-class ServerOptions:
-    """How to run one replica (the `cypaxos serve` flags)."""
-
-    replica_id: int
-    cluster: dict[int, str]
-    data_dir: str
-    cluster_id: str | None = None
-    fsync: bool = True
-    state_machine: str | None = None
-    tick_ms: int = 10
-    follower_inline_fsync: bool = True  # see ReplicaServer.sync_inline
-    frame_bytes_max: int = wire.FRAME_BYTES_MAX
-    # Disk stays near 3 x wal_segment_bytes (segments are preallocated, the next one
-    # ahead) + snapshot_bytes + two snapshot files.
-    snapshot_bytes: int = 16 << 20  # snapshot once this much WAL was written since the last
-    snapshot_slots: int = 100_000  # ... or once this many slots were applied since
-    retain_slots: int = 64  # slots kept in memory after a snapshot for lagging peers
-    wal_segment_bytes: int = 8 << 20
-    core: dict = field(default_factory=dict)  # overrides of cypaxos.core.Config
-
-    def core_config(self) -> Config:
-        """The core's settings: ~30 ms heartbeats and 250-500 ms election timeouts."""
-        ticks_per_s = 1000 / self.tick_ms
-        settings = dict(heartbeat_ticks=max(1, math.ceil(0.03 * ticks_per_s)),
-                        election_ticks=max(3, math.ceil(0.25 * ticks_per_s)),
-                        resend_ticks=max(1, math.ceil(0.1 * ticks_per_s)),
-                        window_slots=64, batch_bytes_max=1 << 20, pre_vote=True)
-        settings.update(self.core)
-        return Config(**settings)
-
-
-class Outbox:
-    """Encoded frames waiting for one connection, written straight to its socket.
-
-    Whoever produced frames calls `flush()` once per round: one non-blocking write for
-    everything queued, with no task switch.  Only when the kernel does not take it
-    all (a slow or dead reader) does the connection's writer task (`run_writer`) take
-    over the rest; until it has sent it, later frames queue behind it, so the byte
-    order on the connection is the order of `put`.
-    """
-
-    __slots__ = ("frames", "frames_max", "fd", "writing", "wakeup", "closed")
-
-    def __init__(self, frames_max: int) -> None:
-        self.frames: list = []      # queued and not yet handed to the kernel, in order
-        self.frames_max = frames_max
-        self.fd = -1                # the connected socket's fd (-1: not connected)
-        # The writer task owns the socket (a send_all is in progress or due): flush()
-        # must not write around it.  Invariant: writing implies fd >= 0.
-        self.writing = False
-        self.wakeup = trio.Event()
-        self.closed = False         # no more frames accepted; the writer drains and ends
-
-    def put(self, frame: bytes) -> bool:
-        """Queue a frame; False if the outbox is closed or full (the caller decides)."""
-        if self.closed or len(self.frames) >= self.frames_max:
-            return False
-        self.frames.append(frame)
-        return True
-
-    def flush(self) -> None:
-        """Write what is queued now, without blocking; the writer task gets any rest."""
-        frames = self.frames
-        if not frames or self.writing or self.fd < 0:
-            return
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
-        try:
-            written = os.write(self.fd, data)
-        except OSError:
-            # Full (EAGAIN) or broken: the writer's send_all waits, or fails and ends
-            # the connection.
-            written = 0
-        if written < len(data):
-            self.frames = [data[written:]]
-            self.writing = True
-            self.wakeup.set()
-        else:
-            frames.clear()
-
-    def close(self) -> None:
-        """Accept no more frames; the writer sends what is queued, then returns."""
-        self.closed = True
-        self.wakeup.set()
-
-    async def run_writer(self, stream: trio.SocketStream) -> None:
-        """Send on `stream` whatever `flush` could not, until closed or the send fails."""
-        self.fd = stream.socket.fileno()
-        self.writing = bool(self.frames)   # frames queued before the connection existed
-        try:
-            while True:
-                if not self.frames:
-                    self.writing = False
-                    if self.closed:
-                        return
-                    self.wakeup = trio.Event()
-                    await self.wakeup.wait()
-                    continue
-                self.writing = True
-                frames, self.frames = self.frames, []
-                await stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
-        finally:
-            self.writing = False
-            self.fd = -1
-
-
-class Conn(Outbox):
-    """One client connection: its outbox of replies."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str, frames_max: int) -> None:
-        super().__init__(frames_max)
-        self.name = name
 
 
 async def read_frames(stream: trio.SocketStream, decoder: wire.FrameDecoder):
@@ -306,7 +136,8 @@ class ReplicaServer:
         self.after: deque = deque()  # (wal seq required, persist_id, messages)
         self.wake = trio.Event()
         self.fatal: BaseException | None = None  # the driver raises it (a failed fsync)
-        self.wal.on_sync = self.on_sync
+        self.wal_sync = WalSync(self.wal)   # the WAL's fsyncs, driven from this Trio run
+        self.wal_sync.on_sync = self.on_sync
         self.persisted_id = 0
         self.stats = {"peer_drops": 0, "client_drops": 0, "bad_frames": 0, "fsyncs": 0,
                       "snapshots_taken": 0, "snapshots_sent": 0, "snapshots_installed": 0}
@@ -379,7 +210,7 @@ class ReplicaServer:
             if not self.sync_inline():
                 # Group commit: starts an fsync unless one is running (its end starts
                 # the next, covering everything appended meanwhile).
-                wal.start_sync()
+                self.wal_sync.start_sync()
         for peer in rd.snapshot_to:
             if peer not in self.sending_snapshot and self.snapshot_index and self.nursery:
                 self.sending_snapshot.add(peer)
@@ -430,7 +261,7 @@ class ReplicaServer:
             self.release_durable()
             wal = self.wal
             if wal.last_seq > wal.durable_seq and not self.sync_inline():
-                wal.start_sync()   # the next group, before the core's output is handled
+                self.wal_sync.start_sync()   # the next group, before the core's output is handled
             self.drive()
         except BaseException as exc:
             if self.fatal is None:
@@ -504,7 +335,7 @@ class ReplicaServer:
         """Once the restatement is durable, drop WAL segments and memory below `index`."""
         self.snapshot_index = max(self.snapshot_index, index)
         while self.wal.durable_seq < restate_end:
-            await self.wal.sync_async()
+            await self.wal_sync.sync_async()
         self.wal.truncate_before(cut)
         self.core.compact(index - self.options.retain_slots)
 
@@ -691,7 +522,7 @@ class ReplicaServer:
             if not self.after or wal.sync_in_flight:
                 break
             if not self.sync_inline():
-                wal.start_sync()   # records appended while we were syncing inline
+                self.wal_sync.start_sync()   # records appended while we were syncing inline
                 break
             # What needs no fsync leaves first; then the fsync, in this thread.
             self.flush()
@@ -910,7 +741,7 @@ class ReplicaServer:
         """Flush and sync the WAL, release the data dir."""
         if self.wal is not None:
             try:
-                self.wal.close()
+                self.wal_sync.close()
             except Exception as exc:  # the process is ending; say so, don't mask the cause
                 log.error("closing the WAL failed: %s", exc)
             self.wal = None
@@ -946,17 +777,10 @@ def run_server(options: ServerOptions) -> int:
         trio.run(serve, options)
     except BaseExceptionGroup as group:
         # Nurseries wrap a startup failure; callers want the one expected error.
-        errors = _leaves(group)
-        if errors and all(isinstance(e, Error) for e in errors):
-            raise errors[0] from None
+        error = expected_error(group, Error)
+        if error is not group:
+            raise error from None
         raise
     except KeyboardInterrupt:
         pass
     return 0
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    out = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out

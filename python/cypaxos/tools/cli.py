@@ -24,11 +24,16 @@ import signal
 import sys
 import time
 
-from . import __version__, bench, errors
+from .. import __version__, errors
+from ..addresses import parse_addresses, parse_cluster
+from ..ballots import REPLICA_ID_MAX, format_ballot
+from ..errors import ClientError, ConfigError, Error
+from ..groups import expected_error
+from . import bench
 from .argtypes import int_in, positive_float
-from .errors import ClientError, ConfigError, Error
+from ..security import certs
 
-__all__ = ["main", "build_parser", "parse_addresses", "DEFAULT_CLUSTER", "CLUSTER_ENV"]
+__all__ = ["main", "build_parser", "DEFAULT_CLUSTER", "CLUSTER_ENV"]
 
 PROG = "cypaxos"
 CLUSTER_ENV = "CYPAXOS_CLUSTER"
@@ -58,30 +63,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
 
 
-
-
-def parse_addresses(spec: str) -> list[str]:
-    """Parse a client ``--cluster`` value: comma-separated ``host:port`` (order free).
-
-    ``ID=host:port`` entries (the ``serve --cluster`` form) are accepted too, the ids
-    ignored, so the same string works for both.  Raises ConfigError.
-    """
-    addresses = []
-    for part in (spec or "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "=" in part:
-            part = part.partition("=")[2].strip()
-        host, sep, port = part.rpartition(":")
-        host = host.strip("[]")
-        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ConfigError(f"--cluster entry {part!r} is not HOST:PORT")
-        if part not in addresses:
-            addresses.append(part)
-    if not addresses:
-        raise ConfigError("--cluster is empty; expected HOST:PORT[,HOST:PORT...]")
-    return addresses
+def _cluster_addresses(args) -> list[str]:
+    """The client commands' ``--cluster`` (``ID=`` prefixes allowed); ConfigError."""
+    return parse_addresses(args.cluster, source="--cluster")
 
 
 def _arg_bytes(text: str) -> bytes:
@@ -106,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run one replica in the foreground",
                        description="Run one replica until SIGTERM or Ctrl-C.  An existing "
                                    "--data-dir is recovered from.")
-    p.add_argument("--id", type=int_in(1, 0xFFFF), required=True,
+    p.add_argument("--id", type=int_in(1, REPLICA_ID_MAX), required=True,
                    help="this replica's id (a key of --cluster)")
     p.add_argument("--cluster", required=True, metavar="ID=HOST:PORT,...",
                    help="every replica of the cluster, this one included")
@@ -203,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "histogram; see docs/performance.md.")
     bench.add_arguments(p)
     p.set_defaults(handler=bench.run)
+
+    p = sub.add_parser("certs", help="write a CA and TLS certificates for a cluster")
+    certs.add_arguments(p)
+    p.set_defaults(handler=certs.main)
     return parser
 
 
@@ -245,16 +233,6 @@ def main(argv: list[str] | None = None) -> int:
         raise  # a bug: the traceback is what a report needs
 
 
-try:
-    _GROUP_TYPES: tuple = (BaseExceptionGroup,)  # noqa: F821 - Python 3.11+
-except NameError:  # Python 3.10: Trio depends on the backport
-    try:
-        from exceptiongroup import BaseExceptionGroup as _BackportGroup
-        _GROUP_TYPES = (_BackportGroup,)
-    except ImportError:
-        _GROUP_TYPES = ()
-
-
 def _unwrap_group(exc: BaseException) -> BaseException:
     """The expected error inside an exception group, else `exc` itself.
 
@@ -262,20 +240,7 @@ def _unwrap_group(exc: BaseException) -> BaseException:
     exception in it is an expected one (say, "cannot listen on ...: address in use"),
     the user should see that one line, not a group traceback.
     """
-    while _GROUP_TYPES and isinstance(exc, _GROUP_TYPES):
-        leaves = list(_leaves(exc))
-        if not leaves or not all(isinstance(e, (Error, KeyboardInterrupt)) for e in leaves):
-            return exc
-        exc = leaves[0]
-    return exc
-
-
-def _leaves(group):
-    for inner in group.exceptions:
-        if isinstance(inner, _GROUP_TYPES):
-            yield from _leaves(inner)
-        else:
-            yield inner
+    return expected_error(exc, (Error, KeyboardInterrupt))
 
 
 def _say(line: str) -> None:
@@ -292,7 +257,8 @@ def _error(message) -> None:
 
 
 def _cmd_serve(args) -> int:
-    from .server import ServerOptions, parse_cluster, run_server
+    from ..replica.options import ServerOptions
+    from ..replica.server import run_server
 
     cluster = parse_cluster(args.cluster)  # ConfigError -> exit 2
     if args.id not in cluster:
@@ -460,8 +426,8 @@ def _cmd_demo(args) -> int:
 
 
 def _client(args):
-    addresses = parse_addresses(args.cluster)  # a bad --cluster is bad usage, exit 2
-    from .client import connect
+    addresses = _cluster_addresses(args)  # a bad --cluster is bad usage, exit 2
+    from ..client import connect
 
     return connect(addresses, timeout=args.timeout)
 
@@ -528,7 +494,7 @@ def _json_safe(value):
 
 
 def _collect_status(args) -> list[dict]:
-    addresses = parse_addresses(args.cluster)
+    addresses = _cluster_addresses(args)
     try:
         with _client(args) as kv:
             answers = kv.status()
@@ -557,13 +523,6 @@ def _cmd_status(args) -> int:
         _error("no replica answered (" + ", ".join(r["address"] for r in rows) + ")")
         return EXIT_UNAVAILABLE
     return EXIT_OK
-
-
-def format_ballot(ballot) -> str:
-    """A ballot int as ``ROUND.REPLICA`` (it is ``round << 16 | replica_id``)."""
-    if not isinstance(ballot, int) or ballot <= 0:
-        return "-"
-    return f"{ballot >> 16}.{ballot & 0xFFFF}"
 
 
 def _print_status_table(rows: list[dict], leader_ids: list) -> None:
@@ -599,7 +558,7 @@ def _print_status_table(rows: list[dict], leader_ids: list) -> None:
             escape(row["address"]),
             f"[{style}]{role}[/]" if style else role,
             str(leader_id) if leader_id else "-",
-            format_ballot(row["ballot"]),
+            format_ballot(row["ballot"]) if row["ballot"] else "-",
             _count(row["commit_index"]),
             _count(row["applied_index"]),
             str(digest)[:16] if digest is not None else "-",
@@ -615,7 +574,7 @@ def _count(value) -> str:
 
 
 def _cmd_snapshot(args) -> int:
-    addresses = parse_addresses(args.cluster)
+    addresses = _cluster_addresses(args)
     try:
         with _client(args) as kv:
             answers = kv.snapshot()

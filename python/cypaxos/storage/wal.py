@@ -1,17 +1,19 @@
-"""The write-ahead log and the data dir's identity.
+"""The write-ahead log: segments, records, group commit, the spare segment.
 
-A data dir holds::
+A data dir's ``wal/`` (see `cypaxos.storage.datadir`) holds::
 
-    identity.json          {"format": 1, "cluster_id": str, "replica_id": int}
-    wal/                   the write-ahead log
-        00000000000000000001.wal
-        00000000000000000734.wal
-        ...
-        spare.tmp          the next segment, zero-filled ahead of time (not always there)
+    00000000000000000001.wal
+    00000000000000000734.wal
+    ...
+    spare.tmp          the next segment, zero-filled ahead of time (not always there)
 
-``identity.json`` is written once, atomically (tmp file, fsync, rename, fsync dir).
-It is the commit point of a data dir's creation: ``wal/`` is created before it, so a
-dir with an identity always has a ``wal/``.
+No event loop here: the Wal is plain blocking calls plus one native thread for
+fsyncs, and an event loop drives that thread through `submit_sync`, `sync_fileno`
+and `finish_sync` (Trio's adapter is `cypaxos.replica.walsync.WalSync`).
+
+Over the ~600 lines the package's modules aim for (about 1,050, a tenth of it this
+docstring, the format's reference): the segment format, its recovery and its writer
+share one file layout and one set of invariants, and are kept together.
 
 The WAL stores opaque, non-empty byte records numbered 1, 2, 3... across segments
 (the number is implicit: a segment's first record has the number in its file name,
@@ -102,12 +104,12 @@ Recovery (``Wal.open``) reads every segment and checks every record, then:
 Writing: ``append`` only encodes into a memory buffer; ``flush`` hands the buffer to
 the OS with one ``os.write`` on the segment's fd, which is positioned at the end of the
 records (no ``O_APPEND``: the file is longer than its data); ``sync`` also fdatasyncs
-(blocking). For Trio code,
-``start_sync`` flushes and hands the fdatasync to the Wal's native thread
-(``cypaxos.fsyncthread``, which needs no GIL) and returns at once; when the fsync ends
-``durable_seq`` advances and ``on_sync`` is called in the event loop. At most one
-fsync is in flight, and it covers everything flushed before it started (group
-commit). ``sync_async`` waits for durability on top of that.
+(blocking). For event-loop code, ``submit_sync`` flushes and hands the fdatasync to
+the Wal's native thread (``cypaxos.fsyncthread``, which needs no GIL) and returns at
+once; the loop waits for ``sync_fileno()`` to become readable and calls
+``finish_sync()``, which advances ``durable_seq``. At most one fsync is in flight, and
+it covers everything flushed before it started (group commit). The Trio adapter,
+``WalSync``, adds ``on_sync`` callbacks and an awaitable ``sync_async``.
 
 If a write or fsync fails, the ``Wal`` refuses all further use (after a failed fsync
 the kernel may have dropped the dirty pages, so a retry could "succeed" without the
@@ -116,8 +118,6 @@ data): the process should restart and recover from the files.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
 import re
@@ -127,10 +127,9 @@ import time
 import warnings
 from typing import Iterable, Iterator
 
-import trio
-
-from .errors import DataDirError, StorageError, WalCorruptError
-from .fsyncthread import FsyncThread
+from ..errors import StorageError, WalCorruptError
+from ..fsyncthread import FsyncThread
+from .files import fsync_dir, fsync_path, lock_dir, write_all
 
 # The C implementation is ~100x faster; the pure Python fallback is still correct,
 # so use it without the import-time warning if the extension is missing.
@@ -142,14 +141,9 @@ CRC32C_IS_C = google_crc32c.implementation == "c"
 _crc32c = google_crc32c.value  # the C version takes bytes only (not memoryview)
 
 __all__ = [
-    "DataDir",
     "Wal",
-    "open_data_dir",
     "segment_name",
     "CRC32C_IS_C",
-    "IDENTITY_FILE",
-    "IDENTITY_FORMAT",
-    "WAL_DIR",
     "SEGMENT_MAGIC",
     "SEGMENT_VERSION",
     "SEGMENT_HEADER_SIZE",
@@ -161,15 +155,8 @@ __all__ = [
     "SPARE_FILE",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cypaxos.wal")  # the name in log lines, kept across moves
 
-IDENTITY_FILE = "identity.json"
-IDENTITY_FORMAT = 1
-WAL_DIR = "wal"
-_IDENTITY_TMP = IDENTITY_FILE + ".tmp"
-# Entries a data dir may hold before its identity exists: leftovers of an
-# interrupted creation, and the directory a fresh filesystem has at its root.
-_FRESH_DIR_ENTRIES = {_IDENTITY_TMP, WAL_DIR, "lost+found"}
 
 SEGMENT_MAGIC = b"CYPXWAL1"
 SEGMENT_VERSION = 1
@@ -190,7 +177,6 @@ _ZERO_STEP = 1 << 16          # finding where the data ends looks at 64 KiB piec
 
 _SEGMENT_NAME = re.compile(r"^(\d{20})\.wal$")
 _NONZERO = re.compile(rb"[^\x00]")
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def segment_name(first_seq: int) -> str:
@@ -201,46 +187,6 @@ def segment_name(first_seq: int) -> str:
 def _segment_header(first_seq: int) -> bytes:
     return _SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, first_seq)
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, _O_DIR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _lock_dir(path: str) -> int | None:
-    """Open ``path`` and take an exclusive flock on it; None if someone holds it.
-
-    flock locks belong to the open file description, so this excludes other
-    processes and also a second opener in this process.
-    """
-    fd = os.open(path, _O_DIR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    with memoryview(data) as view:
-        done = 0
-        while done < len(view):
-            done += os.write(fd, view[done:])  # short writes are legal: go on
 
 
 def _write_zeros(fd: int, start: int, stop: int, cancelled=None) -> None:
@@ -272,152 +218,6 @@ def _sync_fds(fd: int, dir_fd: int) -> None:
     os.fdatasync(fd)
     if dir_fd >= 0:
         os.fsync(dir_fd)
-
-
-# --------------------------------------------------------------------------- data dir
-
-
-class DataDir:
-    """An opened data dir whose identity matched; holds an exclusive lock on it.
-
-    Use ``open_data_dir`` to get one; ``close()`` (or ``with``) releases the lock.
-    """
-
-    def __init__(self, path: str, cluster_id: str, replica_id: int, lock_fd: int):
-        self.path = path  #: absolute path of the data dir
-        self.cluster_id = cluster_id  #: the cluster this dir belongs to
-        self.replica_id = replica_id  #: the replica this dir belongs to
-        self.wal_path = os.path.join(path, WAL_DIR)  #: the WAL directory
-        self._lock_fd = lock_fd  # -1 once closed; closing it drops the flock
-
-    def open_wal(self, **options) -> "Wal":
-        """Open this data dir's WAL: ``Wal.open(self.wal_path, **options)``."""
-        if self._lock_fd < 0:
-            raise ValueError(f"data dir {self.path} is closed")
-        return Wal.open(self.wal_path, **options)
-
-    def close(self) -> None:
-        """Release the data dir's lock. Idempotent."""
-        if self._lock_fd >= 0:
-            fd, self._lock_fd = self._lock_fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> "DataDir":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return (
-            f"DataDir({self.path!r}, cluster_id={self.cluster_id!r}, "
-            f"replica_id={self.replica_id})"
-        )
-
-
-def open_data_dir(
-    path: str | os.PathLike, cluster_id: str, replica_id: int, create: bool = True
-) -> DataDir:
-    """Open (creating it if missing or empty, when ``create``) and lock a data dir.
-
-    Raises ``DataDirError`` if the dir belongs to another cluster or replica, holds
-    files but no identity ("not a cypaxos data dir"), has an unreadable identity, is
-    locked by another opener, or is missing/uninitialized and ``create`` is false.
-    """
-    if not isinstance(cluster_id, str) or not cluster_id:
-        raise ValueError(f"cluster_id must be a non-empty str, not {cluster_id!r}")
-    if type(replica_id) is not int or not 1 <= replica_id <= 0xFFFF:
-        raise ValueError(f"replica_id must be an int in 1..65535, not {replica_id!r}")
-    path = os.path.abspath(os.fspath(path))
-
-    if not os.path.isdir(path):
-        if os.path.lexists(path):
-            raise DataDirError(f"data dir {path} is not a directory")
-        if not create:
-            raise DataDirError(f"data dir {path} does not exist")
-        os.makedirs(path, exist_ok=True)
-        _fsync_dir(os.path.dirname(path))  # make the new dir's entry durable
-
-    lock_fd = _lock_dir(path)
-    if lock_fd is None:
-        raise DataDirError(f"data dir {path} is in use (locked by another opener)")
-    try:
-        identity = _read_identity(path)
-        if identity is None:
-            _check_fresh(path)
-            if not create:
-                raise DataDirError(f"data dir {path} is not initialized")
-            _create_identity(path, cluster_id, replica_id)
-        else:
-            found_cluster, found_replica = identity
-            if (found_cluster, found_replica) != (cluster_id, replica_id):
-                raise DataDirError(
-                    f"data dir {path} belongs to cluster {found_cluster!r} replica "
-                    f"{found_replica}, not cluster {cluster_id!r} replica {replica_id}"
-                )
-            if not os.path.isdir(os.path.join(path, WAL_DIR)):
-                raise DataDirError(f"data dir {path} has an identity but no {WAL_DIR}/")
-    except BaseException:
-        os.close(lock_fd)
-        raise
-    return DataDir(path, cluster_id, replica_id, lock_fd)
-
-
-def _read_identity(path: str) -> tuple[str, int] | None:
-    """The (cluster_id, replica_id) in ``path``'s identity file; None if it has none."""
-    file = os.path.join(path, IDENTITY_FILE)
-    try:
-        with open(file, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        return None
-    try:
-        doc = json.loads(raw)
-        if not isinstance(doc, dict):
-            raise ValueError("not a JSON object")
-        version = doc["format"]
-        if type(version) is not int:
-            raise ValueError(f"bad format {version!r}")
-        if version != IDENTITY_FORMAT:
-            raise DataDirError(
-                f"data dir {path} has identity format {version}, "
-                f"this version of cypaxos reads format {IDENTITY_FORMAT}"
-            )
-        cluster_id, replica_id = doc["cluster_id"], doc["replica_id"]
-        if not isinstance(cluster_id, str) or type(replica_id) is not int:
-            raise ValueError("bad cluster_id or replica_id")
-    except (ValueError, KeyError) as e:
-        raise DataDirError(f"data dir {path} has an unreadable {IDENTITY_FILE}: {e}") from e
-    return cluster_id, replica_id
-
-
-def _check_fresh(path: str) -> None:
-    """Raise unless ``path`` holds nothing but leftovers of an interrupted creation."""
-    for name in os.listdir(path):
-        full = os.path.join(path, name)
-        if name == WAL_DIR and os.path.isdir(full) and not os.listdir(full):
-            continue
-        if name in _FRESH_DIR_ENTRIES and name != WAL_DIR:
-            continue
-        raise DataDirError(
-            f"{path} is not a cypaxos data dir (it holds {name!r} but no {IDENTITY_FILE})"
-        )
-
-
-def _create_identity(path: str, cluster_id: str, replica_id: int) -> None:
-    # wal/ first: the identity is the commit point, so an identity implies a wal/.
-    os.makedirs(os.path.join(path, WAL_DIR), exist_ok=True)
-    _fsync_dir(path)  # wal/ durable before the identity can be
-    doc = {"format": IDENTITY_FORMAT, "cluster_id": cluster_id, "replica_id": replica_id}
-    tmp = os.path.join(path, _IDENTITY_TMP)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        _write_all(fd, json.dumps(doc, sort_keys=True).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, os.path.join(path, IDENTITY_FILE))
-    _fsync_dir(path)  # the rename: the data dir now exists
 
 
 # ------------------------------------------------------------------------ record scan
@@ -594,8 +394,8 @@ class _Spare:
 class Wal:
     """An append-only log of opaque byte records, numbered from 1, in segment files.
 
-    Get one with ``Wal.open``. Not thread-safe: use it from one thread (the Trio
-    thread); ``sync_async`` only sends the fsync itself to a worker thread.
+    Get one with ``Wal.open``. Not thread-safe: use it from one thread (the event
+    loop's); ``submit_sync`` only sends the fsync itself to the native sync thread.
 
     Public attributes: ``path``, ``fsync``, ``preallocate``, ``segment_bytes_max``,
     ``durable_seq``, ``fsync_count``, ``prealloc_waits``, ``prealloc_wait_seconds``,
@@ -638,14 +438,12 @@ class Wal:
         self._written_seq = 0  # highest seq handed to the OS; those above are in _buf
         self._recovered_seq = 0  # highest seq found by recovery; replay() ends there
         self._dir_dirty = False  # a segment was created since the dir was last fsynced
-        # Set while an fsync runs in the sync thread; set() when it ends.
-        self._sync_event: trio.Event | None = None
+        # (target seq, dir fd or -1) of the fsync in the sync thread, from submit_sync
+        # until finish_sync; None when there is none.
+        self._sync_job: tuple[int, int] | None = None
         # The native thread that runs our fsyncs (cypaxos.fsyncthread: no GIL hand-offs),
-        # started by the first start_sync.
+        # started by the first submit_sync.
         self._sync_thread: FsyncThread | None = None
-        #: Called in the Trio thread after every fsync started by start_sync or
-        #: sync_async ends, with None or the error (the Wal is then unusable).
-        self.on_sync = None
         # fds rotated away while a worker thread may still fsync them; closed when
         # that fsync ends (closing earlier could let the number be reused under it).
         self._retired_fds: list[int] = []
@@ -684,8 +482,8 @@ class Wal:
         except FileExistsError:
             pass
         else:
-            _fsync_dir(os.path.dirname(path))
-        dir_fd = _lock_dir(path)
+            fsync_dir(os.path.dirname(path))
+        dir_fd = lock_dir(path)
         if dir_fd is None:
             raise StorageError(f"wal {path} is in use (locked by another opener)")
         wal = cls(path, fsync=fsync, segment_bytes_max=segment_bytes_max,
@@ -745,7 +543,7 @@ class Wal:
             # What we found may sit only in the page cache (written by a process that
             # died before its fsync); it counts as durable from now on, so make it so.
             for first in firsts:
-                _fsync_path(self._segment_path(first))
+                fsync_path(self._segment_path(first))
             os.fsync(self._dir_fd)
         self._segments = firsts
         self._next_seq = next_seq
@@ -814,7 +612,7 @@ class Wal:
                     os.ftruncate(fd, self.segment_bytes_max)
         finally:
             os.close(fd)
-        _fsync_path(file)  # always: a recovery action, cheap and rare
+        fsync_path(file)  # always: a recovery action, cheap and rare
 
     def _reset_segment(self, file: str, first: int, data: bytes) -> None:
         header = _segment_header(first)
@@ -899,7 +697,7 @@ class Wal:
             raise ValueError(f"a wal record must have 1..{PAYLOAD_BYTES_MAX} bytes, "
                              f"not {n}")
         if self._closed or self._failed is not None:
-            self._check_usable()
+            self.check_usable()
         size = RECORD_HEADER_SIZE + n
         # Rotate unless the segment is empty: a record larger than a segment gets one.
         seg_bytes = self._seg_bytes
@@ -917,7 +715,7 @@ class Wal:
     def append_many(self, payloads: Iterable[bytes]) -> int:
         """Append each payload in order; return the last seq (``last_seq`` if none)."""
         # Same as calling append() in a loop, with the hot state kept in locals.
-        self._check_usable()
+        self.check_usable()
         pack = _RECORD_HEADER.pack
         crc32c = _crc32c
         buf = self._buf
@@ -959,11 +757,11 @@ class Wal:
 
     def flush(self) -> None:
         """Hand every buffered record to the OS with one write (not durable yet)."""
-        self._check_usable()
+        self.check_usable()
         buf = self._buf
         if buf:
             try:
-                _write_all(self._fd, buf)
+                write_all(self._fd, buf)
             except BaseException as e:
                 self._fail(e)  # part of buf may be in the file: appending on would tear it
                 raise
@@ -999,7 +797,7 @@ class Wal:
         self._segments.append(first)
         self._seg_bytes = SEGMENT_HEADER_SIZE
         self._dir_dirty = True
-        if self._sync_event is not None:
+        if self._sync_job is not None:
             self._retired_fds.append(old)
         else:
             os.close(old)
@@ -1039,7 +837,7 @@ class Wal:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         fd = os.open(self._segment_path(first), flags, 0o644)
         try:
-            _write_all(fd, _segment_header(first))
+            write_all(fd, _segment_header(first))
             if self.preallocate:
                 os.ftruncate(fd, self.segment_bytes_max)
         except BaseException:
@@ -1056,7 +854,7 @@ class Wal:
 
     def sync(self) -> int:
         """Flush, then fdatasync the current segment (and fsync the dir if a segment
-        was created); return ``durable_seq``. Blocks: Trio code wants ``sync_async``.
+        was created); return ``durable_seq``. Blocks: Trio code wants ``WalSync.sync_async``.
         With ``fsync=False`` it only flushes (UNSAFE)."""
         self.flush()
         target = self._written_seq
@@ -1075,20 +873,22 @@ class Wal:
 
     @property
     def sync_in_flight(self) -> bool:
-        """Whether an fsync started by `start_sync` has not ended yet."""
-        return self._sync_event is not None
+        """Whether an fsync started by `submit_sync` has not been finished yet."""
+        return self._sync_job is not None
 
-    def start_sync(self) -> bool:
+    def submit_sync(self) -> bool:
         """Begin making every record appended so far durable; don't wait for it.
 
         Group commit: the flush happens here, the fdatasync in the Wal's sync thread,
         and it covers everything flushed before it started.  At most one fsync is in
-        flight: if one is, nothing starts and False is returned (call again once it
-        ends; `on_sync` says when).  With ``fsync=False`` the records are durable
-        (flushed) on return.  Returns True if an fsync started.  Trio thread only.
+        flight: if one is, nothing starts and False is returned.  With ``fsync=False``
+        the records are durable (flushed) on return.  Returns True if an fsync
+        started: the caller then waits until `sync_fileno()` is readable and calls
+        `finish_sync()` (an event loop's adapter does both, e.g.
+        `cypaxos.replica.walsync.WalSync`).  One thread only, like every method.
         """
-        self._check_usable()
-        if self._sync_event is not None:
+        self.check_usable()
+        if self._sync_job is not None:
             return False
         self.flush()
         target = self._written_seq
@@ -1103,31 +903,43 @@ class Wal:
         if self._sync_thread is None:
             self._sync_thread = FsyncThread()
         self._sync_thread.submit(fd, dir_fd)
-        self._sync_event = trio.Event()
-        trio.lowlevel.spawn_system_task(self._await_sync, target, dir_fd,
-                                        name="cypaxos.wal.fsync")
+        self._sync_job = (target, dir_fd)
         return True
 
-    async def _await_sync(self, target: int, dir_fd: int) -> None:
-        """Wait for the fsync thread's answer, then finish the sync (a system task)."""
-        thread = self._sync_thread
-        try:
-            await trio.lowlevel.wait_readable(thread.fileno())
-            try:
-                if thread.take() == -1:
-                    raise AssertionError("fsync thread woke us without a result")
-            except OSError as exc:
-                self._sync_ended(target, dir_fd, exc)
-            else:
-                self._sync_ended(target, dir_fd, None)
-        except (trio.Cancelled, trio.ClosedResourceError, ValueError):
-            return  # the run is ending, or close() stopped the thread: nobody waits
-        except BaseException as exc:  # a system task must not raise: report it
-            self._sync_ended(target, dir_fd, exc)
+    def sync_fileno(self) -> int:
+        """The fd that becomes readable when the fsync `submit_sync` started has ended.
 
-    def _sync_ended(self, target: int, dir_fd: int, error) -> None:
-        """The sync thread finished an fsync (runs in the Trio thread)."""
-        event, self._sync_event = self._sync_event, None
+        ValueError once `close()` stopped the sync thread (nothing will end then).
+        """
+        thread = self._sync_thread
+        if thread is None or self._sync_job is None:
+            raise ValueError(f"wal {self.path} has no fsync in flight")
+        return thread.fileno()
+
+    def finish_sync(self) -> BaseException | None:
+        """Collect the fsync in flight once `sync_fileno()` is readable; return None,
+        or its error (the Wal is unusable then).  ValueError if there is none (close()
+        stopped the thread)."""
+        thread = self._sync_thread
+        if thread is None or self._sync_job is None:
+            raise ValueError(f"wal {self.path} has no fsync in flight")
+        try:
+            if thread.take() == -1:
+                raise AssertionError("fsync thread woke us without a result")
+        except ValueError:
+            raise  # the thread is closed: nobody waits
+        except BaseException as exc:
+            error = exc
+        else:
+            error = None
+        self.abandon_sync(error)
+        return error
+
+    def abandon_sync(self, error: BaseException | None) -> None:
+        """End the fsync in flight with `error` (None: it succeeded) without asking the
+        sync thread: for an adapter whose wait failed.  `finish_sync` calls it too."""
+        target, dir_fd = self._sync_job
+        self._sync_job = None
         if error is None:
             self.fsync_count += 1
             if target > self.durable_seq:
@@ -1141,41 +953,24 @@ class Wal:
             os.close(old)
         if self._closed:
             self._close_fds()  # close() ran while the thread had our fds
-        if event is not None:
-            event.set()
-        if self.on_sync is not None and not self._closed:
-            self.on_sync(error)
 
-    async def sync_async(self) -> int:
-        """Make every record appended before this call durable; return ``durable_seq``.
+    @property
+    def failure(self) -> BaseException | None:
+        """The write or fsync error that made this Wal unusable, or None."""
+        return self._failed
 
-        Group commit through `start_sync`: callers that arrive while an fsync runs
-        wait for it to end, then one of them starts the next, which covers them all.
-        A cancelled caller leaves the fsync running (it completes on its own).
-        """
-        self._check_usable()
-        target = self._next_seq - 1
-        if self.durable_seq >= target:
-            await trio.lowlevel.checkpoint()
-        while self.durable_seq < target:
-            self._check_usable()  # a failed fsync is final: never retry it
-            if self._sync_event is None:
-                self.start_sync()
-            event = self._sync_event
-            if event is not None:
-                await event.wait()
-            else:
-                await trio.lowlevel.checkpoint()
-        if self._failed is not None:
-            self._check_usable()
-        return self.durable_seq
+    @property
+    def closed(self) -> bool:
+        """True once `close()` ran."""
+        return self._closed
 
     def _fail(self, exc: BaseException) -> None:
         if self._failed is None:
             self._failed = exc
             log.error("wal %s is unusable after an I/O error: %r", self.path, exc)
 
-    def _check_usable(self) -> None:
+    def check_usable(self) -> None:
+        """Raise ValueError if closed, StorageError if a write or fsync failed."""
         if self._closed:
             raise ValueError(f"wal {self.path} is closed")
         if self._failed is not None:
@@ -1189,7 +984,7 @@ class Wal:
         """Delete the oldest segments all of whose records are < ``seq``; never the
         current one. Returns how many were deleted. Blocks (fsyncs the dir per
         segment, so the survivors are a contiguous run whatever a crash keeps)."""
-        self._check_usable()
+        self.check_usable()
         deleted = 0
         while len(self._segments) > 1 and self._segments[1] <= seq:
             os.unlink(self._segment_path(self._segments[0]))
@@ -1218,15 +1013,10 @@ class Wal:
             self._closed = True
             if self._sync_thread is not None:
                 # Waits for an fsync in flight: its fds may be closed after that.
+                # (An adapter waiting on sync_fileno() is told first: WalSync.close.)
                 thread, self._sync_thread = self._sync_thread, None
-                try:
-                    trio.lowlevel.notify_closing(thread.fileno())
-                except RuntimeError:
-                    pass  # not inside a Trio run: nobody can be waiting on it
                 thread.close()
-                event, self._sync_event = self._sync_event, None
-                if event is not None:
-                    event.set()   # its waiters find the Wal closed
+                self._sync_job = None
             self._drop_spare()
             self._close_fds()
 

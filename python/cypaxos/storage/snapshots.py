@@ -18,8 +18,9 @@ import struct
 import cbor2
 import google_crc32c
 
-from cypaxos import cborenc
-from cypaxos.errors import StorageError
+from .. import cborenc
+from ..errors import StorageError
+from .files import fsync_dir
 
 MAGIC = b"CYPXSNP1"
 FORMAT = 1
@@ -78,14 +79,6 @@ def decode(data: bytes, cluster_id: str, origin: str = "snapshot") -> tuple:
     return index, promised, sessions, state
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class SnapshotStore:
     """The `snapshots/` directory of one data dir."""
 
@@ -93,7 +86,7 @@ class SnapshotStore:
         self.path = os.path.join(data_dir, SNAPSHOT_DIR)
         if not os.path.isdir(self.path):
             os.makedirs(self.path, exist_ok=True)
-            _fsync_dir(data_dir)
+            fsync_dir(data_dir)
         for name in os.listdir(self.path):
             if name.endswith(".tmp"):  # a write a crash interrupted
                 os.unlink(os.path.join(self.path, name))
@@ -148,7 +141,7 @@ class SnapshotStore:
         finally:
             os.close(fd)
         os.rename(tmp, final)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         for old in self.indexes()[:-KEEP]:
             os.unlink(self.file_path(old))
         return final

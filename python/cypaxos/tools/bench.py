@@ -23,11 +23,16 @@ How it measures (docs/performance.md says why it is built this way):
   counted; operations that *complete* within the next ``--duration`` seconds are.
   Latencies go into log-linear histograms (HDR style: 128 buckets per power of two,
   under 0.8% error), exact maxima beside them.
-* With no ``--cluster`` it starts a `cypaxos.local.LocalCluster` (3 replicas,
+* With no ``--cluster`` it starts a `cypaxos.tools.local.LocalCluster` (3 replicas,
   ``--fsync always``) in a temporary directory and removes it afterwards.
 
 `add_arguments(parser)` and `run(args) -> int` are the subcommand's parts;
-``python -m cypaxos.bench`` runs it standalone.
+``python -m cypaxos.tools.bench`` runs it standalone.
+
+Over the ~600 lines the package's modules aim for (about 850): the parent and its
+worker processes are one program (the worker is this module re-executed with
+``--worker``) and share the settings, the histogram and the JSON-lines protocol
+between them; they are kept in one file rather than split along that protocol.
 """
 from __future__ import annotations
 
@@ -41,7 +46,8 @@ import random
 import sys
 import time
 
-from cypaxos.argtypes import int_in, non_negative_float, positive_float
+from .argtypes import int_in, non_negative_float, positive_float
+from .local import child_env
 
 __all__ = ["add_arguments", "run", "main", "Histogram", "DEFAULTS"]
 
@@ -262,7 +268,7 @@ def _settings(args) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# The worker process (python -m cypaxos.bench --worker): JSON lines on stdin/stdout
+# The worker process (python -m cypaxos.tools.bench --worker): JSON lines on stdin/stdout
 
 def _key(i: int) -> bytes:
     return b"k%015d" % i
@@ -417,7 +423,7 @@ async def _client_load(client, cfg, window, counters, seed):
 async def _worker_async(cfg: dict) -> None:
     import trio
 
-    from .client import open_client
+    from ..client import open_client
 
     out = sys.stdout
 
@@ -479,8 +485,9 @@ def _worker_main() -> int:
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
-        from .errors import Error
-        exc = _leaf(exc, Error) or exc
+        from ..errors import Error
+        from ..groups import first_leaf
+        exc = first_leaf(exc, Error) or exc
         sys.stdout.write(json.dumps({"type": "failed", "error": f"{type(exc).__name__}: {exc}"})
                          + "\n")
         sys.stdout.flush()
@@ -507,8 +514,9 @@ async def _preload(addresses, settings) -> None:
     """Check the cluster answers; write every key once when reads are asked for."""
     import trio
 
-    from .client import open_client
-    from .errors import ClientError
+    from ..client import open_client
+    from ..errors import ClientError
+    from ..groups import first_leaf
 
     value = bytes(settings["value_size"])
     try:
@@ -528,21 +536,10 @@ async def _preload(addresses, settings) -> None:
                     for _ in range(min(_PRELOAD_CONCURRENCY, n)):
                         nursery.start_soon(writer)
     except Exception as exc:
-        error = _leaf(exc, ClientError)
+        error = first_leaf(exc, ClientError)
         if error is None:
             raise
         raise BenchError(f"the cluster does not answer: {error}", EXIT_UNAVAILABLE) from None
-
-
-def _leaf(exc, kind):
-    """The first `kind` exception in `exc` or its (nested) exception groups, or None."""
-    if isinstance(exc, kind):
-        return exc
-    for inner in getattr(exc, "exceptions", ()):
-        found = _leaf(inner, kind)
-        if found is not None:
-            return found
-    return None
 
 
 async def _read_lines(worker, on_line):
@@ -555,14 +552,6 @@ async def _read_lines(worker, on_line):
         for line in lines:
             if line.strip():
                 on_line(worker, json.loads(line))
-
-
-def _worker_env() -> dict:
-    env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", ""))
-                                        if p)
-    return env
 
 
 class _Display:
@@ -652,8 +641,8 @@ async def _run_async(settings, addresses, replica_pids, display) -> dict:
                 # autogroup scheduling every process then weighs the same.  A worker
                 # ends by itself (its run is bounded; EOF on stdin before the start).
                 proc = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "cypaxos.bench", "--worker"],
-                    stdin=-1, stdout=-1, env=_worker_env(), start_new_session=True)
+                    [sys.executable, "-m", "cypaxos.tools.bench", "--worker"],
+                    stdin=-1, stdout=-1, env=child_env(), start_new_session=True)
                 w = _Worker(proc, p)
                 workers.append(w)
                 await proc.stdin.send_all((json.dumps(cfg) + "\n").encode())
@@ -801,7 +790,7 @@ def run(args) -> int:
 
     from rich.console import Console
 
-    from .errors import Error
+    from ..errors import Error
 
     stdout_console = Console()
     try:
@@ -818,8 +807,8 @@ def run(args) -> int:
                 replica_pids = {i: cluster.process(i).pid for i in cluster.ids}
                 settings["cluster"] = cluster.cluster_arg
             else:
-                from .client import parse_addresses
-                addresses = parse_addresses(args.cluster)
+                from ..addresses import parse_addresses
+                addresses = parse_addresses(args.cluster, source="--cluster")
                 replica_pids = {}
             live = (stdout_console.is_terminal and not args.json)
             console = stdout_console
@@ -853,7 +842,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m cypaxos.bench [flags]` (the same flags as `cypaxos bench`)."""
+    """`python -m cypaxos.tools.bench [flags]` (the same flags as `cypaxos bench`)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         return _worker_main()

@@ -1,0 +1,73 @@
+"""How to run one replica: `ServerOptions`, the core's settings, the state machine.
+
+Pure configuration: nothing here opens a socket or a file.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+from dataclasses import dataclass, field
+
+from ..core import Config
+from ..errors import ConfigError
+from ..statemachine import KVStore, PyStateMachine
+from ..wire import FRAME_BYTES_MAX
+
+__all__ = ["ServerOptions", "default_cluster_id", "load_state_machine"]
+
+
+def default_cluster_id(cluster: dict[int, str]) -> str:
+    """A cluster id derived from the membership, so every replica computes the same one."""
+    text = ",".join(f"{i}={cluster[i]}" for i in sorted(cluster))
+    return "c-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def load_state_machine(spec: str | None):
+    """`package.module:Class` -> a core state machine (the key-value store when None)."""
+    if not spec:
+        return KVStore()
+    module_name, sep, class_name = spec.partition(":")
+    if not sep or not module_name or not class_name:
+        raise ConfigError(f"--state-machine {spec!r} is not package.module:Class")
+    try:
+        module = importlib.import_module(module_name)
+        cls = getattr(module, class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load state machine {spec!r}: {exc}") from None
+    try:
+        return PyStateMachine(cls())
+    except TypeError as exc:
+        raise ConfigError(f"state machine {spec!r}: {exc}") from None
+
+
+@dataclass
+class ServerOptions:
+    """How to run one replica (the `cypaxos serve` flags)."""
+
+    replica_id: int
+    cluster: dict[int, str]
+    data_dir: str
+    cluster_id: str | None = None
+    fsync: bool = True
+    state_machine: str | None = None
+    tick_ms: int = 10
+    follower_inline_fsync: bool = True  # see ReplicaServer.sync_inline
+    frame_bytes_max: int = FRAME_BYTES_MAX
+    # Disk stays near 3 x wal_segment_bytes (segments are preallocated, the next one
+    # ahead) + snapshot_bytes + two snapshot files.
+    snapshot_bytes: int = 16 << 20  # snapshot once this much WAL was written since the last
+    snapshot_slots: int = 100_000  # ... or once this many slots were applied since
+    retain_slots: int = 64  # slots kept in memory after a snapshot for lagging peers
+    wal_segment_bytes: int = 8 << 20
+    core: dict = field(default_factory=dict)  # overrides of cypaxos.core.Config
+
+    def core_config(self) -> Config:
+        """The core's settings: ~30 ms heartbeats and 250-500 ms election timeouts."""
+        ticks_per_s = 1000 / self.tick_ms
+        settings = dict(heartbeat_ticks=max(1, math.ceil(0.03 * ticks_per_s)),
+                        election_ticks=max(3, math.ceil(0.25 * ticks_per_s)),
+                        resend_ticks=max(1, math.ceil(0.1 * ticks_per_s)),
+                        window_slots=64, batch_bytes_max=1 << 20, pre_vote=True)
+        settings.update(self.core)
+        return Config(**settings)

@@ -1,0 +1,99 @@
+"""What leaves a replica: per-connection queues of encoded frames, written straight
+to the socket.
+
+An `Outbox` is one connection's send queue (a peer link's, or a client's as a
+`Conn`).  Frames queued during a round are written with one non-blocking
+`os.write` at its end (`flush()`); only what the kernel does not take goes through
+the connection's writer task (`run_writer`).
+"""
+from __future__ import annotations
+
+import os
+
+import trio
+
+__all__ = ["Outbox", "Conn"]
+
+
+class Outbox:
+    """Encoded frames waiting for one connection, written straight to its socket.
+
+    Whoever produced frames calls `flush()` once per round: one non-blocking write for
+    everything queued, with no task switch.  Only when the kernel does not take it
+    all (a slow or dead reader) does the connection's writer task (`run_writer`) take
+    over the rest; until it has sent it, later frames queue behind it, so the byte
+    order on the connection is the order of `put`.
+    """
+
+    __slots__ = ("frames", "frames_max", "fd", "writing", "wakeup", "closed")
+
+    def __init__(self, frames_max: int) -> None:
+        self.frames: list = []      # queued and not yet handed to the kernel, in order
+        self.frames_max = frames_max
+        self.fd = -1                # the connected socket's fd (-1: not connected)
+        # The writer task owns the socket (a send_all is in progress or due): flush()
+        # must not write around it.  Invariant: writing implies fd >= 0.
+        self.writing = False
+        self.wakeup = trio.Event()
+        self.closed = False         # no more frames accepted; the writer drains and ends
+
+    def put(self, frame: bytes) -> bool:
+        """Queue a frame; False if the outbox is closed or full (the caller decides)."""
+        if self.closed or len(self.frames) >= self.frames_max:
+            return False
+        self.frames.append(frame)
+        return True
+
+    def flush(self) -> None:
+        """Write what is queued now, without blocking; the writer task gets any rest."""
+        frames = self.frames
+        if not frames or self.writing or self.fd < 0:
+            return
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        try:
+            written = os.write(self.fd, data)
+        except OSError:
+            # Full (EAGAIN) or broken: the writer's send_all waits, or fails and ends
+            # the connection.
+            written = 0
+        if written < len(data):
+            self.frames = [data[written:]]
+            self.writing = True
+            self.wakeup.set()
+        else:
+            frames.clear()
+
+    def close(self) -> None:
+        """Accept no more frames; the writer sends what is queued, then returns."""
+        self.closed = True
+        self.wakeup.set()
+
+    async def run_writer(self, stream: trio.SocketStream) -> None:
+        """Send on `stream` whatever `flush` could not, until closed or the send fails."""
+        self.fd = stream.socket.fileno()
+        self.writing = bool(self.frames)   # frames queued before the connection existed
+        try:
+            while True:
+                if not self.frames:
+                    self.writing = False
+                    if self.closed:
+                        return
+                    self.wakeup = trio.Event()
+                    await self.wakeup.wait()
+                    continue
+                self.writing = True
+                frames, self.frames = self.frames, []
+                await stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+        finally:
+            self.writing = False
+            self.fd = -1
+
+
+class Conn(Outbox):
+    """One client connection: its outbox of replies."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str, frames_max: int) -> None:
+        super().__init__(frames_max)
+        self.name = name
