@@ -320,6 +320,8 @@ def test_demo_passes_and_cleans_up():
 def test_version_is_the_package_version():
     import importlib.metadata
 
+    import cypaxos
+
     result = run_cli("--version")
     assert (result.returncode, result.stderr) == (0, b""), result
     assert result.stdout.decode() == f"cypaxos {cypaxos.__version__}\n"
