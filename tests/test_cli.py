@@ -7,6 +7,7 @@ on SIGINT/SIGTERM, and `cypaxos demo` passing.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -45,6 +46,31 @@ def assert_one_error_line(result, code: int, *, contains: str = "") -> str:
     assert lines[0].startswith("cypaxos: error: "), err
     assert contains.lower() in lines[0].lower(), err
     return lines[0]
+
+
+@contextlib.contextmanager
+def started_local(*args, env: dict | None = None):
+    """`cypaxos local ARGS...` running, its banner printed (so it has a leader).
+
+    Yields (Popen with text pipes, the banner); the caller stops it (a signal) or
+    it is killed when the block ends.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "cypaxos", "local", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env or _env(), text=True)
+    try:
+        banner = []
+        for line in proc.stdout:  # the banner comes once the cluster has a leader
+            banner.append(line)
+            if line.startswith("Press Ctrl-C"):
+                break
+        text = "".join(banner)
+        assert "Press Ctrl-C" in text, (text, proc.stderr.read() if proc.poll() is not None else "")
+        yield proc, text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def replicas_alive(ports) -> list[int]:
@@ -238,17 +264,7 @@ def test_snapshot_reports_every_replica(cluster):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_local_runs_a_cluster_and_stops_cleanly(signum):
     ports = free_ports(3)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cypaxos", "local", "--port", str(ports[0]), "--fsync", "off"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), text=True)
-    try:
-        banner = []
-        for line in proc.stdout:  # the banner comes once the cluster has a leader
-            banner.append(line)
-            if line.startswith("Press Ctrl-C"):
-                break
-        text = "".join(banner)
-        assert "Press Ctrl-C" in text, (text, proc.stderr.read() if proc.poll() is not None else "")
+    with started_local("--port", str(ports[0]), "--fsync", "off") as (proc, text):
         cluster_arg = ",".join(f"127.0.0.1:{p}" for p in ports)
         assert f"--cluster {cluster_arg}" in text
         data_dir = re.search(r"^data dir: (\S+)", text, re.M).group(1)
@@ -263,32 +279,19 @@ def test_local_runs_a_cluster_and_stops_cleanly(signum):
         assert "Traceback" not in proc.stderr.read()
         assert replicas_alive(ports) == []
         assert not os.path.exists(data_dir)  # a temporary dir is removed
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_local_keeps_a_given_data_dir_and_recovers_from_it(tmp_path):
     ports = free_ports(1)
-    args = ["local", "--replicas", "1", "--port", str(ports[0]), "--data-dir", str(tmp_path)]
+    args = ["--replicas", "1", "--port", str(ports[0]), "--data-dir", str(tmp_path)]
     for value in (b"first", b"second"):
-        proc = subprocess.Popen([sys.executable, "-m", "cypaxos", *args], env=_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            for line in proc.stdout:
-                if line.startswith("Press Ctrl-C"):
-                    break
+        with started_local(*args) as (proc, _):
             c = ("--cluster", f"127.0.0.1:{ports[0]}")
             if value == b"second":  # written by the first run, recovered from disk
                 assert run_cli("get", *c, "k").stdout == b"first"
             assert run_cli("put", *c, "k", value).returncode == 0
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=30) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
     assert (tmp_path / "replica1.log").exists()
 
 
@@ -312,17 +315,3 @@ def test_demo_passes_and_cleans_up():
     assert replicas_alive(ports) == []
     data_dir = re.search(r"data and replica logs in (\S+)", out).group(1)
     assert not os.path.exists(data_dir)
-
-
-# -------------------------------------------------------------------- version
-
-
-def test_version_is_the_package_version():
-    import importlib.metadata
-
-    import cypaxos
-
-    result = run_cli("--version")
-    assert (result.returncode, result.stderr) == (0, b""), result
-    assert result.stdout.decode() == f"cypaxos {cypaxos.__version__}\n"
-    assert importlib.metadata.version("cypaxos") == cypaxos.__version__

@@ -200,3 +200,85 @@ def test_batches_match_the_compiled_validator(args):
     core = pytest.importorskip("cypaxos.core")
     packed = c.pack_client_batch(*args)
     assert core.validate_client_batch(packed) == (args[0], args[1], len(args[3]))
+
+
+# ---------------------------------------------------------------------------
+# The revisioned store's commands and queries (docs/internals.md)
+
+def test_revisioned_layouts():
+    assert c.encode_put_rev(b"k", b"v", 7) == b"p" + (7).to_bytes(8, "little") + b"\x01\x00\x00\x00kv"
+    assert c.encode_delete_rev(b"k") == b"dk"
+    assert c.encode_cas_rev(b"k", None, b"n") == b"c\x01\x00\x00\x00k\x00\x00\x00\x00\x00n"
+    assert c.encode_lease_grant(5000) == b"L" + (5000).to_bytes(8, "little")
+    assert c.encode_lease_revoke(3) == b"V" + (3).to_bytes(8, "little")
+    assert c.encode_get_rev(b"k") == b"gk"
+    assert c.encode_range(b"a", b"c", revision=9, limit=2) == (
+        b"R" + struct.pack("<QIIBI", 9, 2, 0, 1, 1) + b"ac")
+    assert c.encode_range(prefix=b"a\xff") == b"R" + struct.pack("<QIIBI", 0, 0, 0, 1, 2) + b"a\xffb"
+    assert c.encode_range() == b"R" + struct.pack("<QIIBI", 0, 0, 0, 0, 0)
+    assert c.encode_history(4, key=b"k", with_prev=True) == (
+        b"H" + struct.pack("<QIIIBI", 4, 0, 0, 0, 3, 1) + b"kk\x00")
+    assert c.encode_txn([("absent", b"k")], [("get", b"k")]) == (
+        b"T" + b"\x01\x00\x00\x00" + b"\x02\x00\x01\x00\x00\x00k"
+        + b"\x01\x00\x00\x00" + b"\x02\x01\x00\x00\x00k" + b"\x00\x00\x00\x00")
+
+
+def test_prefix_end():
+    assert c.prefix_end(b"ab") == b"ac"
+    assert c.prefix_end(b"a\xff\xff") == b"b"
+    assert c.prefix_end(b"\xff") is None
+    assert c.prefix_end(b"") is None
+
+
+keys = st.binary(max_size=12)
+compares = st.one_of(
+    st.tuples(st.just("value"), keys, st.sampled_from(sorted(c.COMPARE_OPS)), st.binary(max_size=8)),
+    st.tuples(st.sampled_from(["mod_revision", "create_revision", "version"]), keys,
+              st.sampled_from(sorted(c.COMPARE_OPS)), u64),
+    st.tuples(st.just("absent"), keys))
+txn_ops = st.one_of(st.tuples(st.just("put"), keys, st.binary(max_size=8), u64),
+                    st.tuples(st.sampled_from(["delete", "get"]), keys))
+
+
+@settings(max_examples=300)
+@given(st.lists(compares, max_size=4), st.lists(txn_ops, max_size=4),
+       st.lists(txn_ops, max_size=4))
+def test_txn_round_trip(cmps, success, failure):
+    assert c.decode_command(c.encode_txn(cmps, success, failure)) == (
+        "txn", cmps, success, failure)
+
+
+@settings(max_examples=300)
+@given(keys, st.binary(max_size=12), u64, st.none() | st.binary(max_size=8))
+def test_revisioned_round_trip(key, value, lease, expected):
+    assert c.decode_command(c.encode_put_rev(key, value, lease)) == ("put_rev", key, value, lease)
+    assert c.decode_command(c.encode_delete_rev(key)) == ("delete_rev", key)
+    assert c.decode_command(c.encode_cas_rev(key, expected, value)) == (
+        "cas_rev", key, expected, value)
+    assert c.decode_command(c.encode_lease_grant(lease)) == ("lease_grant", lease)
+    assert c.decode_command(c.encode_lease_revoke(lease)) == ("lease_revoke", lease)
+
+
+@pytest.mark.parametrize("args", [
+    ([("value", b"k", "=", b"v")], [], []),
+    ([("absent", b"k", "==", b"")], [], []),
+    ([], [("put", b"k")], []),
+    ([], [("scan", b"k")], []),
+    ([], [("put", b"k", b"v", -1)], []),
+])
+def test_encode_txn_refuses_bad_parts(args):
+    with pytest.raises((ValueError, TypeError)):
+        c.encode_txn(*args)
+
+
+@pytest.mark.parametrize("decode, bad", [
+    (c.decode_write, b"\x01"), (c.decode_write, b"\x02" + bytes(8)),
+    (c.decode_get_rev, b"\x01" + bytes(8)), (c.decode_range, bytes(21)),
+    (c.decode_range, b"\x00" + bytes(16) + b"\x00\x01\x00\x00\x00"),
+    (c.decode_history, bytes(33)), (c.decode_txn, b"\x05"),
+    (c.decode_lease_list, b"\x00\x01\x00\x00\x00"), (c.decode_lease_keys, bytes(13)),
+    (c.decode_store_status, bytes(55)), (c.decode_kv_snapshot, c.SNAPSHOT_MAGIC + b"\x02"),
+])
+def test_result_decoders_refuse_malformed(decode, bad):
+    with pytest.raises(ValueError):
+        decode(bad)

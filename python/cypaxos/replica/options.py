@@ -52,6 +52,10 @@ class ServerOptions:
     fsync: bool = True
     state_machine: str | None = None
     tick_ms: int = 10
+    # `serve --listen` / `--advertise`, HOST:PORT: what to bind, and what peers and
+    # redirected clients use to reach this replica.  None: its address in `cluster`.
+    listen: str | None = None
+    advertise: str | None = None
     follower_inline_fsync: bool = True  # see ReplicaServer.sync_inline
     frame_bytes_max: int = FRAME_BYTES_MAX
     # Disk stays near 3 x wal_segment_bytes (segments are preallocated, the next one

@@ -43,7 +43,7 @@ from collections import deque
 import cbor2
 import trio
 
-from .. import wire
+from .. import logs, wire
 from ..addresses import split_address
 from ..cbordec import FALLBACK as CBOR_FALLBACK
 from ..cbordec import decode as cbor_decode
@@ -119,7 +119,10 @@ class ReplicaServer:
                                               segment_bytes_max=options.wal_segment_bytes)
             self.core = Replica(self.replica_id, sorted(self.cluster), self.state_machine,
                                 options.core_config(), seed=int.from_bytes(os.urandom(8), "little"))
-            self.core.recover(self._replayed_records(), snapshot)
+            try:
+                self.core.recover(self._replayed_records(), snapshot)
+            except (ValueError, WalCorruptError) as exc:  # e.g. a snapshot file was deleted
+                raise WalCorruptError(f"cannot recover {options.data_dir}: {exc}") from None
             del snapshot
         except BaseException:
             if self.wal is not None:
@@ -716,11 +719,12 @@ class ReplicaServer:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; then finish the fsync in flight and close the WAL."""
-        host, port = split_address(self.address)
+        bind = self.options.listen or self.address
+        host, port = split_address(bind)
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {self.address}: {exc.strerror or exc}") from None
+            raise ConfigError(f"cannot listen on {bind}: {exc.strerror or exc}") from None
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
@@ -771,8 +775,7 @@ def run_server(options: ServerOptions) -> int:
     raise `cypaxos.errors.Error` with a one-line message.
     """
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=os.environ.get("CYPAXOS_LOG_LEVEL", "INFO"),
-                            format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+        logs.configure()  # CYPAXOS_LOG_LEVEL / CYPAXOS_LOG_FORMAT (a ConfigError if bad)
     try:
         trio.run(serve, options)
     except BaseExceptionGroup as group:

@@ -92,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Write a new CA (ca.pem, ca.key), one certificate and key per replica "
         "(replica-N.pem, replica-N.key) and one for clients (client.pem, client.key) "
-        "into DIR.  Keys are mode 0600.  See docs/security.md.")
+        "into DIR.  Keys are mode 0600.  Give every replica ca.pem and its own pair; "
+        "keep ca.key off the replicas.")
     parser.add_argument("directory", metavar="DIR", help="where to write (created if missing)")
     parser.add_argument("--replicas", type=int_in(1, REPLICA_ID_MAX), required=True,
                         metavar="N", help="write replica-1 ... replica-N")

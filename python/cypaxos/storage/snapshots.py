@@ -84,12 +84,16 @@ class SnapshotStore:
 
     def __init__(self, data_dir: str) -> None:
         self.path = os.path.join(data_dir, SNAPSHOT_DIR)
-        if not os.path.isdir(self.path):
-            os.makedirs(self.path, exist_ok=True)
-            fsync_dir(data_dir)
-        for name in os.listdir(self.path):
-            if name.endswith(".tmp"):  # a write a crash interrupted
-                os.unlink(os.path.join(self.path, name))
+        try:
+            if not os.path.isdir(self.path):
+                os.makedirs(self.path, exist_ok=True)
+                fsync_dir(data_dir)
+            for name in os.listdir(self.path):
+                if name.endswith(".tmp"):  # a write a crash interrupted
+                    os.unlink(os.path.join(self.path, name))
+        except OSError as exc:
+            raise StorageError(f"cannot use the snapshot directory {self.path}: "
+                               f"{exc.strerror or exc}") from None
 
     def indexes(self) -> list[int]:
         """Indexes of the snapshot files present, oldest first."""
@@ -127,7 +131,16 @@ class SnapshotStore:
         """Write a snapshot file atomically and durably; prune old ones.  Blocking.
 
         `data` is the file's bytes, or a list of pieces of them (`encode_parts`).
+        Raises StorageError if the file cannot be written (a read-only directory, a
+        full disk, EIO): the replica stops rather than run on without snapshots.
         """
+        try:
+            return self._write(index, data)
+        except OSError as exc:
+            raise StorageError(f"cannot write snapshot file {self.file_path(index)}: "
+                               f"{exc.strerror or exc}") from None
+
+    def _write(self, index: int, data) -> str:
         final = self.file_path(index)
         tmp = final + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

@@ -46,7 +46,10 @@ import random
 import sys
 import time
 
-from .argtypes import int_in, non_negative_float, positive_float
+from .argtypes import PORT_MAX, check_port_range, int_in, non_negative_float, positive_float
+from ..errors import Error
+from .exits import (EXIT_INTERRUPTED, EXIT_NO, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, PROG,
+                    error, say)
 from .local import child_env
 
 __all__ = ["add_arguments", "run", "main", "Histogram", "DEFAULTS"]
@@ -61,16 +64,13 @@ _READY_TIMEOUT = 60.0         # workers must be connected by then
 _DRAIN_GRACE = 5.0            # after the window, in-flight calls get this long
 _PRELOAD_CONCURRENCY = 2048
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
+LOCAL_REPLICAS = 3
 
 
 class BenchError(Exception):
     """An expected failure: printed as one line, exit code attached."""
 
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+    def __init__(self, message: str, code: int = EXIT_NO) -> None:
         super().__init__(message)
         self.code = code
 
@@ -200,6 +200,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster", metavar="ADDRS", default=None,
                         help="comma-separated HOST:PORT of any replicas (default: start a "
                              "local 3-replica cluster with fsync on, in a temporary dir)")
+    parser.add_argument("--port", type=int_in(1, PORT_MAX), default=None, metavar="PORT",
+                        help="without --cluster: the local cluster's replica N listens on "
+                             "127.0.0.1 port PORT+N-1 (default: free ports)")
     parser.add_argument("--clients", type=int_in(1, 10_000), default=d["clients"],
                         metavar="N", help="client connections (sessions), spread over the "
                                           f"worker processes (default: {d['clients']})")
@@ -240,6 +243,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args) -> dict:
+    if args.port is not None:
+        if args.cluster is not None:
+            raise BenchError("--port is for the local cluster bench starts; with --cluster "
+                             "the cluster is already running", EXIT_USAGE)
+        try:
+            check_port_range(args.port, LOCAL_REPLICAS)
+        except Error as exc:
+            raise BenchError(str(exc), EXIT_USAGE) from None
     processes = args.processes or min(DEFAULTS["processes"], args.clients)
     if processes > args.clients:
         raise BenchError(f"--processes {processes} is more than --clients {args.clients}",
@@ -249,7 +260,7 @@ def _settings(args) -> dict:
     return {
         "cluster": args.cluster,
         "local_cluster": args.cluster is None,
-        "replicas": 3 if args.cluster is None else None,
+        "replicas": LOCAL_REPLICAS if args.cluster is None else None,
         "fsync": "always" if args.cluster is None else None,
         "clients": args.clients,
         "processes": processes,
@@ -483,9 +494,8 @@ def _worker_main() -> int:
     try:
         trio.run(_worker_async, cfg)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
-        from ..errors import Error
         from ..groups import first_leaf
         exc = first_leaf(exc, Error) or exc
         sys.stdout.write(json.dumps({"type": "failed", "error": f"{type(exc).__name__}: {exc}"})
@@ -693,7 +703,7 @@ async def _run_async(settings, addresses, replica_pids, display) -> dict:
                 with trio.move_on_after(0.5):
                     await finished.wait()
                 if now > end_at + _DRAIN_GRACE + 30:
-                    raise BenchError("client workers did not finish", EXIT_FAILED)
+                    raise BenchError("client workers did not finish", EXIT_NO)
         finally:
             for w in workers:
                 if w.process.returncode is None:
@@ -790,15 +800,14 @@ def run(args) -> int:
 
     from rich.console import Console
 
-    from ..errors import Error
-
     stdout_console = Console()
     try:
         settings = _settings(args)
         cluster = None
         if args.cluster is None:
             from .local import LocalCluster, free_ports
-            cluster = LocalCluster(replicas=3, base_port=free_ports(3)[0], fsync=True)
+            port = args.port if args.port is not None else free_ports(LOCAL_REPLICAS)[0]
+            cluster = LocalCluster(replicas=LOCAL_REPLICAS, base_port=port, fsync=True)
         try:
             if cluster is not None:
                 cluster.start_all()
@@ -821,22 +830,22 @@ def run(args) -> int:
             if cluster is not None:
                 cluster.close()
     except BenchError as exc:
-        print(f"cypaxos: error: {exc}", file=sys.stderr)
+        error(exc)
         return exc.code
     except Error as exc:
-        print(f"cypaxos: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return EXIT_FAILED
+        error(exc)
+        return EXIT_NO
     except KeyboardInterrupt:
-        print("cypaxos: interrupted", file=sys.stderr)
-        return 130
+        say(f"{PROG}: interrupted")
+        return EXIT_INTERRUPTED
     result = _report(settings, raw)
     if args.json:
         print(json.dumps(result))
     else:
         _print_table(result, stdout_console)
     if result["writes"] + result["reads"] == 0:
-        print("cypaxos: error: no operation completed"
-              + (f" ({result['errors']} errors)" if result["errors"] else ""), file=sys.stderr)
+        error("no operation completed"
+              + (f" ({result['errors']} errors)" if result["errors"] else ""))
         return EXIT_UNAVAILABLE
     return EXIT_OK
 

@@ -2,7 +2,8 @@
 
 What it does, in under a minute and with nothing left behind:
 
-1. starts 3 replicas (fsync always) on free ports in a temporary directory;
+1. starts 3 replicas (fsync always) on 127.0.0.1, on free ports (or from a given
+   one), in a temporary directory;
 2. runs a workload: CLIENT_TASKS concurrent tasks over one Trio client, half
    writes (64-byte values over 1000 keys) and half linearizable reads;
 3. a third of the way in, SIGKILLs the leader and measures the failover time:
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ..errors import ClientError
+from .exits import EXIT_TERMINATED
 from .local import LocalCluster, LocalClusterError, leader_of, free_ports
 
 __all__ = ["run_demo", "DemoResult", "percentile"]
@@ -509,14 +511,16 @@ async def _run(cluster: LocalCluster, out: _Output, duration: float) -> DemoResu
                 out.stop_live()
             nursery.cancel_scope.cancel()
             return result
-    return 128 + signal.SIGTERM  # cancelled by SIGTERM
+    return EXIT_TERMINATED  # cancelled by SIGTERM
 
 
-def run_demo(duration: float = 15.0) -> int:
+def run_demo(duration: float = 15.0, port: int | None = None) -> int:
     """Run the demo (see the module docstring); returns the exit status.
 
-    0 if every check passed, 1 if one failed or the cluster could not start, 143 on
-    SIGTERM.  A Ctrl-C raises KeyboardInterrupt after cleaning up.
+    `port`: replica N listens on 127.0.0.1 port ``port + N - 1``; None picks free
+    ports (and tries others if one is taken meanwhile).  0 if every check passed, 1
+    if one failed or the cluster could not start, 143 on SIGTERM.  A Ctrl-C raises
+    KeyboardInterrupt after cleaning up.
     """
     out = _Output()
     out.event(f"cypaxos demo: {REPLICAS} replicas on this host, fsync always, a leader "
@@ -530,8 +534,10 @@ def run_demo(duration: float = 15.0) -> int:
     surprises: dict[int, int] = {}
     try:
         started = time.monotonic()
-        for attempt in range(3):
-            cluster = LocalCluster(REPLICAS, ports=free_ports(REPLICAS), fsync=True)
+        attempts = 3 if port is None else 1
+        for attempt in range(attempts):
+            ports = free_ports(REPLICAS) if port is None else range(port, port + REPLICAS)
+            cluster = LocalCluster(REPLICAS, ports=ports, fsync=True)
             cluster.start_all()
             try:
                 leader = cluster.wait_ready(READY_TIMEOUT)
@@ -539,7 +545,7 @@ def run_demo(duration: float = 15.0) -> int:
             except LocalClusterError as exc:
                 # free_ports() cannot reserve the ports: another process may take one
                 # before a replica binds it.  Then try other ports.
-                if attempt == 2 or not cluster.unexpected_exits():
+                if attempt == attempts - 1 or not cluster.unexpected_exits():
                     raise
                 out.event(f"{exc}; retrying on other ports")
                 cluster.close()
@@ -553,7 +559,7 @@ def run_demo(duration: float = 15.0) -> int:
             return result
     except _Terminated:
         out.event("cypaxos demo: stopped by SIGTERM")
-        return 128 + signal.SIGTERM
+        return EXIT_TERMINATED
     except LocalClusterError as exc:
         out.event(f"cypaxos demo: FAILED: {exc}")
         return 1
