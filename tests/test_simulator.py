@@ -12,6 +12,8 @@ from cypaxos import core
 from cypaxos.core import Config
 from cypaxos.testing.sim import MS, Faults, Simulation, SimulationFailure
 
+pytestmark = pytest.mark.fast
+
 SEEDS = int(os.environ.get("CYPAXOS_SIM_SEEDS", "300"))
 ONLY_SEED = os.environ.get("CYPAXOS_SIM_SEED")
 CHUNK = 25
