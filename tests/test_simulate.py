@@ -10,6 +10,8 @@ import pytest
 
 from cypaxos.testing import SimulationFailure, simulate
 
+pytestmark = pytest.mark.fast
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "docs", "examples"))
 

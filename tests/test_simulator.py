@@ -20,6 +20,8 @@ from cypaxos.core import Config
 from cypaxos.replica import node
 from cypaxos.testing.sim import MS, Faults, Simulation, SimulationFailure
 
+pytestmark = pytest.mark.fast
+
 SEEDS = int(os.environ.get("CYPAXOS_SIM_SEEDS", "1000"))
 ONLY_SEED = os.environ.get("CYPAXOS_SIM_SEED")
 CHUNK = 50

@@ -9,6 +9,8 @@ from cypaxos.replica.transfer import (
     Ack, Chunk, SnapshotReceiver, SnapshotSender, TransferError, Verify, Write,
 )
 
+pytestmark = pytest.mark.fast
+
 DATA = bytes(range(256)) * 4   # a 1,024-byte "file"
 
 
