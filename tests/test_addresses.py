@@ -9,6 +9,9 @@ from cypaxos.errors import ConfigError, Error
 from cypaxos.groups import BaseExceptionGroup, expected_error, first_leaf, leaves
 
 
+pytestmark = pytest.mark.fast
+
+
 def test_split_address_rules():
     assert split_address("127.0.0.1:7001") == ("127.0.0.1", 7001)
     assert split_address(" host:1 ") == ("host", 1)

@@ -11,6 +11,8 @@ from cypaxos import cbordec, wire
 from cypaxos.wire import frames
 from cypaxos.cbordec import FALLBACK
 
+pytestmark = pytest.mark.fast
+
 EDGES = [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1,
          -1, -24, -25, -256, -257, -2**63, -2**63 - 1, -2**64]
 easy_leaves = st.one_of(st.integers(-2**64, 2**64 - 1), st.sampled_from(EDGES),

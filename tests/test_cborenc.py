@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from cypaxos import cborenc, wire
 
+pytestmark = pytest.mark.fast
+
 EDGES = [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1,
          2**64, -1, -24, -25, -256, -257, -2**63, -2**63 - 1, -2**64, -2**64 - 1]
 leaves = st.one_of(st.integers(-2**70, 2**70), st.sampled_from(EDGES), st.binary(max_size=300),

@@ -46,10 +46,14 @@ def test_help_stands_alone(command):
 
 
 def test_version():
+    import importlib.metadata
+
     import cypaxos
 
     result = run_cli("--version")
     assert (result.returncode, result.stdout) == (0, f"cypaxos {cypaxos.__version__}\n".encode())
+    # The installed metadata takes its version from cypaxos.__version__ (one source).
+    assert importlib.metadata.version("cypaxos") == cypaxos.__version__
 
 
 def test_docs_cite_no_file_a_user_does_not_have():

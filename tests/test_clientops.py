@@ -12,6 +12,8 @@ from cypaxos import clientops as ops
 from cypaxos import commands as c
 from cypaxos.client.api import _park
 
+pytestmark = pytest.mark.fast
+
 keys = st.binary(max_size=40)
 values = st.binary(max_size=100)
 

@@ -220,3 +220,22 @@ def test_corrupt_wal_record_before_the_tail_refuses_to_start(cluster):
     with cypaxos.connect(cluster.addresses, timeout=20.0) as kv:
         kv.put(b"after", b"corruption")
         assert kv.get(b"after") == b"corruption"
+
+
+def test_read_lease_cluster_serves_linearizable_reads_across_failover(new_cluster):
+    """`serve --read-lease --clock-drift-ms`: reads served under the leader's lease see
+    every acknowledged write, before and after the leader is killed."""
+    cluster = new_cluster(extra_args=["--read-lease", "--clock-drift-ms", "50"])
+    cluster.start_all()
+    cluster.wait_ready(timeout=TIMEOUT_S)
+    statuses = cluster.statuses()
+    # 250 ms election timeout - 50 ms drift bound - one 10 ms tick.
+    assert {s["read_lease_ms"] for s in statuses.values()} == {190}
+    with cypaxos.connect(cluster.cluster_arg, timeout=TIMEOUT_S) as kv:
+        for i in range(50):
+            kv.put(b"lease", b"v%d" % i)
+            assert kv.get(b"lease") == b"v%d" % i
+        cluster.kill(cluster.leader_id())
+        for i in range(50, 80):
+            kv.put(b"lease", b"v%d" % i)
+            assert kv.get(b"lease") == b"v%d" % i

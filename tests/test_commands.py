@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 from cypaxos import commands as c
 
+pytestmark = pytest.mark.fast
+
 u64 = st.integers(0, 2**64 - 1)
 command_lists = st.lists(st.binary(max_size=40), min_size=1, max_size=20)
 

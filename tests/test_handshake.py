@@ -22,6 +22,8 @@ from cypaxos.security.handshake import (
     ReplicaAuth, State, parse_frame,
 )
 
+pytestmark = pytest.mark.fast
+
 CLUSTER = "c-test"
 MEMBERS = frozenset({1, 2, 3})
 SECRET = b"7f3c0e9a51d24b68a0c4e2f1d9b7a6c5e4f3a2b1c0d9e8f7"

@@ -11,6 +11,8 @@ import pytest
 from cypaxos.errors import ConfigError
 from cypaxos.security import secrets
 
+pytestmark = pytest.mark.fast
+
 KEY = b"5f0c7a1e9b3d2c4a6e8f0b1d3c5a7e9f"
 OTHER = b"Z9y8X7w6V5u4T3s2R1q0P9o8N7m6L5k4"
 

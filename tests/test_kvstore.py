@@ -12,6 +12,8 @@ import pytest
 
 from cypaxos import commands as c
 
+pytestmark = pytest.mark.fast
+
 statemachine = pytest.importorskip("cypaxos.statemachine")
 KVStore = statemachine.KVStore
 

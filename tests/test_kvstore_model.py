@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 from cypaxos import commands as c
 
+pytestmark = pytest.mark.fast
+
 statemachine = pytest.importorskip("cypaxos.statemachine")
 KVStore = statemachine.KVStore
 OVERHEAD = statemachine.CHANGE_OVERHEAD_BYTES

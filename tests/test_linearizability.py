@@ -19,6 +19,8 @@ from cypaxos.testing.linearizability import (
     check,
 )
 
+pytestmark = pytest.mark.fast
+
 A, B, C = b"a", b"b", b"c"
 K = b"k"
 

@@ -8,6 +8,9 @@ import pytest
 from cypaxos.logs import OVERFLOW_KEY, RateLimitedLog
 
 
+pytestmark = pytest.mark.fast
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0

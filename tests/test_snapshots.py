@@ -334,7 +334,9 @@ async def test_transferred_snapshot_is_verified_before_install(new_cluster):
             s = await trio.to_thread.run_sync(cluster.status, follower)
             assert s["applied_index"] == 0 and s["snapshot_index"] == 0, s
             assert s["statistics"]["snapshots_installed"] == 0
-            assert snapshot_files(cluster.replica_data_dir(follower)) == []
+            # No snapshot file (the transfer, restarted, may have an incoming file).
+            assert [name for name in snapshot_files(cluster.replica_data_dir(follower))
+                    if not name.startswith("incoming-")] == []
             # New writes make the survivors take good snapshots; the next one sent
             # is installed.
             load = Load(kv, keys=1000)
@@ -540,15 +542,17 @@ def _acks(server, peer: int) -> list[tuple]:
 
 
 async def test_transfer_receiver_resumes_restarts_verifies_then_installs(tmp_path):
-    """The receiving side of a snapshot transfer, driven chunk by chunk.
+    """The receiving side of a snapshot transfer through the server's node and disk,
+    driven chunk by chunk.
 
-    Acks name the bytes held, so a lost or duplicated chunk is resent from there;
-    a newer snapshot starts over; a complete transfer that fails its checksum is
-    discarded; a good one is written durably, then installed.
+    Acks name the bytes held (written to the incoming file), so a lost or duplicated
+    chunk is resent from there; a newer snapshot starts over; a complete transfer that
+    fails its checksum is discarded; a good one is written durably, then installed.
     """
     cluster = {1: "127.0.0.1:1", 2: "127.0.0.1:2", 3: "127.0.0.1:3"}
     server = ReplicaServer(ServerOptions(replica_id=2, cluster=cluster,
                                          data_dir=str(tmp_path / "r2")))
+    node = server.node
     try:
         kv = KVStore()
         for i in range(3000):
@@ -561,41 +565,52 @@ async def test_transfer_receiver_resumes_restarts_verifies_then_installs(tmp_pat
         pieces = [good[o:o + chunk] for o in range(0, total, chunk)]
         assert len(pieces) >= 4
         async with trio.open_nursery() as nursery:
-            server.nursery = nursery
-            server.on_snapshot_chunk(1, 40, 0, total, pieces[0])
+            server.storage.nursery = nursery
+
+            async def chunk_in(peer, index, offset, size, data):
+                node.on_snapshot_chunk(peer, index, offset, size, data)
+                await wait_for(_no_tasks(nursery), 10, "the file operations to finish")
+
+            await chunk_in(1, 40, 0, total, pieces[0])
             assert _acks(server, 1) == [(40, chunk)]
             # A duplicate, and a chunk from the future (one was lost): both answered
             # with what is held, so the sender resends from there.
-            server.on_snapshot_chunk(1, 40, 0, total, pieces[0])
-            server.on_snapshot_chunk(1, 40, 2 * chunk, total, pieces[2])
+            await chunk_in(1, 40, 0, total, pieces[0])
+            await chunk_in(1, 40, 2 * chunk, total, pieces[2])
             assert _acks(server, 1) == [(40, chunk), (40, chunk)]
-            server.on_snapshot_chunk(1, 40, chunk, total, pieces[1])
+            await chunk_in(1, 40, chunk, total, pieces[1])
             assert _acks(server, 1) == [(40, 2 * chunk)]
+            incoming = server.storage.snapshot_store.incoming_path(1)
+            assert os.path.getsize(incoming) == 2 * chunk   # held on disk, not in memory
             # A newer snapshot from the middle: start over at 0; from its start: taken.
             newer = snapshot_file(45)
-            server.on_snapshot_chunk(1, 45, chunk, len(newer), newer[chunk:2 * chunk])
+            await chunk_in(1, 45, chunk, len(newer), newer[chunk:2 * chunk])
             assert _acks(server, 1) == [(45, 0)]
-            # Complete a corrupt copy of the newer one: verified, discarded.
+            # Complete a corrupt copy of the newer one: verified, discarded, restarted.
             bad = bytearray(newer)
             bad[len(bad) // 2] ^= 0x40
             for offset in range(0, len(bad), chunk):
-                server.on_snapshot_chunk(1, 45, offset, len(bad), bytes(bad[offset:offset + chunk]))
-            await wait_for(_no_tasks(nursery), 10, "the install task to finish")
-            assert server.core.applied_index == 0 and server.snapshot_index == 0
+                await chunk_in(1, 45, offset, len(bad), bytes(bad[offset:offset + chunk]))
+            assert _acks(server, 1)[-1] == (45, 0)
+            assert node.core.applied_index == 0 and node.snapshot_index == 0
             assert snapshot_files(str(tmp_path / "r2")) == []
-            _acks(server, 1)
+            # A transfer over the configured maximum is refused (acked as done).
+            node.receivers[3].total_bytes_max = total - 1
+            await chunk_in(3, 40, 0, total, pieces[0])
+            assert _acks(server, 3) == [(40, total)] and node.stats["snapshots_refused"] == 1
             # The good one, whole: written durably, installed, the log compacted.
             for offset in range(0, total, chunk):
-                server.on_snapshot_chunk(1, 40, offset, total, good[offset:offset + chunk])
-            await wait_for(_no_tasks(nursery), 10, "the install task to finish")
+                await chunk_in(1, 40, offset, total, good[offset:offset + chunk])
             assert _acks(server, 1)[-1] == (40, total)
-            assert server.core.applied_index == 40 and server.core.commit_index == 40
-            assert server.snapshot_index == 40
-            assert server.state_machine.state_digest() == kv.state_digest()
+            assert node.core.applied_index == 40 and node.core.commit_index == 40
+            assert node.snapshot_index == 40
+            assert node.state_machine.state_digest() == kv.state_digest()
             assert snapshot_files(str(tmp_path / "r2")) == [f"snapshot-{40:020d}.snap"]
-            assert server.stats["snapshots_installed"] == 1
+            assert node.stats["snapshots_installed"] == 1
+            assert not os.path.exists(incoming)
             # Anything not newer than what we hold is acknowledged whole (stop sending).
-            server.on_snapshot_chunk(3, 40, 0, total, pieces[0])
+            node.receivers[3].total_bytes_max = 1 << 30
+            await chunk_in(3, 40, 0, total, pieces[0])
             assert _acks(server, 3) == [(40, total)]
             nursery.cancel_scope.cancel()
     finally:
@@ -603,7 +618,7 @@ async def test_transfer_receiver_resumes_restarts_verifies_then_installs(tmp_pat
     # And a restart recovers it from the file.
     again = ReplicaServer(ServerOptions(replica_id=2, cluster=cluster, data_dir=str(tmp_path / "r2")))
     try:
-        assert again.core.applied_index == 40 and again.snapshot_index == 40
+        assert again.node.core.applied_index == 40 and again.node.snapshot_index == 40
         assert again.state_machine.state_digest() == kv.state_digest()
     finally:
         again.close()

@@ -22,6 +22,8 @@ from cypaxos.security.handshake import (
     CLIENT, Acceptor, Authenticated, Dialer, Method, Refused, ReplicaAuth,
 )
 
+pytestmark = pytest.mark.fast
+
 CLUSTER = "c-tls"
 MEMBERS = {1, 2, 3}
 TIMEOUT_S = 20

@@ -19,6 +19,8 @@ import pytest
 
 from transcript import run_script
 
+pytestmark = pytest.mark.fast
+
 TESTDATA = Path(__file__).parent / "testdata"
 SCRIPTS = sorted(TESTDATA.glob("*.txt"))
 REWRITE = os.environ.get("CYPAXOS_REWRITE", "") not in ("", "0")

@@ -28,6 +28,9 @@ from cypaxos.storage.wal import (
 )
 
 
+pytestmark = pytest.mark.fast
+
+
 def payloads(n, size=None):
     """n distinct payloads of varied (or fixed) sizes."""
     return [(b"%d:" % i) * (size or 1 + i % 7) for i in range(n)]
@@ -412,6 +415,23 @@ def test_rotation_takes_the_spare_prepared_in_the_background(tmp_path):
             assert data[:8] == SEGMENT_MAGIC and not data[records_end(data):].strip(b"\0")
     assert read_wal(tmp_path, segment_bytes_max=seg) == (
         [big, big, b"x" * (seg - 100), b"y" * (seg * 2), b"z"], [])
+
+
+def test_a_segment_made_on_the_spot_counts_as_a_wait_even_if_its_thread_is_done(
+        tmp_path, monkeypatch):
+    # On a busy machine the spare's thread may finish before the rotation asks whether
+    # it is ready; the rotation still had to wait for it.
+    from cypaxos.storage import wal as wal_module
+
+    ready = wal_module._Spare.ready
+
+    def ready_once_written(spare):
+        spare._thread.join()
+        return ready(spare)
+
+    monkeypatch.setattr(wal_module._Spare, "ready", ready_once_written)
+    with Wal.open(tmp_path, segment_bytes_max=64 << 10) as wal:
+        assert wal.prealloc_waits == 1 and wal.prealloc_wait_seconds > 0
 
 
 def test_a_leftover_spare_is_removed(tmp_path):
@@ -828,6 +848,7 @@ def test_crash_at_any_byte_recovers_a_prefix(tmp_path, ops, segment_bytes_max, z
     # Crash "earlier": the log is cut at global byte `cut`; the segment holding it
     # becomes the last one (optionally with its lost bytes read back as zeros).
     cut = data.draw(st.integers(0, total), label="cut")
+    blob = b"".join((path / name).read_bytes() for name, *_ in layout)
     for name, base, size, _ in layout:
         if base + size <= cut and base + size != total:
             continue
@@ -842,6 +863,13 @@ def test_crash_at_any_byte_recovers_a_prefix(tmp_path, ops, segment_bytes_max, z
     with Wal.open(path, segment_bytes_max=segment_bytes_max) as wal:
         recovered = [p for _, p in wal.replay()]
         expected_count = sum(1 for end in ends if end <= cut)
+        if zero_fill and expected_count < len(ends):
+            # The record the cut tears is whole again if every byte it lost was a zero
+            # (a payload ending in zeros): zero-filled, it reads back as written.
+            end = ends[expected_count]
+            same_segment = any(base <= cut < end <= base + size for _, base, size, _ in layout)
+            if same_segment and not any(blob[cut:end]):
+                expected_count += 1
         assert recovered == appended[:expected_count]
         if cut >= synced_end:
             assert len(recovered) >= synced

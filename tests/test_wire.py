@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from cypaxos import wire
 from cypaxos.wire import ProtocolError
 
+pytestmark = pytest.mark.fast
+
 CLUSTER = frozenset({1, 2, 3})
 SELF_ID = 1
 PEER_ID = 2

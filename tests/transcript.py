@@ -1,17 +1,26 @@
-"""A data-driven transcript driver for the pure cypaxos core.
+"""A data-driven transcript driver for replica nodes (the core and the rules around it).
+
+(One module of about 1,000 lines: a script interpreter, its fakes and its formatting
+of every message and record, which read best side by side with the command list
+below.)
 
 In the style of etcd-io/raft's interaction tests: a small interpreter runs a cluster
-of N `cypaxos.core.Replica`s (with `Config(check_invariants=True)` and a `KVStore`)
-where *nothing happens unless a command says so*.  Every output of a core is put
-where a reader can see it:
+of N production `cypaxos.replica.node.ReplicaNode`s (cores with
+`Config(check_invariants=True)` and a `KVStore`) over a fake disk and network, where
+*nothing happens unless a command says so*.  The node decides what to do with each
+output of its core; the driver only shows it:
 
-* `ready()` is only called by `process` (or `stabilize`).  Its records go to the
-  replica's *unsynced* disk, its `messages` into the network, its
-  `messages_after_persist` are *held* until the disk is synced;
-* `persist` syncs the disk: the unsynced records become durable, the held messages
-  enter the network and the core is told `persisted(persist_id)`;
+* `ready()` is only called by `process` (or `stabilize`), and the Ready is handed to
+  the node (`handle_ready`).  Its records go to the replica's *unsynced* disk, its
+  `messages` into the network, its `messages_after_persist` are *held* by the node
+  until the disk is synced; client results go to the clients that asked here;
+* `persist` ends the sync the node started: the unsynced records become durable, the
+  node releases the held messages into the network and tells the core
+  `persisted(persist_id)`;
 * messages sit in one in-flight queue (in send order) until `deliver` (or
-  `stabilize`) hands them to their receiver's `step()`, or drops them.
+  `stabilize`) hands them to their receiver node, or drops them;
+* snapshot file operations (writing a snapshot, reading one to send, the chunks of
+  an incoming transfer) wait until `complete` (or `stabilize`) ends them.
 
 Script format (see tests/testdata/*.txt): one command per line, then a line `----`,
 then the output the command is expected to print, ended by a blank line.  Lines
@@ -28,16 +37,20 @@ Only `process` (and `stabilize`) call ready(), so `tick`, `deliver`, `propose` a
 `read` show nothing but the role and commit changes they cause; their messages
 appear at the next `process`.  A Ready whose `messages_after_persist` come with
 nothing left to persist releases them at once ("send (nothing to persist)").
-Client results are printed at the replica the batch was proposed to; other replicas
-just list what they applied.
+Client results are printed at the replica the batch was proposed to (a batch resent
+there is answered once: the node keeps one waiter per batch); other replicas just
+list what they applied.
 
 Commands (replica ids are 1..N; `IDS` is an id, a comma list `1,2` or `all`):
 
   cluster N [seed=7] [lease=0] [drift=0] [election=10] [heartbeat=2] [window=64]
             [resend=4] [check_quorum=true] [pre_vote=false] [accept_ahead=65536]
             [batch_bytes=1048576] [message_bytes=4194304]
+            [retain=64] [chunk=1048576] [chunk_ticks=200] [chunk_tries=10]
                               start N fresh replicas (ids 1..N); options set the
-                              Config fields (batch_bytes=1: one batch per slot)
+                              Config fields (batch_bytes=1: one batch per slot) and
+                              the node's (retain_slots, chunk_bytes, chunk_ack_ticks,
+                              chunk_tries)
   tick IDS [n]                tick each replica n times (default 1)
   campaign ID                 tick ID until it becomes a candidate
   tick-heartbeat ID           tick leader ID until it sends heartbeats; each tick's
@@ -59,16 +72,21 @@ Commands (replica ids are 1..N; `IDS` is an id, a comma list `1,2` or `all`):
                               seq the client has every result up to
   resend ID [client=c1]       propose the client's last batch again, byte for byte
   read ID RID [KEY]           register linearizable read RID (a get of KEY) at ID
-  crash ID                    the replica dies: unsynced records and held messages
-                              are lost (messages already in flight stay in flight)
-  restart ID                  a fresh core recovers from its snapshot and the
+  snapshot ID                 the node takes a snapshot (restating the log; its file
+                              is written at `complete`); once the file and the
+                              restatement are durable the node compacts (printed)
+  install ID FROM             FROM's newest snapshot file reaches ID as one whole
+                              chunk (as if transferred: its file operations follow)
+  complete IDS [n=K]          end the replica's pending file operations (at most K),
+                              in the order they were started (operations they start
+                              wait for the next `complete`)
+  corrupt [from=I] [to=I] [n=K]
+                              flip a byte in matching in-flight SNAPSHOT_CHUNKs
+  crash ID                    the replica dies: unsynced records, held messages and
+                              pending file operations are lost (messages already in
+                              flight stay in flight)
+  restart ID                  a fresh node recovers from its snapshot file and the
                               durable records
-  snapshot ID                 take a snapshot (durable at once); its restatement
-                              records come with the next Ready
-  compact ID                  once the restatement is durable, delete the records
-                              before it and compact the core's log up to the snapshot
-  install ID FROM             ID installs FROM's snapshot (as if transferred; asked
-                              for by a Ready's `snapshot to`)
   partition A.. | B.. [| ..]  only replicas in the same group can talk (messages
                               across groups are dropped at delivery)
   heal                        remove the partition
@@ -86,10 +104,13 @@ from __future__ import annotations
 
 import struct
 
+from cypaxos import wire
 from cypaxos.ballots import format_ballot
-from cypaxos.core import NOT_LEADER, PROPOSED, Config, Replica
+from cypaxos.core import Config, Replica
 from cypaxos.protocol import MESSAGE_NAMES, RECORD_NAMES, RESULT_ERROR, RESULT_NAMES, RESULT_OK
+from cypaxos.replica.node import NodeOptions, ReplicaNode
 from cypaxos.statemachine import KVStore
+from cypaxos.storage import snapshots
 
 MESSAGE_TYPES = {name: kind for kind, name in MESSAGE_NAMES.items()}
 RESULT_STATUS = {status: name.lower().replace("_", "-") for status, name in RESULT_NAMES.items()}
@@ -194,27 +215,141 @@ def copy_tuple(t: tuple) -> tuple:
 
 # ----------------------------------------------------------------------- nodes
 
-class Node:
-    """One replica process: its core (None while down), disk and held messages."""
+class Disk:
+    """A replica's fake `Storage`: syncs end at `persist`, file operations at `complete`."""
 
     def __init__(self, rid: int) -> None:
         self.rid = rid
-        self.core: Replica | None = None
+        self.node: ReplicaNode | None = None
+        self.base = 0          # records deleted from the front by compaction
         self.durable: list[tuple] = []
         self.unsynced: list[tuple] = []
-        self.held: list[tuple[int, tuple]] = []  # messages_after_persist not yet sent
-        self.persist_id = 0  # the highest persist_id handed out with records
+        self.syncing = False   # the node started a sync; `persist` ends it
+        self.files: dict[int, bytes] = {}      # durable snapshot files
+        self.incoming: dict[int, bytearray] = {}
+        self.ops: list[tuple] = []             # (description, function, args) not yet ended
+
+    @property
+    def first_seq(self) -> int:
+        return self.base + 1
+
+    @property
+    def last_seq(self) -> int:
+        return self.base + len(self.durable) + len(self.unsynced)
+
+    @property
+    def durable_seq(self) -> int:
+        return self.base + len(self.durable)
+
+    @property
+    def sync_in_flight(self) -> bool:
+        return self.syncing
+
+    def append(self, records: list) -> int:
+        self.unsynced.extend(copy_tuple(r) for r in records)
+        return 0
+
+    def start_sync(self) -> bool:
+        if self.syncing:
+            return False
+        self.syncing = True
+        return True
+
+    def sync(self) -> None:  # never: the driver's nodes do not sync inline
+        raise AssertionError("inline sync")
+
+    def truncate_before(self, seq: int) -> None:
+        drop = min(seq - 1, self.durable_seq) - self.base
+        if drop > 0:
+            del self.durable[:drop]
+            self.base += drop
+
+    def write_snapshot(self, index: int, data: list) -> None:
+        blob = b"".join(data)
+        self.ops.append((f"wrote snapshot {index} ({len(blob)} bytes)",
+                         self._snapshot_written, (index, blob)))
+
+    def _snapshot_written(self, index: int, blob: bytes) -> None:
+        self.files[index] = blob
+        for old in sorted(self.files)[:-snapshots.KEEP]:
+            del self.files[old]
+        self.node.on_snapshot_written(index, None)
+
+    def read_snapshot(self, index: int) -> None:
+        self.ops.append((f"read snapshot {index}", self._snapshot_read, (index,)))
+
+    def _snapshot_read(self, index: int) -> None:
+        self.node.on_snapshot_read(index, self.files[index], None)
+
+    def write_incoming(self, peer: int, offset: int, data: bytes) -> None:
+        self.ops.append((f"wrote bytes {offset}..{offset + len(data)} of the snapshot from {peer}",
+                         self._incoming_written, (peer, offset, data)))
+
+    def _incoming_written(self, peer: int, offset: int, data: bytes) -> None:
+        if offset == 0:
+            self.incoming[peer] = bytearray()
+        self.incoming[peer][offset:offset + len(data)] = data
+        self.node.on_incoming_written(peer, None)
+
+    def read_incoming(self, peer: int) -> None:
+        self.ops.append((f"read back the snapshot from {peer}", self._incoming_read, (peer,)))
+
+    def _incoming_read(self, peer: int) -> None:
+        self.node.on_incoming_read(peer, bytes(self.incoming.get(peer, b"")), None)
+
+    def discard_incoming(self, peer: int) -> None:
+        self.incoming.pop(peer, None)
+
+    def crash(self) -> None:
+        self.unsynced = []
+        self.syncing = False
+        self.ops = []
+        self.incoming = {}
+
+
+class Net:
+    """The fake `Transport`: messages join the in-flight queue, replies are kept for
+    the driver to print."""
+
+    def __init__(self, driver: "Transcript", rid: int) -> None:
+        self.driver = driver
+        self.rid = rid
+
+    def send(self, peer: int, message: tuple) -> None:
+        self.driver.net.append((self.rid, peer, copy_tuple(message)))
+
+    def reply(self, conn, reply: list) -> None:
+        self.driver.replies.append((self.rid, conn, reply))
+
+    def flush(self) -> None:
+        pass
+
+
+class Node:
+    """One replica process: its node and core (None while down) over its fake disk."""
+
+    def __init__(self, rid: int) -> None:
+        self.rid = rid
+        self.node: ReplicaNode | None = None
+        self.disk = Disk(rid)
         self.incarnation = 0
-        self.proposed: dict[tuple[int, int], int] = {}  # (session, seq) -> copies awaited
-        self.reads: dict = {}  # read id -> query
         self.checked = 0  # slots up to here were checked against the chosen values
         self.snapshot: tuple | None = None  # the latest durable snapshot
         self.cut: int | None = None  # records before this one are redundant once the
         #                              restatement after it is durable
 
     @property
+    def core(self) -> Replica | None:
+        return self.node.core if self.node is not None else None
+
+    @property
     def up(self) -> bool:
-        return self.core is not None
+        return self.node is not None
+
+    @property
+    def held(self) -> int:
+        """Messages the node holds until its records are durable."""
+        return sum(len(msgs) for _, _, msgs in self.node.after) if self.node else 0
 
 
 class Client:
@@ -248,6 +383,12 @@ class Transcript:
         self.chosen: dict[int, bytes] = {}  # every slot ever seen committed
         self.reported: set = set()  # state divergences already printed
         self.out: list[str] = []
+        self.node_settings: dict = {}
+        # Replies the nodes gave (replica, client connection, reply), and what each
+        # request id stood for: ("submit", label, session, first) or ("read", rid).
+        self.replies: list[tuple] = []
+        self.requests: dict[int, tuple] = {}
+        self.next_request = 1
 
     # -------------------------------------------------------------- plumbing
 
@@ -364,7 +505,13 @@ class Transcript:
         return "[" + ", ".join(shown) + "]"
 
     def fmt_message(self, src: int, dst: int, m: tuple) -> str:
-        kind, ballot = MESSAGE_NAMES.get(m[0], str(m[0])), format_ballot(m[2])
+        kind = MESSAGE_NAMES.get(m[0], str(m[0]))
+        if kind == "SNAPSHOT_CHUNK":
+            return (f"{src}->{dst} SNAPSHOT_CHUNK index={m[2]} bytes={m[3]}..{m[3] + len(m[5])} "
+                    f"of {m[4]}")
+        if kind == "SNAPSHOT_ACK":
+            return f"{src}->{dst} SNAPSHOT_ACK index={m[2]} next={m[3]}"
+        ballot = format_ballot(m[2])
         head = f"{src}->{dst} {kind} b={ballot}"
         if kind == "PREPARE":
             return f"{head} from={m[3]}"
@@ -424,36 +571,43 @@ class Transcript:
     # ------------------------------------------------------------- actions
 
     def process(self, n: Node, *, quiet_if_none: bool = False):
-        """ready() once and route its outputs; returns the Ready (or None)."""
+        """ready() once, hand the Ready to the node and show what it did; returns the
+        Ready (or None)."""
         rd = n.core.ready()
         if rd is None:
             if not quiet_if_none:
                 self.say(f"> {n.rid} nothing ready")
             return None
         self.say(f"> {n.rid} ready")
+        node = n.node
+        held_before = len(node.after)
+        sent = len(self.net)
+        replied = len(self.replies)
+        node.handle_ready(rd)
+        held = len(node.after) > held_before and bool(node.after[-1][2])
         for r in rd.records:
-            n.unsynced.append(copy_tuple(r))
             self.say(f"  persist: {self.fmt_record(r)}")
-        if rd.records:
-            n.persist_id = rd.persist_id
         for to, m in rd.messages:
-            self.net.append((n.rid, to, copy_tuple(m)))
             self.say(f"  send: {self.fmt_message(n.rid, to, m)}")
         for to, m in rd.messages_after_persist:
-            if n.unsynced:
-                n.held.append((to, copy_tuple(m)))
+            if held:
                 self.say(f"  after persist: {self.fmt_message(n.rid, to, m)}")
             else:  # everything handed out so far is already durable
-                self.net.append((n.rid, to, copy_tuple(m)))
                 self.say(f"  send (nothing to persist): {self.fmt_message(n.rid, to, m)}")
+        extra = [e for e in self.net[sent:] if e[2][0] in (wire.SNAPSHOT_CHUNK, wire.SNAPSHOT_ACK)]
+        for s, d, m in extra:   # what the node sent on its own (snapshot transfers)
+            self.say(f"  send: {self.fmt_message(s, d, m)}")
+        answered = {}
+        for _, conn, reply in self.replies[replied:]:
+            answered.setdefault(self.requests.get(reply[1], ("?",))[0], []).append(reply)
+        waited = {(self.requests[r[1]][2], self.requests[r[1]][3]): r
+                  for r in answered.get("submit", []) if r[0] == "ok"}
         elsewhere = []
         for sid, first, packed in rd.results:
-            if not n.proposed.get((sid, first)):
+            reply = waited.pop((sid, first), None)
+            if reply is None:
                 elsewhere.append(f"{self.client_name(sid)}#{first}")
                 continue
-            n.proposed[(sid, first)] -= 1
-            if not n.proposed[(sid, first)]:
-                del n.proposed[(sid, first)]
             client = next((c for c in self.clients.values() if c.session == sid), None)
             statuses = [status for status, _ in unpack_results(packed)]
             if client is not None and all(st in (RESULT_OK, RESULT_ERROR) for st in statuses):
@@ -461,45 +615,53 @@ class Transcript:
             self.say(f"  result: {self.fmt_results(sid, first, packed)}")
         if elsewhere:
             self.say(f"  applied (no client waiting here): {', '.join(elsewhere)}")
-        for rid in rd.reads:
-            query = n.reads.pop(rid, None)
-            if query is None:
-                self.say(f"  read {rid}: served")
+        for reply in answered.get("read", []):
+            rid = self.requests[reply[1]][1]
+            if reply[0] != "ok":
+                self.say(f"  read failed: {rid}")
                 continue
-            answer = n.core.state_machine.query(query)
-            key = query[1:].decode()
+            answer = reply[2][0]
+            key = self.requests[reply[1]][2]
             shown = f"{key}={answer[1:].decode()}" if answer[:1] == b"\x01" else f"{key} absent"
             self.say(f"  read {rid}: {shown}")
-        for rid in rd.reads_failed:
-            n.reads.pop(rid, None)
-            self.say(f"  read failed: {rid}")
         for peer in rd.snapshot_to:
             self.say(f"  snapshot to: {peer}")
+        redirected = [r for r in answered.get("submit", []) if r[0] == "redirect"]
         if rd.lost_leadership:
-            lost = ", ".join(f"{self.client_name(sid)}#{first}"
-                             for (sid, first), k in n.proposed.items()
-                             for _ in range(k)) or "none pending"
+            lost = ", ".join(self.requests[r[1]][1] for r in redirected) or "none pending"
             self.say(f"  lost leadership: clients must retry ({lost})")
-            n.proposed.clear()
         return rd
 
     def persist(self, n: Node, *, quiet_if_none: bool = False) -> bool:
-        if not n.unsynced and not n.held:
+        disk = n.disk
+        if not disk.unsynced and not n.held:
             if not quiet_if_none:
                 self.say(f"> {n.rid} nothing to persist")
             return False
-        count = len(n.unsynced)
-        n.durable.extend(n.unsynced)
-        n.unsynced = []
+        count = len(disk.unsynced)
+        disk.durable.extend(disk.unsynced)
+        disk.unsynced = []
+        disk.syncing = False
         self.say(f"> {n.rid} persisted {count} record{'s' if count != 1 else ''}")
-        for to, m in n.held:
-            self.net.append((n.rid, to, m))
-            self.say(f"  send: {self.fmt_message(n.rid, to, m)}")
-        n.held = []
         before = self.snapshot()
-        n.core.persisted(n.persist_id)
+        self.show_effects(n, n.node.release_durable)
         self.observe(before)
         return True
+
+    def show_effects(self, n: Node, action, *args) -> None:
+        """Run `action` on node `n`; print the records it appended and what it sent."""
+        sent = len(self.net)
+        disk = n.disk
+        appended = disk.last_seq
+        base = disk.base
+        action(*args)
+        for r in disk.unsynced[len(disk.unsynced) - (disk.last_seq - appended):]:
+            self.say(f"  persist: {self.fmt_record(r)}")
+        for s, d, m in self.net[sent:]:
+            self.say(f"  send: {self.fmt_message(s, d, m)}")
+        if n.up and disk.base != base:
+            self.say(f"  compacted: {disk.base - base} records deleted, {len(disk.durable)} "
+                     f"left; log starts at slot {n.core.log_start}")
 
     def blocked(self, src: int, dst: int) -> str | None:
         node = self.nodes.get(dst)
@@ -516,13 +678,17 @@ class Transcript:
         if why:
             self.say(f"{self.fmt_message(src, dst, m)} DROPPED ({why})")
             return
+        n = self.nodes[dst]
         for _ in range(times):
             self.say(self.fmt_message(src, dst, m))
             before = self.snapshot()
+            sent = len(self.net)
             try:
-                self.nodes[dst].core.step(copy_tuple(m))
-            except Exception as exc:  # a MessageError or a failed invariant
+                n.node.on_peer_message(src, copy_tuple(m))
+            except Exception as exc:  # a ProtocolError or a failed invariant
                 self.say(f"  error: {type(exc).__name__}: {exc}")
+            for s, d, out in self.net[sent:]:  # the transfer answers at once
+                self.say(f"  send: {self.fmt_message(s, d, out)}")
             self.observe(before)
 
     # ------------------------------------------------------------ commands
@@ -537,7 +703,11 @@ class Transcript:
                  "check_quorum": "check_quorum", "pre_vote": "pre_vote",
                  "accept_ahead": "accept_ahead_max",
                  "message_bytes": "message_bytes_max", "batch_bytes": "batch_bytes_max"}
+        node_names = {"retain": "retain_slots", "chunk": "chunk_bytes",
+                      "chunk_ticks": "chunk_ack_ticks", "chunk_tries": "chunk_tries"}
         self.seed = int(opts.pop("seed", 7))
+        self.node_settings = {node_names[k]: int(opts.pop(k)) for k in list(opts)
+                              if k in node_names}
         kwargs = {}
         for k, v in opts.items():
             if k not in names:
@@ -547,16 +717,25 @@ class Transcript:
         self.config = Config(check_invariants=True, **kwargs)
         self.nodes = {i: Node(i) for i in range(1, int(pos[0]) + 1)}
         self.net, self.groups, self.clients, self.chosen = [], None, {}, {}
-        self.reported = set()
+        self.reported, self.replies, self.requests = set(), [], {}
         for n in self.nodes.values():
             self.boot(n)
         self.say(f"{len(self.nodes)} replicas, quorum {len(self.nodes) // 2 + 1}")
 
     def boot(self, n: Node) -> None:
         n.incarnation += 1
-        n.core = Replica(n.rid, list(self.nodes), KVStore(), self.config,
-                         seed=self.seed * 1000 + n.incarnation)
-        n.core.recover([copy_tuple(r) for r in n.durable], n.snapshot or genesis())
+        core = Replica(n.rid, list(self.nodes), KVStore(), self.config,
+                       seed=self.seed * 1000 + n.incarnation)
+        options = NodeOptions(
+            replica_id=n.rid, cluster={i: f"r{i}" for i in self.nodes}, cluster_id="t",
+            snapshot_bytes=1 << 60, snapshot_slots=1 << 60, follower_inline_sync=False,
+            drive_lone_requests=False, check_invariants=True, **self.node_settings)
+        n.node = ReplicaNode(options, core, n.disk, Net(self, n.rid), lambda: None,
+                             validate_state=lambda state: KVStore().restore(state))
+        n.disk.node = n.node
+        files = n.disk.files
+        latest = snapshots.decode(files[max(files)], "t") if files else None
+        n.node.recover([copy_tuple(r) for r in n.disk.durable], latest or genesis())
         n.checked = 0
 
     def cmd_tick(self, args):
@@ -564,9 +743,12 @@ class Transcript:
             raise ScriptError("tick IDS [n]")
         nodes = self.ids(args[0])
         before = self.snapshot()
+        sent = len(self.net)
         for _ in range(int(args[1]) if len(args) > 1 else 1):
             for n in nodes:
-                n.core.tick()
+                n.node.tick()
+        for s, d, m in self.net[sent:]:  # a snapshot transfer's resent chunk
+            self.say(f"send: {self.fmt_message(s, d, m)}")
         self.observe(before, indent="")
 
     def cmd_campaign(self, args):
@@ -575,7 +757,7 @@ class Transcript:
             raise ScriptError(f"{n.rid} is {n.core.role}, not a follower")
         before = self.snapshot()
         for k in range(1, 4 * self.config.election_ticks + 1):
-            n.core.tick()
+            n.node.tick()
             if n.core.role != "follower":
                 self.say(f"{n.rid} campaigns after {k} ticks")
                 self.observe(before, indent="")
@@ -588,7 +770,7 @@ class Transcript:
             raise ScriptError(f"{n.rid} is {n.core.role}, not the leader")
         for _ in range(2 * self.config.heartbeat_ticks + 1):
             before = self.snapshot()
-            n.core.tick()
+            n.node.tick()
             self.observe(before, indent="")
             rd = self.process(n, quiet_if_none=True)
             if rd is not None and any(m[0] == MESSAGE_TYPES["HEARTBEAT"] for _, m in rd.messages):
@@ -649,6 +831,8 @@ class Transcript:
                 self.observe(before)
                 if self.persist(n, quiet_if_none=True):
                     moved = True
+                if self.complete(n, len(n.disk.ops)):
+                    moved = True
             batch, self.net = self.net, []
             for s, d, m in batch:
                 moved = True
@@ -693,15 +877,28 @@ class Transcript:
             raise ScriptError(f"client {c.name} sent nothing yet")
         self.submit(n, c.last)
 
+    def request(self, n: Node, conn: str, request: tuple, meaning: tuple) -> list:
+        """Hand a client request to the node; return the replies it gave at once."""
+        self.requests[request[1]] = meaning
+        replied = len(self.replies)
+        n.node.on_client_request(conn, request)
+        return [r for _, _, r in self.replies[replied:]]
+
+    def new_request_id(self) -> int:
+        self.next_request += 1
+        return self.next_request
+
     def submit(self, n: Node, batch: bytes) -> None:
         label = self.fmt_value(batch)
         sid, first = struct.unpack_from("<QQ", batch)
-        status = n.core.propose(batch)
-        if status == PROPOSED:
-            n.proposed[(sid, first)] = n.proposed.get((sid, first), 0) + 1
+        name = f"{self.client_name(sid)}#{first}"
+        answers = self.request(n, self.client_name(sid),
+                               ("submit", self.new_request_id(), batch),
+                               ("submit", name, sid, first))
+        if not answers:
             self.say(f"{label} at {n.rid}: proposed")
         else:
-            word = "not leader" if status == NOT_LEADER else "busy"
+            word = "not leader" if answers[0][0] == "redirect" else "busy"
             self.say(f"{label} at {n.rid}: {word} (leader_id={n.core.leader_id})")
 
     def cmd_read(self, args):
@@ -710,21 +907,73 @@ class Transcript:
         n, rid = self.node(args[0]), args[1]
         key = args[2] if len(args) > 2 else "k"
         before = self.snapshot()
-        if n.core.read(rid):
-            n.reads[rid] = b"G" + key.encode()
+        answers = self.request(n, "reader", ("read", self.new_request_id(),
+                                             [b"G" + key.encode()], False), ("read", rid, key))
+        if not answers:
             self.say(f"read {rid} (get {key}) at {n.rid}: registered")
         else:
             self.say(f"read {rid} (get {key}) at {n.rid}: refused (leader_id={n.core.leader_id})")
         self.observe(before)
 
+    def cmd_snapshot(self, args):
+        n = self.node(args[0])
+        before = self.snapshot()
+        started = []
+        self.show_effects(n, lambda: started.append(n.node.take_snapshot()))
+        if started[0]:
+            self.out.insert(len(self.out) - sum(1 for line in self.out if line.startswith("  ")),
+                            f"{n.rid} snapshot at slot {n.node.snapshot_job.index}")
+        else:
+            self.say(f"{n.rid} no snapshot (one is running, or nothing applied since)")
+        self.observe(before)
+
+    def complete(self, n: Node, limit: int) -> bool:
+        """End up to `limit` of the replica's file operations pending now (those they
+        start wait for the next call); True if any ended."""
+        done = 0
+        limit = min(limit, len(n.disk.ops))
+        while n.up and n.disk.ops and done < limit:
+            what, action, op_args = n.disk.ops.pop(0)
+            self.say(f"> {n.rid} {what}")
+            before = self.snapshot()
+            self.show_effects(n, action, *op_args)
+            self.observe(before)
+            done += 1
+        return done > 0
+
+    def cmd_complete(self, args):
+        pos, opts = self.options(args)
+        limit = int(opts.get("n", 1 << 30))
+        any_done = False
+        for n in self.ids(pos[0] if pos else "all"):
+            any_done |= self.complete(n, limit)
+        if not any_done:
+            self.say("no file operations pending")
+
+    def cmd_corrupt(self, args):
+        pos, opts = self.options(args)
+        src = int(opts["from"]) if "from" in opts else None
+        dst = int(opts["to"]) if "to" in opts else None
+        limit = int(opts.get("n", 1 << 30))
+        done = 0
+        for i, (s, d, m) in enumerate(self.net):
+            if (m[0] == wire.SNAPSHOT_CHUNK and done < limit and (src is None or s == src)
+                    and (dst is None or d == dst) and m[5]):
+                data = bytearray(m[5])
+                data[len(data) // 2] ^= 0x01
+                self.net[i] = (s, d, m[:5] + (bytes(data),))
+                self.say(f"{self.fmt_message(s, d, m)} CORRUPTED")
+                done += 1
+        if not done:
+            self.say("no matching messages")
+
     def cmd_crash(self, args):
         n = self.node(args[0])
-        lost, held = len(n.unsynced), len(n.held)
-        n.core, n.unsynced, n.held = None, [], []
-        n.proposed.clear()
-        n.reads.clear()
+        lost, held = len(n.disk.unsynced), n.held
+        n.node = None
+        n.disk.crash()
         self.say(f"{n.rid} crashed: lost {lost} unsynced records and {held} held messages; "
-                 f"{len(n.durable)} records durable")
+                 f"{len(n.disk.durable)} records durable")
 
     def cmd_restart(self, args):
         n = self.node(args[0], live=False)
@@ -732,38 +981,23 @@ class Transcript:
             raise ScriptError(f"{n.rid} is running")
         self.boot(n)
         c = n.core
-        self.say(f"{n.rid} restarted from {len(n.durable)} records: b={format_ballot(c.ballot)} "
+        snap = f"snapshot {n.node.snapshot_index} and " if n.node.snapshot_index else ""
+        self.say(f"{n.rid} restarted from {snap}{len(n.disk.durable)} records: b={format_ballot(c.ballot)} "
                  f"commit={c.commit_index} applied={c.applied_index} last={c.last_slot}")
-
-    def cmd_snapshot(self, args):
-        n = self.node(args[0])
-        n.snapshot = n.core.snapshot()
-        n.cut = len(n.durable) + len(n.unsynced)
-        self.say(f"{n.rid} snapshot at slot {n.snapshot[0]} (the next ready restates the log)")
-
-    def cmd_compact(self, args):
-        n = self.node(args[0])
-        if n.cut is None or n.unsynced or len(n.durable) <= n.cut:
-            raise ScriptError(f"{n.rid} has no durable restatement after a snapshot")
-        dropped, n.durable, n.cut = n.cut, n.durable[n.cut:], None
-        n.core.compact(n.snapshot[0])
-        self.say(f"{n.rid} deleted {dropped} records; {len(n.durable)} left; "
-                 f"log starts at slot {n.core.log_start}")
 
     def cmd_install(self, args):
         if len(args) != 2:
             raise ScriptError("install ID FROM")
         n, source = self.node(args[0]), self.node(args[1], live=False)
-        if source.snapshot is None:
-            raise ScriptError(f"{source.rid} has no snapshot")
-        index, _, sessions, state = source.snapshot
+        files = source.disk.files
+        if not files:
+            raise ScriptError(f"{source.rid} has no snapshot file")
+        index = max(files)
+        data = files[index]
+        self.say(f"{source.rid}'s snapshot file at slot {index} ({len(data)} bytes) reaches "
+                 f"{n.rid}")
         before = self.snapshot()
-        if n.core.install_snapshot(index, sessions, state):
-            n.snapshot = source.snapshot
-            n.cut = len(n.durable) + len(n.unsynced)
-            self.say(f"{n.rid} installed {source.rid}'s snapshot at slot {index}")
-        else:
-            self.say(f"{n.rid} ignored {source.rid}'s snapshot at slot {index} (not newer)")
+        self.show_effects(n, n.node.on_snapshot_chunk, source.rid, index, 0, len(data), data)
         self.observe(before)
 
     def cmd_partition(self, args):
@@ -787,14 +1021,18 @@ class Transcript:
     def cmd_status(self, args):
         for n in self.nodes.values():
             if not n.up:
-                self.say(f"{n.rid} down ({len(n.durable)} records durable)")
+                self.say(f"{n.rid} down ({len(n.disk.durable)} records durable)")
                 continue
             c = n.core
             line = (f"{n.rid} {c.role:<9} b={format_ballot(c.ballot)} leader={c.leader_id} "
                     f"commit={c.commit_index} applied={c.applied_index} last={c.last_slot} "
                     f"digest={c.state_machine.state_digest()}")
-            if n.unsynced or n.held:
-                line += f" unsynced={len(n.unsynced)} held={len(n.held)}"
+            if n.disk.unsynced or n.held:
+                line += f" unsynced={len(n.disk.unsynced)} held={n.held}"
+            if n.node.snapshot_index:
+                line += f" snapshot={n.node.snapshot_index} log_start={c.log_start}"
+            if n.disk.ops:
+                line += f" file_ops={len(n.disk.ops)}"
             self.say(line)
         if self.net:
             self.say(f"in flight: {len(self.net)} messages")

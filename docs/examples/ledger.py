@@ -52,7 +52,7 @@ import json
 __all__ = [
     "Ledger", "LedgerError", "InsufficientFunds", "UnknownAccount", "AccountExists",
     "BadCommand", "open_account", "deposit", "withdraw", "transfer", "balance",
-    "balances", "total", "decode",
+    "balances", "total", "decode", "workload",
 ]
 
 MAX_AMOUNT = 10**15  # per command; keeps every balance an exact integer
@@ -252,3 +252,17 @@ def total() -> bytes:
 def decode(result: bytes):
     """A command's or query's result bytes -> the Python value."""
     return json.loads(result)
+
+
+def workload(rng) -> bytes:
+    """A random ledger command (for `cypaxos.testing.simulate`): opens, deposits,
+    withdrawals and transfers among a few accounts, some of them refused."""
+    names = ["alice", "bob", "carol", "dave"]
+    kind = rng.random()
+    if kind < 0.15:
+        return open_account(rng.choice(names))
+    if kind < 0.45:
+        return deposit(rng.choice(names), rng.randint(1, 100))
+    if kind < 0.65:
+        return withdraw(rng.choice(names), rng.randint(1, 100))
+    return transfer(rng.choice(names), rng.choice(names), rng.randint(1, 100))

@@ -19,6 +19,7 @@ from cypaxos.errors import (
 )
 
 __version__ = "0.1.0"
+"""The package version: its one source (pyproject.toml reads it, `cypaxos --version` prints it)."""
 
 __all__ = [
     "connect", "open_client", "Client", "BlockingClient",

@@ -3,7 +3,7 @@
 Trio wraps what leaves a nursery in a `BaseExceptionGroup`; a user should see the one
 expected error ("cannot listen on ...: address in use"), not a group traceback.
 Python 3.11+ has the group types built in; on 3.10 they come from the
-``exceptiongroup`` backport (a dependency of Trio there).
+``exceptiongroup`` backport (a dependency of cypaxos, and of Trio, there).
 """
 from __future__ import annotations
 

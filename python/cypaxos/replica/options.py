@@ -56,7 +56,7 @@ class ServerOptions:
     # redirected clients use to reach this replica.  None: its address in `cluster`.
     listen: str | None = None
     advertise: str | None = None
-    follower_inline_fsync: bool = True  # see ReplicaServer.sync_inline
+    follower_inline_fsync: bool = True  # see ReplicaNode.sync_inline
     frame_bytes_max: int = FRAME_BYTES_MAX
     # Disk stays near 3 x wal_segment_bytes (segments are preallocated, the next one
     # ahead) + snapshot_bytes + two snapshot files.
@@ -64,14 +64,42 @@ class ServerOptions:
     snapshot_slots: int = 100_000  # ... or once this many slots were applied since
     retain_slots: int = 64  # slots kept in memory after a snapshot for lagging peers
     wal_segment_bytes: int = 8 << 20
+    snapshot_receive_bytes_max: int = 1 << 34  # a snapshot transfer larger than this is refused
+    # Leader leases (docs/cli.md, "Leases"): reads served by a leader without a quorum
+    # round, trusting that no replica's clock runs more than clock_drift_ms faster or
+    # slower than the leader's over one election timeout.
+    read_lease: bool = False
+    clock_drift_ms: int | None = None
     core: dict = field(default_factory=dict)  # overrides of cypaxos.core.Config
 
     def core_config(self) -> Config:
-        """The core's settings: ~30 ms heartbeats and 250-500 ms election timeouts."""
+        """The core's settings: ~30 ms heartbeats and 250-500 ms election timeouts;
+        with `read_lease`, a lease of the election timeout less the drift bound and
+        one tick.
+
+        Raises ConfigError (one line) for a lease whose drift bound leaves no lease.
+        """
         ticks_per_s = 1000 / self.tick_ms
         settings = dict(heartbeat_ticks=max(1, math.ceil(0.03 * ticks_per_s)),
                         election_ticks=max(3, math.ceil(0.25 * ticks_per_s)),
                         resend_ticks=max(1, math.ceil(0.1 * ticks_per_s)),
                         window_slots=64, batch_bytes_max=1 << 20, pre_vote=True)
         settings.update(self.core)
-        return Config(**settings)
+        if self.read_lease:
+            election_ticks = settings["election_ticks"]
+            if self.clock_drift_ms is None:
+                raise ConfigError("--read-lease needs an explicit --clock-drift-ms bound")
+            drift_ticks = math.ceil(self.clock_drift_ms / self.tick_ms)
+            # One tick less again: a follower counts the election timeout from the
+            # tick it heard the leader in, which may have begun up to a tick earlier.
+            lease_ticks = election_ticks - drift_ticks - 1
+            if self.clock_drift_ms < 0 or lease_ticks < 1:
+                raise ConfigError(
+                    f"--clock-drift-ms {self.clock_drift_ms} leaves no lease: a lease plus "
+                    f"the drift bound must fit the election timeout "
+                    f"({election_ticks * self.tick_ms} ms)")
+            settings.update(lease_ticks=lease_ticks, clock_drift_ticks=drift_ticks)
+        try:
+            return Config(**settings)
+        except ValueError as exc:
+            raise ConfigError(f"core settings: {exc}") from None

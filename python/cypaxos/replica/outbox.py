@@ -4,7 +4,8 @@ to the socket.
 An `Outbox` is one connection's send queue (a peer link's, or a client's as a
 `Conn`).  Frames queued during a round are written with one non-blocking
 `os.write` at its end (`flush()`); only what the kernel does not take goes through
-the connection's writer task (`run_writer`).
+the connection's writer task (`run_writer`).  `SocketTransport` is the node's
+`Transport` over them.
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import os
 
 import trio
 
-__all__ = ["Outbox", "Conn"]
+from ..wire import encode_frame
+
+__all__ = ["Outbox", "Conn", "SocketTransport"]
 
 
 class Outbox:
@@ -97,3 +100,54 @@ class Conn(Outbox):
     def __init__(self, name: str, frames_max: int) -> None:
         super().__init__(frames_max)
         self.name = name
+
+
+class SocketTransport:
+    """`cypaxos.replica.node.Transport` over the peer links' outboxes and the clients'
+    connections.
+
+    `send` encodes a message once for all peers (the core gives each peer its own
+    tuple of one ACCEPT, sharing the values list, so the comparison is cheap) and
+    queues it on the peer's outbox (dropped, and counted, when the link's queue is
+    full: the core resends what matters).  `reply` queues a reply on the client's
+    `Conn`, cutting off a client that does not read its replies.  `flush` writes every
+    outbox that got frames since the last flush, one `os.write` each.
+    """
+
+    __slots__ = ("peer_links", "dirty", "stats", "last_peer_msg", "last_peer_frame")
+
+    def __init__(self, peer_links: dict, stats: dict) -> None:
+        self.peer_links = peer_links   # peer id -> Outbox
+        self.dirty: set = set()        # outboxes with frames put since the last flush
+        self.stats = stats             # the node's counters (peer_drops, client_drops)
+        self.last_peer_msg = None      # the last message send encoded, and its frame
+        self.last_peer_frame = b""
+
+    def send(self, peer: int, message: tuple) -> None:
+        outbox = self.peer_links[peer]
+        if message == self.last_peer_msg:
+            frame = self.last_peer_frame
+        else:
+            frame = encode_frame(message)
+            self.last_peer_msg = message
+            self.last_peer_frame = frame
+        if outbox.put(frame):
+            self.dirty.add(outbox)
+        else:
+            self.stats["peer_drops"] += 1
+
+    def reply(self, conn: Conn, reply: list) -> None:
+        if conn.put(encode_frame(reply)):
+            self.dirty.add(conn)
+        elif not conn.closed:
+            # A client that does not read its replies is cut off rather than let us
+            # buffer without bound.
+            self.stats["client_drops"] += 1
+            conn.close()
+
+    def flush(self) -> None:
+        dirty = self.dirty
+        if dirty:
+            for outbox in dirty:
+                outbox.flush()
+            dirty.clear()

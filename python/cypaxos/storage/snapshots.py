@@ -8,6 +8,11 @@ the old set of snapshots or the new one, never a half-written file under a final
 The WAL is truncated only once a snapshot is durable, so the newest snapshot may be
 the only copy of what it covers: a damaged one stops the replica with a clear error
 rather than be skipped.
+
+A snapshot being received from a peer is written to `incoming-<peer>.part` in the same
+directory, chunk by chunk (bounded memory); it is read back and verified before it is
+written as a snapshot file.  Incoming files are never durable: one left by a crash is
+deleted at open, and the transfer starts over.
 """
 from __future__ import annotations
 
@@ -79,6 +84,14 @@ def decode(data: bytes, cluster_id: str, origin: str = "snapshot") -> tuple:
     return index, promised, sessions, state
 
 
+def decode_unchecked(data: bytes) -> tuple:
+    """File bytes -> `(index, promised, sessions, state)` with no checksum, size or
+    cluster check.  Only for the test-only fault that installs unverified snapshots
+    (`cypaxos.replica.node.FAULT_INSTALL_UNVERIFIED`); never use it otherwise."""
+    _, _, index, promised, sessions, state = cbor2.loads(data[HEADER.size:])
+    return index, promised, sessions, state
+
+
 class SnapshotStore:
     """The `snapshots/` directory of one data dir."""
 
@@ -89,7 +102,8 @@ class SnapshotStore:
                 os.makedirs(self.path, exist_ok=True)
                 fsync_dir(data_dir)
             for name in os.listdir(self.path):
-                if name.endswith(".tmp"):  # a write a crash interrupted
+                # A write a crash interrupted, or a transfer that must start over.
+                if name.endswith(".tmp") or name.endswith(".part"):
                     os.unlink(os.path.join(self.path, name))
         except OSError as exc:
             raise StorageError(f"cannot use the snapshot directory {self.path}: "
@@ -158,6 +172,36 @@ class SnapshotStore:
         for old in self.indexes()[:-KEEP]:
             os.unlink(self.file_path(old))
         return final
+
+    def incoming_path(self, peer: int) -> str:
+        """The file a snapshot from replica `peer` is received into."""
+        return os.path.join(self.path, f"incoming-{peer}.part")
+
+    def write_incoming(self, peer: int, offset: int, data: bytes) -> None:
+        """Write `data` at `offset` of the incoming file (0: start it afresh).  Blocking;
+        not durable (the received file is verified and written as a snapshot)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if offset == 0 else 0)
+        fd = os.open(self.incoming_path(peer), flags, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view = view[written:]
+                offset += written
+        finally:
+            os.close(fd)
+
+    def read_incoming(self, peer: int) -> bytes:
+        """The whole incoming file from `peer`.  Blocking."""
+        with open(self.incoming_path(peer), "rb") as f:
+            return f.read()
+
+    def discard_incoming(self, peer: int) -> None:
+        """Delete the incoming file from `peer`, if there is one."""
+        try:
+            os.unlink(self.incoming_path(peer))
+        except FileNotFoundError:
+            pass
 
     def total_bytes(self) -> int:
         """Bytes used by the snapshot files."""

@@ -808,10 +808,13 @@ class Wal:
         if not (self.preallocate and self.fsync):
             return self._create_segment(first)
         spare, self._spare = self._spare, None
-        if spare is None:  # a fresh WAL, or a rotation before the spare was due
+        started = time.perf_counter()
+        # A fresh WAL, or a rotation before the spare was due: this one is written now,
+        # a wait whether or not its thread is already done when ready() asks.
+        made_now = spare is None
+        if made_now:
             spare = _Spare(self._spare_path, self.segment_bytes_max)
-        if not spare.ready():
-            started = time.perf_counter()
+        if made_now or not spare.ready():
             fd = spare.take()
             self.prealloc_waits += 1
             self.prealloc_wait_seconds += time.perf_counter() - started

@@ -1,42 +1,56 @@
-"""A seeded, deterministic simulator for a cluster of cypaxos cores.
+"""A seeded, deterministic simulator for a cluster of production replica nodes.
 
-One seed decides everything: message loss, duplication, delay and reordering,
-partitions (one-way too), crashes that lose whatever was not yet durable (and may keep
-only part of a group commit), restarts from the durable records, and the clients'
-workload.  A run has a *safety phase* with faults, then a *liveness phase* with every
-fault healed, and checks:
+Each replica is a `cypaxos.replica.node.ReplicaNode` (the code the server runs) over
+a simulated disk and network (`cypaxos.testing.simnode`), and each client is the real
+client's calls and session over simulated TCP connections
+(`cypaxos.testing.simclient`).  One seed decides
+everything: message loss, duplication, delay and reordering, corrupted snapshot
+chunks, partitions (one-way too), crashes that lose whatever was not yet durable (and
+may keep only part of a group commit), restarts from the durable records and
+snapshot, every replica's clock rate (skewed, and drifting over the run), and the
+clients' workload.  A run has a *safety phase* with faults, then a *liveness phase*
+with every fault healed, and checks:
 
 * agreement: no slot is ever chosen with two different values (checked on every
   replica's every commit);
 * every replica applies a prefix of that one sequence, and replicas at equal applied
-  indexes have equal state digests;
-* the clients' history (put/get/cas/delete through the real client's session, with
-  its retries, resends and timeouts: `cypaxos.testing.simclient`) is linearizable
-  per key, and a call it reported as certainly not applied had no effect;
+  indexes have equal states (`snapshot()` bytes, and `restore(snapshot())` gives
+  them back);
+* the clients' history (put/get/cas/delete through the client's session, with its
+  retries, resends and timeouts) is linearizable per key, and a call it reported as
+  certainly not applied had no effect (with the key-value workload);
 * liveness: once faults stop, every submitted operation completes within a bound and
-  all replicas converge to the same commit index and state digest.
+  all replicas converge to the same commit index and state.
 
-Time is in simulated microseconds; each replica ticks on its own slightly skewed clock.
-`Simulation(seed).run()` returns a `SimResult`; `SimulationFailure` carries the seed.
-Run one seed from the command line: `python -m cypaxos.testing.sim --seed 42 -v`.
+Snapshots are taken every few dozen slots and the log compacted aggressively, so that
+lagging replicas are sent snapshots in chunks (the transfer of
+`cypaxos.replica.transfer`) under every fault above.
+
+Time is in simulated microseconds.  `Simulation(seed).run()` returns a `SimResult`;
+`SimulationFailure` carries the seed.  Run one seed from the command line:
+`python -m cypaxos.testing.sim --seed 42 -v`.  `cypaxos.testing.simulate` runs a
+user's own state machine the same way.
 """
 from __future__ import annotations
 
 import argparse
 import heapq
 import random
-import struct
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Optional
 
 from cypaxos import wire
-from cypaxos.core import NOT_LEADER, PROPOSED, BatchError, Config, Replica
-from cypaxos.statemachine import KVStore
-from cypaxos.testing.linearizability import History, check
+from cypaxos.core import Config
+from cypaxos.testing.linearizability import History
 from cypaxos.testing.simclient import SimClient as Client
+from cypaxos.testing.simnode import SimReplica
+from cypaxos.testing.workloads import CommandWorkload, KVWorkload, WorkloadError
 
 MS = 1000  # microseconds per millisecond
 
+__all__ = ["Faults", "SimResult", "Simulation", "SimulationFailure", "KVWorkload",
+           "CommandWorkload", "MS", "main"]
 
 
 class SimulationFailure(AssertionError):
@@ -57,13 +71,22 @@ class Faults:
     partition: bool = True
     torn_writes: bool = True
     disk_latency_us: tuple[int, int] = (50, 15 * MS)
-    clock_skew: float = 0.05  # each replica's tick period differs by up to this fraction
+    corrupt_chunk: float = 0.03  # a snapshot chunk's bytes damaged in flight
+    # Each replica's tick period is tick_us times a rate drawn from clock_rates, and
+    # the rate changes every clock_change_us on average (drift).  With leases, the
+    # ratio of the highest rate to the lowest must stay within the configured bound,
+    # 1 + clock_drift_ticks / lease_ticks (docs/testing.md).
+    clock_rates: tuple[float, float] = (0.95, 1.05)
+    clock_change_us: int = 300 * MS
+    # The worst drift: a leader cut off from its peers gets its clock slowed to this
+    # rate (its lease then lasts longer in real time), None to leave it be.
+    isolated_leader_rate: float | None = None
 
     @classmethod
     def none(cls) -> "Faults":
         """A fault-free network and disk (used for the liveness phase)."""
         return cls(drop=0.0, duplicate=0.0, long_delay=0.0, crash=False,
-                   partition=False, torn_writes=False)
+                   partition=False, torn_writes=False, corrupt_chunk=0.0)
 
 
 @dataclass
@@ -79,259 +102,23 @@ class SimResult:
     messages: int
 
 
-class Disk:
-    """A replica's disk: records become durable only when a sync covering them ends.
-
-    Record positions count from the first record ever written; `base` records at the
-    front were deleted by log compaction.
-    """
-
-    def __init__(self) -> None:
-        self.base = 0
-        self.durable: list = []
-        self.unsynced: list = []
-        self.sync_due: int | None = None  # when the sync in flight ends
-        self.sync_covers = 0  # position up to which the sync in flight makes records durable
-        self.snapshot = None  # the latest durable snapshot (index, promised, sessions, state)
-
-    @property
-    def written(self) -> int:
-        """Position after the last record handed to the disk (durable or not)."""
-        return self.base + len(self.durable) + len(self.unsynced)
-
-    @property
-    def durable_end(self) -> int:
-        return self.base + len(self.durable)
-
-    def truncate_before(self, position: int) -> None:
-        """Delete durable records before `position` (they are covered by a snapshot)."""
-        drop = min(position, self.durable_end) - self.base
-        if drop > 0:
-            del self.durable[:drop]
-            self.base += drop
-
-    def crash(self, rng: random.Random, torn: bool) -> None:
-        """Lose what was not durable; a torn group commit may keep part of it, in order."""
-        keep = rng.randrange(len(self.unsynced) + 1) if torn and self.unsynced else 0
-        self.durable.extend(self.unsynced[:keep])
-        self.unsynced = []
-        self.sync_due = None
-        self.sync_covers = 0
-
-
-class Node:
-    """One replica process: its core, disk, clock and the shell's pending client work."""
-
-    def __init__(self, sim: "Simulation", rid: int) -> None:
-        self.sim = sim
-        self.rid = rid
-        self.disk = Disk()
-        self.up = True
-        self.incarnation = 0
-        skew = 1 + sim.rng.uniform(-sim.faults.clock_skew, sim.faults.clock_skew)
-        self.tick_us = int(sim.tick_us * skew)
-        self.core: Replica = None  # type: ignore[assignment]
-        self.after: list = []  # (records_written_required, persist_id, messages)
-        self.pending_batches: dict = {}  # (session, first_seq) -> (connection, request id)
-        self.pending_reads: dict = {}  # read id -> (connection, request id, queries)
-        self.checked_commit = 0
-        self.snapshot_every = sim.rng.randint(10, 60) if sim.snapshots else 0
-        self.start()
-
-    def start(self) -> None:
-        """Boot (or reboot) from whatever is durable: the latest snapshot and the log."""
-        self.incarnation += 1
-        self.core = Replica(self.rid, self.sim.ids, KVStore(), self.sim.config,
-                            seed=self.sim.seed * 1000 + self.rid * 10 + self.incarnation)
-        self.core.recover(list(self.sim.decode_records(self.disk.durable)), self.disk.snapshot)
-        self.after = []
-        self.pending_batches = {}
-        self.pending_reads = {}
-        self.checked_commit = 0
-        self.snapshot_writing = False  # a snapshot file is being written
-        self.restating = None  # (snapshot, cut): the next Ready restates the log
-        self.compaction = None  # (snapshot, cut, restate_end) waiting to become durable
-        self.sending_snapshot: set[int] = set()
-        self.up = True
-        self.sim.check_commits(self)
-
-    def maybe_snapshot(self) -> None:
-        """Take a snapshot every `snapshot_every` applied slots (one at a time)."""
-        core = self.core
-        last = self.disk.snapshot[0] if self.disk.snapshot else 0
-        if (self.snapshot_every and not self.snapshot_writing and self.compaction is None
-                and core.applied_index - last >= self.snapshot_every):
-            self.restating = (core.snapshot(), self.disk.written)
-            self.snapshot_writing = True
-            self.sim.count("snapshot")
-
-    def after_restatement(self, snapshot, cut: int, write_snapshot: bool) -> None:
-        """The Ready just handled restated the log: compaction may follow once durable."""
-        self.compaction = (snapshot, cut, self.disk.written)
-        if write_snapshot:
-            # Writing the snapshot file takes a while; a crash meanwhile loses it.
-            due = self.sim.now + 3 * self.sim.rng.randint(*self.sim.faults.disk_latency_us)
-            self.sim.schedule(due, "snapshot_written", self.rid, self.incarnation)
-        else:
-            self.maybe_compact()
-
-    def snapshot_written(self) -> None:
-        snapshot = self.compaction[0]
-        if self.disk.snapshot is None or snapshot[0] > self.disk.snapshot[0]:
-            self.disk.snapshot = snapshot
-        self.snapshot_writing = False
-        self.maybe_compact()
-
-    def maybe_compact(self) -> None:
-        """Delete covered log records once the snapshot and the restatement are durable."""
-        if self.compaction is None or self.snapshot_writing:
-            return
-        snapshot, cut, restate_end = self.compaction
-        if self.disk.durable_end < restate_end:
-            return
-        self.disk.truncate_before(cut)
-        # Keep a few slots in memory for slightly lagging peers; the rest go.
-        self.core.compact(snapshot[0] - self.sim.rng.randint(0, 5))
-        self.compaction = None
-        self.sim.count("compaction")
-
-    def install(self, snapshot) -> None:
-        """A peer's snapshot arrived and was written durably: adopt it if newer."""
-        if self.disk.snapshot is None or snapshot[0] > self.disk.snapshot[0]:
-            self.disk.snapshot = snapshot
-        index, _, sessions, state = snapshot
-        if self.compaction is None and not self.snapshot_writing:
-            if self.core.install_snapshot(index, sessions, state):
-                self.sim.count("snapshot_installed")
-                self.restating = (snapshot, self.disk.written)
-                self.process(written=True)
-                self.sim.check_commits(self)
-
-    def crash(self) -> None:
-        """SIGKILL: everything in memory is gone, and so is the unsynced disk tail."""
-        self.up = False
-        self.disk.crash(self.sim.rng, self.sim.faults.torn_writes)
-        self.after = []
-
-    def process(self, written: bool = False) -> None:
-        """Carry out what the core asks (the shell's loop body)."""
-        while self.up:
-            if self.restating is None:
-                self.maybe_snapshot()
-            restating = self.restating
-            self.restating = None
-            rd = self.core.ready()
-            if rd is None:
-                return
-            sim = self.sim
-            for peer in rd.snapshot_to:
-                if self.disk.snapshot is not None and peer not in self.sending_snapshot:
-                    self.sending_snapshot.add(peer)
-                    sim.send(self.rid, peer, ("SNAPSHOT", self.disk.snapshot))
-                    sim.schedule(sim.now + 200 * MS, "snapshot_sent", self.rid, peer)
-            if rd.records:
-                self.disk.unsynced.extend(sim.encode_records(rd.records))
-                if self.disk.sync_due is None:
-                    self.disk.sync_due = sim.now + sim.rng.randint(*sim.faults.disk_latency_us)
-                    self.disk.sync_covers = self.disk.written
-                    sim.schedule(self.disk.sync_due, "sync", self.rid, self.incarnation)
-            for to, msg in rd.messages:
-                sim.send(self.rid, to, msg)
-            if rd.messages_after_persist or rd.records:
-                self.after.append((self.disk.written, rd.persist_id, rd.messages_after_persist))
-            for sid, first, packed in rd.results:
-                waiter = self.pending_batches.pop((sid, first), None)
-                if waiter is not None:
-                    waiter[0].reply(wire.ok(waiter[1], packed))
-            for rid in rd.reads:
-                conn, request_id, queries = self.pending_reads.pop(rid)
-                query = self.core.state_machine.query
-                conn.reply(wire.ok(request_id, [query(q) for q in queries]))
-            for rid in rd.reads_failed:
-                conn, request_id, _ = self.pending_reads.pop(rid)
-                conn.reply(wire.redirect(request_id, self.leader_address()))
-            if rd.lost_leadership:
-                for conn, request_id in self.pending_batches.values():
-                    conn.reply(wire.redirect(request_id, self.leader_address()))
-                self.pending_batches = {}
-            if restating is not None:
-                self.after_restatement(restating[0], restating[1], write_snapshot=not written)
-                written = False
-            sim.check_commits(self)
-
-    def sync_done(self) -> None:
-        """The fsync in flight finished: release what waited for it."""
-        disk = self.disk
-        covered = disk.sync_covers
-        moved = covered - disk.durable_end
-        disk.durable.extend(disk.unsynced[:moved])
-        del disk.unsynced[:moved]
-        disk.sync_due = None
-        ready_upto = 0
-        keep = []
-        for required, persist_id, msgs in self.after:
-            if required <= covered:
-                for to, msg in msgs:
-                    self.sim.send(self.rid, to, msg)
-                ready_upto = max(ready_upto, persist_id)
-            else:
-                keep.append((required, persist_id, msgs))
-        self.after = keep
-        if ready_upto:
-            self.core.persisted(ready_upto)
-        self.maybe_compact()
-        if disk.unsynced:
-            disk.sync_due = self.sim.now + self.sim.rng.randint(*self.sim.faults.disk_latency_us)
-            disk.sync_covers = disk.written
-            self.sim.schedule(disk.sync_due, "sync", self.rid, self.incarnation)
-        self.process()
-
-    def leader_address(self) -> str | None:
-        leader = self.core.leader_id
-        return self.sim.addresses.get(leader) if leader else None
-
-    def on_client(self, conn, request: tuple) -> None:
-        """A client's request (parsed by `wire.parse_client_request`) arrives on `conn`,
-        which takes the replies; handled as the server handles it."""
-        kind, request_id = request[0], request[1]
-        if kind == "submit":
-            batch = request[2]
-            try:
-                status = self.core.propose(batch)
-            except BatchError as exc:
-                conn.reply(wire.error(request_id, "bad_request", str(exc)))
-                return
-            if status == PROPOSED:
-                self.pending_batches[struct.unpack_from("<QQ", batch)] = (conn, request_id)
-            elif status == NOT_LEADER:
-                conn.reply(wire.redirect(request_id, self.leader_address()))
-            else:
-                conn.reply(wire.error(request_id, "busy", "the leader's queue is full"))
-        elif kind == "read":
-            queries, stale = request[2], request[3]
-            if stale:
-                query = self.core.state_machine.query
-                conn.reply(wire.ok(request_id, [query(q) for q in queries]))
-                return
-            read_id = self.sim.new_id()
-            if self.core.read(read_id):
-                self.pending_reads[read_id] = (conn, request_id, queries)
-            else:
-                conn.reply(wire.redirect(request_id, self.leader_address()))
-        else:
-            conn.reply(wire.error(request_id, "bad_request", f"no {kind} in the simulation"))
-        self.process()
-
-
 class Simulation:
-    """One seeded run of a cluster under faults, with safety and liveness checks."""
+    """One seeded run of a cluster under faults, with safety and liveness checks.
+
+    `node_fault` sets test-only `cypaxos.replica.node.FAULT_*` bits (a broken shell the
+    run must catch).  `workload` is a `KVWorkload` (default) or a `CommandWorkload`.
+    """
 
     def __init__(self, seed: int, replicas: int = 3, clients: int = 4,
                  faults: Faults | None = None, config: Config | None = None,
                  safety_us: int = 2_500 * MS, liveness_us: int = 6_000 * MS,
-                 keys: int = 4, verbose: bool = False, snapshots: bool = True) -> None:
+                 keys: int = 4, verbose: bool = False, snapshots: bool = True,
+                 node_fault: int = 0, workload=None,
+                 snapshot_slots: tuple[int, int] = (10, 60)) -> None:
         self.seed = seed
         self.snapshots = snapshots
+        self.snapshot_slots = snapshot_slots  # each replica snapshots every N slots, N in it
+        self.node_fault = node_fault
         self.rng = random.Random(seed)
         self.faults = faults if faults is not None else Faults()
         self.config = config if config is not None else Config(
@@ -342,28 +129,32 @@ class Simulation:
             settings = self.config.as_dict()
             settings["pre_vote"] = True
             self.config = Config(**settings)
+        self.workload = workload if workload is not None else KVWorkload(keys)
         self.tick_us = 10 * MS
         self.safety_us = safety_us
         self.liveness_us = liveness_us
         self.verbose = verbose
         self.ids = list(range(1, replicas + 1))
-        self.keys = [b"k%d" % i for i in range(keys)]
-        self.written: dict = {k: [] for k in self.keys}
+        self.addresses = {i: f"sim-{i}:7000" for i in self.ids}
+        self.address_ids = {a: i for i, a in self.addresses.items()}
+        self.cluster_id = "sim"
         self.now = 0
         self.events: list = []
         self.seq = 0
         self.ids_issued = 0
         self.blocked: set[tuple[int, int]] = set()  # (src, dst) pairs that lose everything
         self.chosen: dict[int, bytes] = {}
-        self.history = History()
         self.fault_counts: dict[str, int] = {}
         self.messages = 0
         self.healing = False
-        self.addresses = {i: f"sim-{i}:7000" for i in self.ids}
-        self.address_ids = {a: i for i, a in self.addresses.items()}
-        self.nodes = {i: Node(self, i) for i in self.ids}
+        self.replicas = {i: SimReplica(self, i) for i in self.ids}
         self.clients = [Client(self, 1000 + c, depth=1 + (c % 3)) for c in range(clients)]
         self.client_by_id = {c.cid: c for c in self.clients}
+
+    @property
+    def history(self) -> History:
+        """The clients' history (key-value workload)."""
+        return self.workload.history
 
     # -- plumbing
 
@@ -371,23 +162,27 @@ class Simulation:
         self.ids_issued += 1
         return self.ids_issued
 
+    def new_state_machine(self):
+        return self.workload.new_state_machine()
+
+    def validate_state(self, state: bytes) -> None:
+        """The nodes' check that a received state restores (a scratch state machine)."""
+        self.new_state_machine().restore(state)
+
     def schedule(self, when: int, kind: str, *args) -> None:
         self.seq += 1
         heapq.heappush(self.events, (when, self.seq, kind, args))
 
+    def after_disk(self, rid: int, done, *args, scale: float = 1) -> None:
+        """Run `done(*args)` once a disk operation of replica `rid` ends (never if the
+        replica crashes first)."""
+        low, high = self.faults.disk_latency_us
+        due = self.now + int(scale * self.rng.randint(low, high))
+        self.schedule(due, "disk", rid, self.replicas[rid].incarnation, done, args)
+
     def log(self, text: str) -> None:
         if self.verbose:
             print(f"{self.now / MS:10.3f}ms {text}", file=sys.stderr)
-
-    @staticmethod
-    def encode_records(records: list) -> list:
-        # Records stay tuples: the simulated disk is record-granular, and a torn
-        # write loses whole trailing records (the WAL's recovery guarantees that).
-        return records
-
-    @staticmethod
-    def decode_records(records: list):
-        return records
 
     def delay(self) -> int:
         f = self.faults
@@ -407,41 +202,63 @@ class Simulation:
         self.messages += 1
         deliver, twice = self.lossy(src, dst)
         if deliver:
+            if (msg[0] == wire.SNAPSHOT_CHUNK and not self.healing and msg[5]
+                    and self.rng.random() < self.faults.corrupt_chunk):
+                data = bytearray(msg[5])
+                data[self.rng.randrange(len(data))] ^= 1 << self.rng.randrange(8)
+                msg = msg[:5] + (bytes(data),)
+                self.count("corrupt_chunk")
             self.schedule(self.now + self.delay(), "deliver", src, dst, msg)
             if twice:
                 self.schedule(self.now + self.delay(), "deliver", src, dst, msg)
 
+    def to_client(self, rid: int, conn, reply: list) -> None:
+        """Replica `rid`'s reply on a client's connection (a `simclient.SimConnection`)."""
+        conn.reply(reply)
+
     # -- checks
 
-    def check_commits(self, node: Node) -> None:
+    def check_commits(self, replica: SimReplica) -> None:
         """Agreement: every newly committed slot matches what any replica ever chose."""
-        core = node.core
-        for slot in range(max(node.checked_commit + 1, core.log_start), core.commit_index + 1):
+        core = replica.core
+        for slot in range(max(replica.checked_commit + 1, core.log_start), core.commit_index + 1):
             value = core.chosen_value(slot)
             seen = self.chosen.setdefault(slot, value)
             if seen != value:
                 raise SimulationFailure(
                     f"seed {self.seed}: slot {slot} chosen twice with different values "
-                    f"(replica {node.rid} has {value[:40]!r}, another had {seen[:40]!r})")
-        node.checked_commit = max(node.checked_commit, core.commit_index)
+                    f"(replica {replica.rid} has {value[:40]!r}, another had {seen[:40]!r})")
+        replica.checked_commit = max(replica.checked_commit, core.commit_index)
 
-    def check_digests(self) -> None:
-        by_index: dict[int, tuple[int, str]] = {}
-        for node in self.nodes.values():
-            if not node.up:
+    def check_states(self) -> None:
+        """Replicas at equal applied indexes hold equal states, and each state survives
+        `restore(snapshot())`."""
+        by_index: dict[int, tuple[int, bytes]] = {}
+        for replica in self.replicas.values():
+            if not replica.up:
                 continue
-            core = node.core
-            digest = core.state_machine.state_digest()
-            other = by_index.setdefault(core.applied_index, (node.rid, digest))
-            if other[1] != digest:
+            core = replica.core
+            state = core.state_machine.snapshot()
+            other = by_index.setdefault(core.applied_index, (replica.rid, state))
+            if other[1] != state:
                 raise SimulationFailure(
-                    f"seed {self.seed}: replicas {other[0]} and {node.rid} differ at applied "
-                    f"index {core.applied_index}: {other[1]} != {digest}")
+                    f"seed {self.seed}: replicas {other[0]} and {replica.rid} differ at "
+                    f"applied index {core.applied_index} (snapshot() bytes differ)")
+            scratch = self.new_state_machine()
+            scratch.restore(state)
+            if scratch.snapshot() != state:
+                raise SimulationFailure(
+                    f"seed {self.seed}: replica {replica.rid}: restore(snapshot()) does not "
+                    f"give the same state back at applied index {core.applied_index}")
 
     # -- faults
 
-    def count(self, name: str) -> None:
-        self.fault_counts[name] = self.fault_counts.get(name, 0) + 1
+    def count(self, name: str, n: int = 1) -> None:
+        self.fault_counts[name] = self.fault_counts.get(name, 0) + n
+
+    def leader(self) -> Optional[int]:
+        return next((r.rid for r in self.replicas.values() if r.up and r.core.role == "leader"),
+                    None)
 
     def inject_fault(self) -> None:
         f = self.faults
@@ -453,19 +270,19 @@ class Simulation:
         if not choices:
             return
         kind = self.rng.choice(choices)
-        leader = next((n.rid for n in self.nodes.values() if n.up and n.core.role == "leader"), None)
+        leader = self.leader()
         if kind in ("crash", "crash_leader"):
-            up = [n for n in self.nodes.values() if n.up]
+            up = [r for r in self.replicas.values() if r.up]
             # Crashes that lose an unsynced tail are the interesting ones: prefer them.
-            dirty = [n for n in up if n.disk.unsynced]
+            dirty = [r for r in up if r.storage.unsynced]
             pool = dirty if dirty and self.rng.random() < 0.7 else up
             target = leader if kind == "crash_leader" and leader else (
                 self.rng.choice(pool).rid if pool else None)
-            if target is None or not self.nodes[target].up:
+            if target is None or not self.replicas[target].up:
                 return
-            self.nodes[target].crash()
+            self.replicas[target].crash()
             for client in self.clients:
-                client.replica_crashed(target)   # their connections to it are reset
+                client.replica_crashed(target)   # its connections are reset
             self.count("crash")
             self.log(f"crash {target}")
             self.schedule(self.now + self.rng.randint(20 * MS, 600 * MS), "restart", target)
@@ -475,6 +292,9 @@ class Simulation:
             self.blocked |= {(o, target) for o in self.ids if o != target}
             self.count("partition")
             self.log(f"isolate {target}")
+            if target == leader and f.isolated_leader_rate is not None:
+                self.replicas[target].rate = f.isolated_leader_rate
+                self.replicas[target].rate_held = True
         elif kind == "one_way":
             a, b = self.rng.sample(self.ids, 2)
             self.blocked.add((a, b))
@@ -490,8 +310,16 @@ class Simulation:
             self.count("partition")
             self.log(f"split {left} | {right}")
         else:
-            self.blocked = set()
-            self.log("heal")
+            self.heal()
+
+    def heal(self) -> None:
+        self.blocked = set()
+        for replica in self.replicas.values():
+            replica.rate_held = False
+        self.log("heal")
+
+    def new_rate(self) -> float:
+        return self.rng.uniform(*self.faults.clock_rates)
 
     # -- the run
 
@@ -501,15 +329,21 @@ class Simulation:
             return self._run()
         except SimulationFailure:
             raise
-        except Exception as exc:  # an invariant or a crash inside the core is a failure too
+        except WorkloadError as exc:
+            raise SimulationFailure(f"seed {self.seed}: {exc}") from exc
+        except Exception as exc:  # an invariant or a crash inside the node is a failure too
             raise SimulationFailure(f"seed {self.seed}: {type(exc).__name__}: {exc}") from exc
         finally:
             for client in self.clients:
                 client.shutdown()   # calls still parked end here (checked already)
 
     def _run(self) -> SimResult:
-        for node in self.nodes.values():
-            self.schedule(self.rng.randint(0, node.tick_us), "tick", node.rid)
+        for replica in self.replicas.values():
+            replica.rate = self.new_rate()
+            self.schedule(self.rng.randint(0, self.tick_us), "tick", replica.rid)
+            if self.faults.clock_change_us:
+                self.schedule(self.rng.randint(0, 2 * self.faults.clock_change_us),
+                              "clock_change", replica.rid)
         for c in self.clients:
             self.schedule(self.rng.randint(0, 50 * MS), "client_start", c.cid)
         self.schedule(self.rng.randint(*self.faults.fault_interval_us), "fault")
@@ -526,53 +360,66 @@ class Simulation:
         return self.finish()
 
     def converged(self) -> bool:
-        cores = [n.core for n in self.nodes.values() if n.up]
-        return (len(cores) == len(self.nodes)
+        cores = [r.core for r in self.replicas.values() if r.up]
+        return (len(cores) == len(self.replicas)
                 and len({(c.commit_index, c.applied_index) for c in cores}) == 1
                 and any(c.role == "leader" for c in cores))
 
+    def live(self, rid: int, incarnation: int | None = None) -> Optional[SimReplica]:
+        replica = self.replicas[rid]
+        if not replica.up or (incarnation is not None and replica.incarnation != incarnation):
+            return None
+        return replica
+
+    def after_node(self, replica: SimReplica) -> None:
+        """Checks after a node handled an input."""
+        if replica.up:
+            if replica.node.fatal is not None:
+                raise replica.node.fatal
+            self.check_commits(replica)
+
     def on_tick(self, rid: int) -> None:
-        node = self.nodes[rid]
-        if node.up:
-            node.core.tick()
-            node.process()
-        self.schedule(self.now + node.tick_us, "tick", rid)
+        replica = self.replicas[rid]
+        if replica.up:
+            replica.node.tick()
+            replica.node.drive()
+            self.after_node(replica)
+        self.schedule(self.now + int(self.tick_us * replica.rate), "tick", rid)
+
+    def on_clock_change(self, rid: int) -> None:
+        replica = self.replicas[rid]
+        if not replica.rate_held:
+            replica.rate = self.new_rate()
+        self.schedule(self.now + self.rng.randint(1, 2 * self.faults.clock_change_us),
+                      "clock_change", rid)
+
+    def on_drive(self, rid: int, incarnation: int) -> None:
+        replica = self.live(rid, incarnation)
+        if replica is not None:
+            replica.drive_due = False
+            replica.node.drive()
+            self.after_node(replica)
+
+    def on_disk(self, rid: int, incarnation: int, done, args) -> None:
+        replica = self.live(rid, incarnation)
+        if replica is not None:
+            done(*args)
+            self.after_node(replica)
 
     def on_deliver(self, src: int, dst: int, msg: tuple) -> None:
-        node = self.nodes[dst]
-        if node.up and (src, dst) not in self.blocked:
-            if msg[0] == "SNAPSHOT":
-                # The receiver writes it durably before installing; a crash meanwhile loses it.
-                due = self.now + 3 * self.rng.randint(*self.faults.disk_latency_us)
-                self.schedule(due, "snapshot_received", dst, node.incarnation, msg[1])
-                return
-            node.core.step(msg)
-            node.process()
-
-    def on_snapshot_received(self, rid: int, incarnation: int, snapshot) -> None:
-        node = self.nodes[rid]
-        if node.up and node.incarnation == incarnation:
-            node.install(snapshot)
-
-    def on_snapshot_written(self, rid: int, incarnation: int) -> None:
-        node = self.nodes[rid]
-        if node.up and node.incarnation == incarnation:
-            node.snapshot_written()
-
-    def on_snapshot_sent(self, rid: int, peer: int) -> None:
-        self.nodes[rid].sending_snapshot.discard(peer)
-
-    def on_sync(self, rid: int, incarnation: int) -> None:
-        node = self.nodes[rid]
-        if node.up and node.incarnation == incarnation and node.disk.sync_due == self.now:
-            node.sync_done()
+        replica = self.replicas[dst]
+        if replica.up and (src, dst) not in self.blocked:
+            node = replica.node
+            if node.on_peer_message(src, msg):
+                node.drive()
+            self.after_node(replica)
 
     def on_restart(self, rid: int) -> None:
-        node = self.nodes[rid]
-        if not node.up:
-            node.start()
+        replica = self.replicas[rid]
+        if not replica.up:
+            replica.start()
             self.log(f"restart {rid}")
-            for other in self.nodes.values():
+            for other in self.replicas.values():
                 if other.up:
                     self.check_commits(other)
 
@@ -588,6 +435,13 @@ class Simulation:
         """Something on a client's simulated connection (`cypaxos.testing.simclient`)."""
         handler(*args)
 
+    def client_request(self, rid: int, conn, request: tuple) -> None:
+        """A client's request reaches replica `rid` (if it is up): its node handles it."""
+        replica = self.replicas[rid]
+        if replica.up:
+            replica.node.on_client_request(conn, request)
+            self.after_node(replica)
+
     def on_fault(self) -> None:
         if self.healing:
             return
@@ -597,40 +451,47 @@ class Simulation:
     def on_heal_all(self) -> None:
         """End of the safety phase: heal everything, stop new operations."""
         self.healing = True
-        self.blocked = set()
-        for node in self.nodes.values():
-            if not node.up:
-                node.start()
+        self.heal()
+        for replica in self.replicas.values():
+            if not replica.up:
+                replica.start()
         for c in self.clients:
             c.stopped = True
         self.log("heal all; liveness phase")
 
     def finish(self) -> SimResult:
+        replicas = self.replicas.values()
         stuck = [c.cid for c in self.clients if c.busy()]
         if stuck:
             raise SimulationFailure(
                 f"seed {self.seed}: liveness: clients {stuck} still waiting "
                 f"{self.liveness_us / MS:.0f}ms after faults stopped "
-                f"(roles {[n.core.role for n in self.nodes.values()]}, "
-                f"commits {[n.core.commit_index for n in self.nodes.values()]})")
+                f"(roles {[r.core.role for r in replicas]}, "
+                f"commits {[r.core.commit_index for r in replicas]})")
         if not self.converged():
             raise SimulationFailure(
                 f"seed {self.seed}: liveness: replicas did not converge: "
-                f"{[(n.rid, n.core.role, n.core.commit_index, n.core.applied_index) for n in self.nodes.values()]}")
-        for node in self.nodes.values():
-            self.check_commits(node)
-        self.check_digests()
-        ops = self.history.ops()
-        result = check(ops)
-        if not result.ok:
-            raise SimulationFailure(f"seed {self.seed}: not linearizable: {result.message}")
+                f"{[(r.rid, r.core.role, r.core.commit_index, r.core.applied_index) for r in replicas]}")
+        for replica in replicas:
+            self.check_commits(replica)
+        self.check_states()
+        self.workload.check(self)
+        for name in ("snapshots_taken", "snapshots_installed", "snapshots_sent"):
+            total = sum(r.counter(name) for r in replicas)
+            if total:
+                self.count(name, total)
+        for name in ("chunked_transfers", "competing_transfers"):
+            total = sum(getattr(r.storage, name) for r in replicas)
+            if total:
+                self.count(name, total)
+        done, unknown = self.workload.completed()
         return SimResult(
             seed=self.seed,
-            ops_completed=sum(1 for o in ops if o.outcome == "ok"),
-            ops_unknown=sum(1 for o in ops if o.outcome == "unknown"),
+            ops_completed=done,
+            ops_unknown=unknown,
             faults=dict(self.fault_counts),
-            commit_index=max(n.core.commit_index for n in self.nodes.values()),
-            elections=sum(n.core.statistics()["elections"] for n in self.nodes.values()),
+            commit_index=max(r.core.commit_index for r in replicas),
+            elections=sum(r.core.statistics()["elections"] for r in replicas),
             messages=self.messages,
         )
 
@@ -642,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=100, help="run seeds 0..N-1")
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--fault", type=int, default=0, help="a core FAULT_* bitmask (tests only)")
+    parser.add_argument("--node-fault", type=int, default=0,
+                        help="a replica node FAULT_* bitmask (tests only)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     seeds = [args.seed] if args.seed is not None else range(args.seeds)
@@ -650,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
         config = Config(heartbeat_ticks=2, election_ticks=10, window_slots=8, resend_ticks=3,
                         batch_bytes_max=512, check_invariants=True, fault=args.fault)
         try:
-            r = Simulation(seed, replicas=args.replicas, config=config, verbose=args.verbose).run()
+            r = Simulation(seed, replicas=args.replicas, config=config, verbose=args.verbose,
+                           node_fault=args.node_fault).run()
             print(f"seed {seed}: ok ops={r.ops_completed} unknown={r.ops_unknown} "
                   f"commit={r.commit_index} elections={r.elections} faults={r.faults}")
         except SimulationFailure as exc:

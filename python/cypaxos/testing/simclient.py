@@ -23,12 +23,12 @@ the wiring is the simulator's:
   time, sends what it says on the connection, and dials where it says when none is
   open and one is wanted.
 
-The workload is the key-value one the linearizability checker reads: puts,
-compare-and-sets and deletes in groups of one to three started at once (so that
-they share a batch), and linearizable gets.  Most calls never give up; some have a
-short timeout, and how such a call ended is recorded as the client reports it: a
-`maybe_applied=False` failure as "fail" (the checker then proves that it had no
-effect), anything else unanswered as "unknown".
+What the calls are is the simulation's workload (`cypaxos.testing.workloads`): its
+`next_ops` are started as `submit` calls (a group of them at once, so that they share
+a batch) or a `query`, and their outcomes reported back.  Most calls never give up;
+some have a short timeout, and a call that failed is reported as the client says:
+`maybe_applied` or not (the key-value workload records "unknown" or "fail", and the
+linearizability checker then proves that a "fail" had no effect).
 """
 from __future__ import annotations
 
@@ -41,14 +41,12 @@ from cypaxos import wire
 from cypaxos.client.calls import ClientCalls
 from cypaxos.client.session import SessionSettings
 from cypaxos.errors import ClientError, CommandError
+from cypaxos.protocol import RESULT_ERROR, RESULT_OK
 
 if TYPE_CHECKING:  # pragma: no cover
     from cypaxos.testing.sim import Simulation
 
-__all__ = ["SimClient", "SimConnection", "CLUSTER_ID"]
-
-CLUSTER_ID = "sim"
-"""The cluster id simulated replicas give in their welcome."""
+__all__ = ["SimClient", "SimConnection"]
 
 # The session's timings at the simulation's scale (its network delays are up to a
 # few milliseconds, with some messages held for up to 60 ms).
@@ -99,11 +97,11 @@ class SimConnection:
         sim.schedule(self._up_at, "client_event", self._arrive, body)
 
     def _arrive(self, body: list) -> None:
-        node = self.client.sim.nodes[self.rid]
-        if not node.up or node.incarnation != self.incarnation:
+        sim = self.client.sim
+        if sim.live(self.rid, self.incarnation) is None:
             self.break_()   # the process it connected to is gone: a reset
             return
-        node.on_client(self, wire.parse_client_request(body))
+        sim.client_request(self.rid, self, wire.parse_client_request(body))
 
     def reply(self, body: list) -> None:
         """A reply from the replica."""
@@ -135,10 +133,11 @@ class SimConnection:
 
 
 class SimClient(ClientCalls):
-    """One simulated client process: the client's calls and session, the workload.
+    """One simulated client process: the client's calls and session, running the
+    simulation's workload.
 
-    `depth`: client batches in flight at most (the session's window); the workload
-    keeps about three times that many calls going.
+    `depth`: client batches in flight at most (the session's window); about three
+    times that many calls are kept going.
     """
 
     def __init__(self, sim: "Simulation", cid: int, depth: int) -> None:
@@ -157,7 +156,10 @@ class SimClient(ClientCalls):
         self._ready = collections.deque()   # ... to be resumed
         self._current = None     # the coroutine running now
         self._room_waiters: list = []   # (coroutine, deadline)
-        self._reading = False
+        self._reading = False    # a read is in progress (one at a time)
+        # Most clients mostly write; one in four mostly reads (a stale read shows up
+        # only if someone keeps reading while others write elsewhere).
+        self.read_ratio = 0.9 if cid % 4 == 3 else 0.3
 
     # -- what ClientCalls needs ------------------------------------------------
 
@@ -204,66 +206,44 @@ class SimClient(ClientCalls):
         self._ready.append(coro)
 
     def maybe_start(self) -> None:
-        """Start new calls while there is room (only during the run)."""
+        """Start the workload's next calls while there is room (only during the run)."""
         sim = self.sim
-        workload_max = 3 * self.depth
-        while not self.stopped and len(self._calls) < workload_max:
-            key = sim.rng.choice(sim.keys)
-            if sim.rng.random() < 0.3 and not self._reading:
+        while not self.stopped and len(self._calls) < 3 * self.depth:
+            kind, *rest = sim.workload.next_ops(sim, self, not self._reading)
+            if kind == "read":
+                token, query = rest
                 self._reading = True
-                self._start(self._get(key, self._timeout_of_next_call()))
+                self._start(self._read(token, query, self._timeout_of_next_call()))
                 continue
-            for _ in range(sim.rng.choice((1, 1, 1, 2, 3))):
-                value = b"v%d" % sim.new_id()
-                roll = sim.rng.random()
-                if roll < 0.55:
-                    self._start(self._write("put", key, value, self._timeout_of_next_call()))
-                    sim.written[key].append(value)
-                elif roll < 0.85:
-                    expected = sim.rng.choice([None] + sim.written[key][-3:])
-                    self._start(self._write("cas", key, (expected, value),
-                                            self._timeout_of_next_call()))
-                    sim.written[key].append(value)
-                else:
-                    self._start(self._write("delete", key, None,
-                                            self._timeout_of_next_call()))
-                key = sim.rng.choice(sim.keys)
+            for token, op_kind, command in rest[0]:
+                self._start(self._write(token, op_kind, command, self._timeout_of_next_call()))
 
     def _timeout_of_next_call(self) -> Optional[float]:
         if self.sim.rng.random() < _SHORT_TIMEOUT_SHARE:
             return self.sim.rng.choice(_SHORT_TIMEOUTS_S)
         return None
 
-    async def _write(self, kind: str, key: bytes, arg, timeout) -> None:
+    async def _write(self, token, kind: str, command: bytes, timeout) -> None:
         sim = self.sim
-        token = sim.history.invoke(self.cid, kind, key, arg, sim.now)
         try:
-            if kind == "put":
-                result = await self.put(key, arg, timeout=timeout)
-            elif kind == "cas":
-                result = await self.cas(key, arg[0], arg[1], timeout=timeout)
-            else:
-                result = await self.delete(key, timeout=timeout)
-        except CommandError as exc:
-            raise AssertionError(f"client {self.cid}: a {kind} failed: {exc}") from None
+            result = await self.submit(command, timeout=timeout)
+        except CommandError as exc:   # the state machine raised: a result too
+            sim.workload.on_result(sim, token, kind, RESULT_ERROR, str(exc).encode())
         except ClientError as exc:
-            sim.history.complete(token, "unknown" if exc.maybe_applied else "fail",
-                                 None, sim.now)
-            return
-        sim.history.complete(token, "ok", result, sim.now)
+            sim.workload.on_failure(sim, token, kind, exc.maybe_applied)
+        else:
+            sim.workload.on_result(sim, token, kind, RESULT_OK, result)
 
-    async def _get(self, key: bytes, timeout) -> None:
+    async def _read(self, token, query: bytes, timeout) -> None:
         sim = self.sim
-        token = sim.history.invoke(self.cid, "get", key, None, sim.now)
         try:
-            value = await self.get(key, timeout=timeout)
+            result = await self.query(query, timeout=timeout)
         except ClientError as exc:
-            sim.history.complete(token, "unknown" if exc.maybe_applied else "fail",
-                                 None, sim.now)
-            return
+            sim.workload.on_failure(sim, token, "read", exc.maybe_applied)
+        else:
+            sim.workload.on_read(sim, token, result)
         finally:
             self._reading = False
-        sim.history.complete(token, "ok", value, sim.now)
 
     # -- the wiring --------------------------------------------------------------
 
@@ -330,11 +310,11 @@ class SimClient(ClientCalls):
             at = sim.now + int(self._session.settings.connect_timeout_s * 1e6)
             sim.schedule(at, "client_event", self._dial_ended, address, None, 0)
             return
-        node = sim.nodes[rid]
+        replica = sim.replicas[rid]
         # SYN, SYN-ACK with the hello, and the welcome: two trips.
         at = sim.now + sim.delay() + sim.delay()
         sim.schedule(at, "client_event", self._dial_ended, address, rid,
-                     node.incarnation if node.up else -1)
+                     replica.incarnation if replica.up else -1)
 
     def _dial_ended(self, address: str, rid: Optional[int], incarnation: int) -> None:
         self._dialing = False
@@ -342,12 +322,10 @@ class SimClient(ClientCalls):
         now = self._now()
         if rid is None:
             session.connection_failed(address, "timed out", now)
-        else:
-            node = self.sim.nodes[rid]
-            if not node.up or node.incarnation != incarnation:
-                session.connection_failed(address, "connection refused", now, definitive=True)
-            elif session.connection_made(address, CLUSTER_ID, rid, now) is None:
-                self.conn = SimConnection(self, rid, incarnation)
+        elif self.sim.live(rid, incarnation) is None:
+            session.connection_failed(address, "connection refused", now, definitive=True)
+        elif session.connection_made(address, self.sim.cluster_id, rid, now) is None:
+            self.conn = SimConnection(self, rid, incarnation)
         self._room_freed()
         self.drive()
 

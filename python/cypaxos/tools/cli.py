@@ -100,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wal-segment-bytes", type=int_in(1 << 12, 1 << 32), default=8 << 20,
                    metavar="B", help="size of one log segment file, zero-filled when "
                                      "created (default: 8 MiB)")
+    p.add_argument("--snapshot-receive-bytes-max", type=int_in(1 << 10, 1 << 50),
+                   default=1 << 34, metavar="B",
+                   help="refuse a snapshot transfer from a peer larger than this "
+                        "(default: 16 GiB)")
+    p.add_argument("--read-lease", action="store_true",
+                   help="serve linearizable reads at the leader under a lease, without a "
+                        "quorum round; the lease is the election timeout less "
+                        "--clock-drift-ms and one tick, and trusts that bound")
+    p.add_argument("--clock-drift-ms", type=int_in(0, 1 << 20), metavar="MS",
+                   help="with --read-lease: how far any replica's clock may run ahead of "
+                        "or behind the leader's over one election timeout (250 ms)")
     p.add_argument("--max-sessions", type=int_in(1, 1 << 31), default=100_000, metavar="N",
                    help="client sessions the replicated session table keeps; past it a "
                         "new client's registration evicts the least recently used one "

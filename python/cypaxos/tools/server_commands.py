@@ -48,7 +48,9 @@ def serve_options(args):
     _check_state_machine(args.state_machine)
     if args.cluster_id is not None and not args.cluster_id.strip():
         raise ConfigError("--cluster-id is empty")
-    return ServerOptions(
+    if args.clock_drift_ms is not None and not args.read_lease:
+        raise ConfigError("--clock-drift-ms is only for --read-lease")
+    options = ServerOptions(
         replica_id=args.id,
         cluster=cluster,
         data_dir=args.data_dir,
@@ -63,7 +65,12 @@ def serve_options(args):
         core={"max_sessions": args.max_sessions},
         listen=_address(args.listen, "--listen"),
         advertise=_address(args.advertise, "--advertise"),
+        snapshot_receive_bytes_max=args.snapshot_receive_bytes_max,
+        read_lease=args.read_lease,
+        clock_drift_ms=args.clock_drift_ms,
     )
+    options.core_config()   # a lease that does not fit the election timeout: ConfigError
+    return options
 
 
 def _address(value: str | None, flag: str) -> str | None:
