@@ -17,6 +17,8 @@ from cypaxos.core import PROPOSED, Config, Replica
 from cypaxos.errors import TimeoutError, UnavailableError
 from cypaxos.statemachine import KVStore
 
+pytestmark = pytest.mark.fast
+
 A, B, C = "10.0.0.1:7001", "10.0.0.2:7001", "10.0.0.3:7001"
 
 
