@@ -9,7 +9,9 @@ connection set-up:
 * `one`: one task, one `put` at a time (the 1-outstanding latency path: a batch, a
   frame and a task wake-up per operation);
 * `bulk`: `--tasks` tasks, each calling `put_many` with `--batch` puts at a time (the
-  bulk-write path of `cypaxos bench --outstanding 32 --batch 128`).
+  bulk-write path of `cypaxos bench --outstanding 32 --batch 128`);
+* `blocking`: one thread, one `put` at a time through `cypaxos.connect` (the blocking
+  client: the call handed to its event-loop thread and the answer back).
 
 The cluster is not under valgrind (start one with `cypaxos local --fsync off`); what
 it does only changes how the client's requests happen to be batched.  `--python`
@@ -50,6 +52,15 @@ async def workload(cluster: str, mode: str, ops: int, tasks: int, batch: int) ->
                 nursery.start_soon(worker, w)
 
 
+def blocking(cluster: str, ops: int) -> None:
+    from cypaxos.client import connect
+
+    with connect(cluster, timeout=120) as kv:
+        kv.put(b"warm", b"up")
+        for i in range(ops):
+            kv.put(b"k%08d" % (i % 10_000), VALUE)
+
+
 def instructions(python: str, args, ops: int) -> int:
     """Total instructions callgrind counts for the client process doing `ops` puts."""
     out = subprocess.run(
@@ -66,9 +77,9 @@ def instructions(python: str, args, ops: int) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cluster", required=True, metavar="ADDRS")
-    parser.add_argument("--mode", choices=("one", "bulk"), default="one")
+    parser.add_argument("--mode", choices=("one", "bulk", "blocking"), default="one")
     parser.add_argument("--ops", type=int, default=None,
-                        help="N (default: 2000 for one, 65536 for bulk)")
+                        help="N (default: 65536 for bulk, 2000 otherwise)")
     parser.add_argument("--tasks", type=int, default=32, help="bulk: tasks (default 32)")
     parser.add_argument("--batch", type=int, default=128, help="bulk: puts per call (128)")
     parser.add_argument("--python", default=sys.executable,
@@ -77,10 +88,13 @@ def main(argv=None) -> int:
                         help="do OPS puts without valgrind (what each measurement runs)")
     args = parser.parse_args(argv)
     if args.run is not None:
+        if args.mode == "blocking":
+            blocking(args.cluster, args.run)
+            return 0
         import trio
         trio.run(workload, args.cluster, args.mode, args.run, args.tasks, args.batch)
         return 0
-    n = args.ops or (2000 if args.mode == "one" else 65536)
+    n = args.ops or (65536 if args.mode == "bulk" else 2000)
     first = instructions(args.python, args, n)
     second = instructions(args.python, args, 2 * n)
     print(f"{args.mode}: {(second - first) / n:,.0f} instructions per put "

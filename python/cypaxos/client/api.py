@@ -68,11 +68,6 @@ class Client(ClientCalls):
         self._timer_wake = trio.Event()
         self._room = trio.lowlevel.ParkingLot()  # callers waiting for queue room
 
-    @property
-    def closed(self) -> bool:
-        """Whether the client has been closed."""
-        return self._session.closed
-
     async def aclose(self) -> None:
         """Close the client: pending calls fail with ClosedError, the connection closes."""
         self._close()

@@ -136,6 +136,11 @@ class ClientCalls:
         return list(self._session.addresses)
 
     @property
+    def closed(self) -> bool:
+        """Whether the client has been closed."""
+        return self._session.closed
+
+    @property
     def session_id(self) -> Optional[int]:
         """This client's current session id (assigned by the cluster when the client
         registers, before its first write; None until then)."""
