@@ -1,6 +1,7 @@
 """Tests of cypaxos.client.session without I/O: a ClientSession driven by hand.
 
-No event loop, no socket: the test is the wiring.  It tells the session the time and
+No event loop, no socket: the test is the wiring (and, at the end, the opening
+handshake of `cypaxos.client.dialing` against the replica's acceptor machine).  It tells the session the time and
 what happened to its connection, carries its request bodies to a real one-replica
 core (the key-value store and the session table behind it), and brings the replies
 back, as h11's tests drive a connection over a fake link.
@@ -11,10 +12,12 @@ import struct
 import pytest
 
 from cypaxos import commands, wire
+from cypaxos.client.dialing import DialError, Handshake
 from cypaxos.client.session import ClientSession, SessionSettings
 from cypaxos.clientops import ABANDONED, DONE, SENT, Op
 from cypaxos.core import PROPOSED, Config, Replica
 from cypaxos.errors import TimeoutError, UnavailableError
+from cypaxos.security import handshake
 from cypaxos.statemachine import KVStore
 
 pytestmark = pytest.mark.fast
@@ -290,3 +293,57 @@ def test_an_op_finished_while_queued_is_never_sent():
     body, = session.requests_to_send(0.0)
     assert commands.unpack_client_batch(body[2])[0].commands == [ops[1].payload]
     assert ops[1].state == SENT and ops[1].sent and not ops[0].sent
+
+
+# ---------------------------------------------------------------------------
+# The opening handshake, sans-I/O (cypaxos.client.dialing), against the replica's
+
+def acceptor(**auth):
+    return handshake.Acceptor(handshake.ReplicaAuth("c1", 2, **auth), {1, 2, 3})
+
+
+def test_a_handshake_with_a_replica_says_whom_it_reached():
+    ours, theirs = Handshake(), acceptor(allow_anonymous_clients=True)
+    answer = theirs.receive_data(ours.start())
+    # What the replica sends after its welcome belongs to the connection's frames.
+    ours.receive_data(answer[:3])
+    assert not ours.done
+    assert ours.receive_data(answer[3:] + b"\0\0\0\1") == b""
+    assert ours.done and (ours.cluster_id, ours.replica_id) == ("c1", 2)
+    assert ours.trailing_data == b"\0\0\0\1"
+
+
+@pytest.mark.parametrize("answer, reason", [
+    (b"HTTP/1.1 400 Bad Request\r\n\r\n", "not a cypaxos replica (it answered "
+                                          "'HTTP/1.1 400 Bad Request')"),
+    (b"SSH-2.0-OpenSSH_9.6\r\n", "not a cypaxos replica (it answered 'SSH-2.0-OpenSSH_9.6')"),
+    (bytes.fromhex("15030300020246"), "not a cypaxos replica without TLS (it answered in TLS)"),
+    (b"\0\0\0\2\x10\x20", "not a cypaxos replica (it answered '????? ')"),
+])
+def test_a_server_that_is_not_a_replica_is_named_so(answer, reason):
+    ours = Handshake()
+    ours.start()
+    with pytest.raises(DialError) as info:
+        ours.receive_data(answer)
+    assert info.value.reason == reason
+    assert info.value.definitive and info.value.reachable
+    ours = Handshake()
+    ours.start()
+    with pytest.raises(DialError, match="^not a cypaxos replica"):
+        for i in range(6):   # byte by byte: told as soon as it shows
+            ours.receive_data(answer[i:i + 1])
+
+
+def test_a_refused_handshake_and_a_closed_connection():
+    ours, theirs = Handshake(), acceptor(client_tokens=(b"0123456789abcdefghijklmnopqrstuv",))
+    with pytest.raises(DialError) as info:
+        ours.receive_data(theirs.receive_data(ours.start()))
+    assert info.value.reason == ("authentication failed: this cluster requires a client "
+                                 "token (--token-file)")
+    assert info.value.definitive
+    ours = Handshake()
+    ours.start()
+    with pytest.raises(DialError) as info:
+        ours.receive_data(b"")
+    assert info.value.reason == "connection closed by the replica"
+    assert not info.value.definitive   # a replica at its connection limit, say

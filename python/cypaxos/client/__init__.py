@@ -7,7 +7,8 @@
 * `cypaxos.client.calls`: `ClientCalls`, the public calls over a session, for any
   event loop;
 * `cypaxos.client.api`: the Trio `Client` and `open_client`, wired with
-  `cypaxos.client.connection` (dial, handshake, frames);
+  `cypaxos.client.connection` (dial, frames) and `cypaxos.client.dialing` (the
+  opening handshake and what a failed dial means, sans-I/O);
 * `cypaxos.client.blocking`: `BlockingClient`, a `Client` in a background thread.
 
 Addresses are parsed by `cypaxos.addresses.parse_addresses`.
