@@ -56,8 +56,8 @@ class Core:
 
 
 def put_ops(n, deadline=100.0, value=b"v"):
-    """`n` puts and the list their wake-ups append their indexes to (a parked
-    caller's task is a callable; it must not hold the op)."""
+    """`n` puts and the list their wake-ups append their indexes to (what a parked
+    caller's task may be: any callable)."""
     ops = [Op(commands.encode_put(b"k%d" % i, value), deadline) for i in range(n)]
     woken = []
     for i, op in enumerate(ops):

@@ -71,10 +71,10 @@ cdef class Op:
     Not tracked by the cyclic GC: a client makes one per command, and with every
     one of them tracked the collections they set off cost the load generator about
     a tenth of its throughput.  The references an op holds cannot form a cycle
-    while the op lives on: `task` is the parked caller (cleared when woken; a callable
-    there must not hold the op), and an `error` is taken off the op before it is
-    raised (client/calls.py's `_error_of`), so that its traceback cannot lead back
-    to the op.
+    while the op lives on: `task` is the parked caller, held only while it waits
+    (cleared when woken, and every waiting caller is woken by the client's close),
+    and an `error` is taken off the op before it is raised (client/calls.py's
+    `_error_of`), so that its traceback cannot lead back to the op.
     """
 
     cdef public object payload    # the command or query bytes
