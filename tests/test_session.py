@@ -94,6 +94,7 @@ def exchange(session, core, now=0.0):
     while bodies := session.requests_to_send(now):
         for body in bodies:
             session.reply_received(core.answer(body), now)
+            session.check_invariants()
         rounds += 1
     return rounds
 

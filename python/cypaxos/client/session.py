@@ -185,6 +185,14 @@ class ClientSession:
         stats.update(self._stats)
         return stats
 
+    def check_invariants(self) -> None:
+        """Assert what the fields promise (the simulator calls this after every step)."""
+        assert self._connected or not self._requests, "requests without a connection"
+        assert self._connected or self.disconnect is None
+        for request_id, target in self._requests.items():
+            assert 0 < request_id <= self._request_id
+        self._writes.check_invariants()
+
     # -- calls ---------------------------------------------------------------
 
     def room(self, write: bool, stale: bool = False) -> tuple[int, float]:

@@ -103,6 +103,19 @@ class Writes:
         # and decays by 10% a reply, so one big result does not unbatch the client.
         self.result_max = 0.0
 
+    def check_invariants(self) -> None:
+        """Assert what the fields promise (the simulator calls this after every step)."""
+        queued = [op for op in self._queue if op.state == _QUEUED]
+        assert self.queued_count == len(queued), (self.queued_count, len(queued))
+        assert self._queued_bytes == sum(len(op.payload) + 4 for op in queued)
+        assert 0 <= self._acked_seq < self._next_seq, (self._acked_seq, self._next_seq)
+        assert self.session_id is None or self._registration is None
+        for key, batch in self.outstanding.items():
+            assert key == batch.key and not batch.done
+            assert all(op.state != _QUEUED for op in batch.ops)
+            if batch.epoch == self._epoch and batch.session_id == self.session_id:
+                assert batch.first_seq + len(batch.ops) <= self._next_seq
+
     # -- callers ---------------------------------------------------------------
 
     def room(self) -> tuple[int, int]:

@@ -295,6 +295,7 @@ class SimClient(ClientCalls):
                     self.sim.schedule(when, "client_event", self._dial, address)
                 else:
                     self._idle = True
+            session.check_invariants()
             return
 
     def _close_connection(self, reason: str) -> None:
