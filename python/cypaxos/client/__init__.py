@@ -6,7 +6,8 @@ code.  Addresses are parsed by `cypaxos.addresses.parse_addresses`.
 """
 from ..addresses import parse_addresses
 from .api import COMMAND_BYTES_MAX, Client, open_client
+from .backup import BackupInfo
 from .blocking import BlockingClient, connect
 
 __all__ = ["Client", "BlockingClient", "open_client", "connect", "parse_addresses",
-           "COMMAND_BYTES_MAX"]
+           "COMMAND_BYTES_MAX", "BackupInfo"]

@@ -37,11 +37,12 @@ from __future__ import annotations
 import collections
 import heapq
 import math
+import os
 import random
 import secrets
 from contextlib import asynccontextmanager
 from collections.abc import Iterable
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import trio
 
@@ -56,6 +57,9 @@ from ..errors import (
     SessionExpiredError, TimeoutError, UnavailableError,
 )
 from ..groups import leaves
+
+if TYPE_CHECKING:
+    from .backup import BackupInfo
 
 __all__ = ["Client", "open_client", "Bytes", "COMMAND_BYTES_MAX"]
 
@@ -411,6 +415,21 @@ class Client:
         error reply, e.g. if it does not support snapshots).
         """
         return await self._ask_all(wire.snapshot_request, self._snapshot_entry, timeout)
+
+    async def backup(self, path: Union[str, "os.PathLike[str]"], *,
+                     timeout: Optional[float] = None) -> "BackupInfo":
+        """Write a consistent copy of the cluster's state to the file `path`.
+
+        The leader snapshots its state at a linearizable point (every write
+        acknowledged before this call is in it) and streams the snapshot file, which is
+        checked (CRC32C) as it arrives, written to a temporary file, synced and renamed
+        to `path` (replacing it).  `timeout` bounds each step, not the whole transfer.
+        Returns a `BackupInfo`; `cypaxos restore` seeds a new cluster from the file.
+        """
+        self._check_open()
+        from .backup import backup_to_file
+        return await backup_to_file(list(self._addresses), os.fspath(path),
+                                    timeout=self._timeout if timeout is None else timeout)
 
     def statistics(self) -> dict:
         """Counters of this client's work so far, and its current connection.
