@@ -157,6 +157,8 @@ class ReplicaCollector:
 
         yield gauge("cypaxos_client_sessions", "Client sessions in the replicated session "
                     "table", core_stats["sessions"])
+        yield gauge("cypaxos_client_sessions_max", "The session table's size "
+                    "(--max-sessions): past it, registrations evict", server.max_sessions)
         sessions = CounterMetricFamily("cypaxos_session_events", "Session table events",
                                        labels=["event"])
         for event in ("registered", "evicted", "expired"):

@@ -134,6 +134,7 @@ class ReplicaServer:
         except IdentityMismatchError as exc:
             raise DataDirError(identity_advice(exc, options)) from None
         self.election_ticks = config.election_ticks
+        self.max_sessions = config.max_sessions
         self.limited_log = logs.RateLimitedLog(log, LOG_REPEAT_INTERVAL_S)
         # Counted here, where connections are handled (the metrics read them).
         self.client_connections = 0
