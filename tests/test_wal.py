@@ -848,6 +848,7 @@ def test_crash_at_any_byte_recovers_a_prefix(tmp_path, ops, segment_bytes_max, z
     # Crash "earlier": the log is cut at global byte `cut`; the segment holding it
     # becomes the last one (optionally with its lost bytes read back as zeros).
     cut = data.draw(st.integers(0, total), label="cut")
+    blob = b"".join((path / name).read_bytes() for name, *_ in layout)
     for name, base, size, _ in layout:
         if base + size <= cut and base + size != total:
             continue
@@ -862,6 +863,13 @@ def test_crash_at_any_byte_recovers_a_prefix(tmp_path, ops, segment_bytes_max, z
     with Wal.open(path, segment_bytes_max=segment_bytes_max) as wal:
         recovered = [p for _, p in wal.replay()]
         expected_count = sum(1 for end in ends if end <= cut)
+        if zero_fill and expected_count < len(ends):
+            # The record the cut tears is whole again if every byte it lost was a zero
+            # (a payload ending in zeros): zero-filled, it reads back as written.
+            end = ends[expected_count]
+            same_segment = any(base <= cut < end <= base + size for _, base, size, _ in layout)
+            if same_segment and not any(blob[cut:end]):
+                expected_count += 1
         assert recovered == appended[:expected_count]
         if cut >= synced_end:
             assert len(recovered) >= synced
