@@ -42,7 +42,7 @@ import random
 import secrets
 from contextlib import asynccontextmanager
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Union
 
 import trio
 
@@ -199,12 +199,17 @@ class _Conn:
         self.replica_id = replica_id
         self.requests = {}          # request id -> _Batch or _Read
         self.last_progress = trio.current_time()
-        self.scope = None
+        self.scope: Optional[trio.CancelScope] = None   # the connection's tasks', once running
         self.ending = False
         self.redirect = False       # ended by a redirect
         self.hint = None            # the leader address it named
         self.reason = ""            # why it ended, for error messages
         self.answered = False       # got at least one "ok"
+
+    def cancel(self) -> None:
+        """End the connection's tasks (nothing to end before they started)."""
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 # ---------------------------------------------------------------------------
@@ -225,7 +230,7 @@ class Client:
         if timeout is None or not timeout > 0:
             raise ConfigError("timeout must be a positive number of seconds")
         self._timeout = float(timeout)
-        self._nursery = None
+        self._nursery: Optional[trio.Nursery] = None
         self._closed = False
         self._rr = random.randrange(len(self._addresses)) - 1  # round robin, random start
         self._hint = None           # leader address from the last redirect
@@ -234,24 +239,26 @@ class Client:
         # gets the next seq.  After a permanent refusal (a hole the session could never
         # get past) or SESSION_EXPIRED a new session ("epoch") takes over.
         self._epoch = 0
-        self._session_id = None
-        self._registration = None   # this epoch's registration _Batch while unanswered
-        self._repack = []           # op lists (a refused batch's successors) for the
+        self._session_id: Optional[int] = None
+        # this epoch's registration _Batch while unanswered
+        self._registration: Optional[_Batch] = None
+        self._repack: list[list[_Op]] = []  # op lists (a refused batch's successors) for the
         #                             next session, in order, once it is registered
         self._next_seq = 1
         self._acked_seq = 0
-        self._completed = {}        # first_seq -> count, answered above _acked_seq
+        self._completed: dict[int, int] = {}  # first_seq -> count, answered above _acked_seq
 
-        self._queue = collections.deque()       # write _Ops not yet in a batch
+        self._queue: collections.deque[_Op] = collections.deque()  # write _Ops not yet in a batch
         self._queued_count = 0
         self._queued_bytes = 0
-        self._reads = collections.deque()       # linearizable read _Ops not yet sent
-        self._stale_reads = collections.deque()
-        self._split_reads = collections.deque()  # (ops, stale): halves of a refused read
+        self._reads: collections.deque[_Op] = collections.deque()  # linearizable, not yet sent
+        self._stale_reads: collections.deque[_Op] = collections.deque()
+        # (ops, stale): halves of a refused read
+        self._split_reads: collections.deque[tuple[list[_Op], bool]] = collections.deque()
         self._dead_reads = 0        # abandoned reads left in the queues (at most)
         self._room = trio.lowlevel.ParkingLot()  # callers waiting for queue room
-        self._outstanding = {}      # batch.key -> _Batch
-        self._inflight_reads = []   # _Read
+        self._outstanding: dict[tuple[int, int], _Batch] = {}   # batch.key -> _Batch
+        self._inflight_reads: list[_Read] = []
         # The largest single result seen lately, for writes [0] and reads [1]: sizes
         # requests.  It jumps up at once and decays by 10% a reply, so one big result
         # does not unbatch the client for good.
@@ -261,7 +268,7 @@ class Client:
 
         self._kick = trio.Event()       # wakes the sender
         self._need_conn = trio.Event()  # wakes the idle connection loop
-        self._conn = None
+        self._conn: Optional[_Conn] = None
         self._last_contact = -math.inf  # last welcome or reply from any replica
         self._last_leader_ok = -math.inf  # last "ok" from a leader
         self._last_no_leader = -math.inf  # last "redirect, leader unknown"
@@ -270,9 +277,11 @@ class Client:
         self._backoff = 0.0
         self._redirect_streak = 0   # redirects followed since the last "ok"
 
-        self._stats = collections.Counter()
-        self._fifo = collections.deque()  # _Ops with the default timeout, by deadline
-        self._heap = []                   # (deadline, order, _Op) with other timeouts
+        self._stats: collections.Counter[str] = collections.Counter()
+        # _Ops with the default timeout, by deadline
+        self._fifo: collections.deque[_Op] = collections.deque()
+        # (deadline, order, _Op) with other timeouts
+        self._heap: list[tuple[float, int, _Op]] = []
         self._order = 0
         self._timer_at = math.inf
         self._timer_wake = trio.Event()
@@ -359,7 +368,7 @@ class Client:
 
     async def submit_many(self, commands: Iterable[Bytes], *,
                           timeout: Optional[float] = None,
-                          return_exceptions: bool = False) -> list:
+                          return_exceptions: bool = False) -> list[Any]:
         """Replicate raw commands in order; their results, in order.
 
         Each command is applied exactly once, in the given order (one session).  If any
@@ -392,13 +401,13 @@ class Client:
 
     async def query_many(self, queries: Iterable[Bytes], *, stale: bool = False,
                          timeout: Optional[float] = None,
-                         return_exceptions: bool = False) -> list:
+                         return_exceptions: bool = False) -> list[Any]:
         """Answer read-only queries, in order; like `query` for each (see `submit_many`
         for `return_exceptions`)."""
         payloads = [_as_bytes(query, "query") for query in queries]
         return await self._many(payloads, False, stale, timeout, return_exceptions)
 
-    async def status(self, *, timeout: Optional[float] = None) -> list[dict]:
+    async def status(self, *, timeout: Optional[float] = None) -> list[dict[str, Any]]:
         """Ask every known replica for its status, each on its own short connection.
 
         Returns one dict per address, in order: `address`, `reachable`, and when
@@ -407,7 +416,7 @@ class Client:
         """
         return await self._ask_all(wire.status_request, self._status_entry, timeout)
 
-    async def snapshot(self, *, timeout: Optional[float] = None) -> list[dict]:
+    async def snapshot(self, *, timeout: Optional[float] = None) -> list[dict[str, Any]]:
         """Ask every known replica to take a snapshot now.
 
         Returns one dict per address: `address`, `reachable`, `id` and `applied_index`
@@ -431,7 +440,7 @@ class Client:
         return await backup_to_file(list(self._addresses), os.fspath(path),
                                     timeout=self._timeout if timeout is None else timeout)
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         """Counters of this client's work so far, and its current connection.
 
         `commands` (writes called), `batches` (client batches formed from them),
@@ -558,8 +567,8 @@ class Client:
         op.sent = False   # a read never changes anything
         raise self._expired(op, start, deadline)
 
-    async def _many(self, payloads: list, write: bool, stale: bool, timeout,
-                    return_exceptions: bool) -> list:
+    async def _many(self, payloads: list[bytes], write: bool, stale: bool, timeout,
+                    return_exceptions: bool) -> list[Any]:
         """Queue all `payloads` as writes (or reads), park until every one has ended."""
         self._check_open()
         if not payloads:
@@ -578,7 +587,7 @@ class Client:
                 # As many as the queue has room for (at least one when it is empty).
                 if write:
                     room = QUEUE_COMMANDS_MAX - self._queued_count
-                    room_bytes = QUEUE_BYTES_MAX - self._queued_bytes
+                    room_bytes: float = QUEUE_BYTES_MAX - self._queued_bytes
                     queue = self._queue
                 else:
                     queue = self._queue_of(stale)
@@ -758,11 +767,11 @@ class Client:
 
     # -- one-shot requests to every replica ----------------------------------
 
-    async def _ask_all(self, make_request, make_entry, timeout) -> list[dict]:
+    async def _ask_all(self, make_request, make_entry, timeout) -> list[dict[str, Any]]:
         self._check_open()
         _, deadline, _ = self._deadline(timeout)
         addresses = list(self._addresses)
-        entries = [None] * len(addresses)
+        entries: list[dict[str, Any]] = [{} for _ in addresses]
 
         async def ask(index, address):
             entry = {"address": address, "reachable": False}
@@ -996,9 +1005,9 @@ class Client:
                 # from now on one command or query per request, or this would repeat.
                 self._result_max = [float(wire.FRAME_BYTES_MAX)] * 2
         conn.ending = True
-        conn.scope.cancel()
+        conn.cancel()
 
-    def _on_reply(self, conn: _Conn, reply: tuple) -> None:
+    def _on_reply(self, conn: _Conn, reply: tuple[Any, ...]) -> None:
         now = trio.current_time()
         self._last_contact = now
         target = conn.requests.pop(reply[1], None)
@@ -1295,7 +1304,7 @@ class Client:
                     self._stats["stalls"] += 1
                     conn.reason = f"no reply for {_STALL_TIMEOUT} s"
                     conn.ending = True
-                    conn.scope.cancel()
+                    conn.cancel()
                     return
                 if not conn.requests:
                     conn.last_progress = now
@@ -1316,14 +1325,14 @@ class Client:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             conn.reason = _describe(exc)
             conn.ending = True
-            conn.scope.cancel()
+            conn.cancel()
 
     def _request_cap(self, reads: bool) -> int:
         """Commands or queries per request, so that replies stay about _REPLY_BUDGET."""
         return max(1, min(BATCH_COMMANDS_MAX,
                           int(_REPLY_BUDGET // max(1.0, self._result_max[reads]))))
 
-    def _resend_reads(self, conn: _Conn, reads: list, frames: list) -> None:
+    def _resend_reads(self, conn: _Conn, reads: list[_Read], frames: list[bytes]) -> None:
         """Append frames resending `reads` (live queries only, in requests of the cap)."""
         cap = self._request_cap(True)
         for read in reads:
@@ -1463,7 +1472,7 @@ def _describe(exc: BaseException) -> str:
 
 
 @asynccontextmanager
-async def open_client(addresses: Addresses, *, timeout: float = 5.0):
+async def open_client(addresses: Addresses, *, timeout: float = 5.0) -> AsyncIterator[Client]:
     """Open a `Client` to the cluster at `addresses` (Trio); close it on exit.
 
     `addresses`: a comma-separated "host:port" string or a list of them, any replicas
