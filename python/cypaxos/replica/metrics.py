@@ -20,7 +20,6 @@ once, a small request head, a few seconds per request.
 """
 from __future__ import annotations
 
-import errno
 import os
 import time
 from typing import TYPE_CHECKING, Iterator
@@ -28,8 +27,6 @@ from typing import TYPE_CHECKING, Iterator
 import trio
 
 from .. import __version__
-from ..addresses import split_address
-from ..errors import ConfigError
 from .counters import Histogram
 
 if TYPE_CHECKING:
@@ -37,7 +34,7 @@ if TYPE_CHECKING:
 
     from .server import ReplicaServer
 
-__all__ = ["ReplicaCollector", "open_metrics_listeners", "serve_metrics",
+__all__ = ["ReplicaCollector", "serve_metrics", "answer",
            "HTTP_CONNECTIONS_MAX", "HTTP_REQUEST_BYTES_MAX", "HTTP_TIMEOUT_S"]
 
 HTTP_CONNECTIONS_MAX = 8
@@ -235,25 +232,6 @@ class ReplicaCollector:
 
 
 # ---------------------------------------------------------------------- HTTP
-
-
-async def open_metrics_listeners(address: str) -> list[trio.SocketListener]:
-    """Bind the metrics endpoint's address; ConfigError (one line) if it cannot be."""
-    host, port = split_address(address)
-    try:
-        return await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on --metrics-address {address}: "
-                          f"{_bind_reason(exc)}") from None
-
-
-def _bind_reason(exc: OSError) -> str:
-    reason = exc.strerror or str(exc)
-    if exc.errno == errno.EADDRNOTAVAIL:
-        reason += " (not an address of this host)"
-    elif exc.errno == errno.EADDRINUSE:
-        reason += " (another process holds it)"
-    return reason
 
 
 def _response(status: str, content_type: str, body: bytes, head_only: bool) -> bytes:

@@ -52,7 +52,8 @@ from .options import ServerOptions, default_cluster_id, load_state_machine
 from .outbox import Outbox, SocketTransport
 from .peers import peer_link, serve_peer
 
-__all__ = ["ReplicaServer", "serve", "run_server", "open_listeners", "read_frames",
+__all__ = ["ReplicaServer", "serve", "run_server", "open_listeners", "open_metrics_listeners",
+           "bind", "read_frames",
            "receive_into", "identity_advice", "SNAPSHOT_CHUNK_BYTES", "LOG_REPEAT_INTERVAL_S",
            "FSYNC_STALL_S"]
 
@@ -94,24 +95,35 @@ def identity_advice(exc: IdentityMismatchError, options: ServerOptions) -> str:
     return f"data dir {path} belongs to {' and '.join(parts)}; " + "; ".join(ways)
 
 
-def _bind_reason(exc: OSError) -> str:
-    reason = exc.strerror or str(exc)
-    if exc.errno == errno.EADDRNOTAVAIL:
-        reason += " (not an address of this host: --listen 0.0.0.0:PORT binds every interface)"
-    elif exc.errno == errno.EADDRINUSE:
-        reason += " (another process holds the port: another replica?)"
-    return reason
+async def bind(address: str, what: str = "", *,
+               not_local_hint: str = "") -> list[trio.SocketListener]:
+    """Listeners on `address` (HOST:PORT); ConfigError, one line saying why (`what`
+    names the flag), if it cannot be bound.  Touches no file."""
+    host, port = split_address(address)
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRNOTAVAIL:
+            reason += f" (not an address of this host{not_local_hint})"
+        elif exc.errno == errno.EADDRINUSE:
+            reason += " (another process holds the port: another replica?)"
+        raise ConfigError(f"cannot listen on {what}{address}: {reason}") from None
 
 
 async def open_listeners(options: ServerOptions) -> list[trio.SocketListener]:
     """Bind the replica's port (`--listen`, else its address in `--cluster`);
     ConfigError (one line) if it cannot be.  Touches no file."""
-    bind = options.listen or options.cluster[options.replica_id]
-    host, port = split_address(bind)
-    try:
-        return await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {bind}: {_bind_reason(exc)}") from None
+    return await bind(options.listen or options.cluster[options.replica_id],
+                      not_local_hint=": --listen 0.0.0.0:PORT binds every interface")
+
+
+async def open_metrics_listeners(options: ServerOptions) -> list[trio.SocketListener]:
+    """Bind `--metrics-address` (no listener without one); ConfigError if it cannot
+    be.  Touches no file."""
+    if not options.metrics_address:
+        return []
+    return await bind(options.metrics_address, "--metrics-address ")
 
 
 class ReplicaServer:
@@ -338,9 +350,8 @@ class ReplicaServer:
         try:
             if listeners is None:
                 listeners = await open_listeners(self.options)
-            if metrics_listeners is None and self.options.metrics_address:
-                from .metrics import open_metrics_listeners
-                metrics_listeners = await open_metrics_listeners(self.options.metrics_address)
+            if metrics_listeners is None:
+                metrics_listeners = await open_metrics_listeners(self.options)
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 self.storage.nursery = nursery
@@ -381,9 +392,7 @@ async def serve(options: ServerOptions, *, task_status=trio.TASK_STATUS_IGNORED)
     listeners = await open_listeners(options)
     metrics_listeners: list = []
     try:
-        if options.metrics_address:
-            from .metrics import open_metrics_listeners
-            metrics_listeners = await open_metrics_listeners(options.metrics_address)
+        metrics_listeners = await open_metrics_listeners(options)
         server = ReplicaServer(options)
     except BaseException:
         for listener in listeners + metrics_listeners:
