@@ -79,12 +79,17 @@ def test_a_serve_that_cannot_bind_creates_no_data_dir(tmp_path):
     assert (fresh / "identity.json").exists()
 
 
+def used_data_dir(tmp_path, port: int) -> str:
+    """The data dir of a one-replica cluster on `port` that ran and stopped cleanly."""
+    with LocalCluster(1, ports=[port], data_dir=tmp_path, fsync=False) as cluster:
+        cluster.wait_ready(timeout=60)
+        assert cluster.stop(1) == 0
+        return cluster.replica_data_dir(1)
+
+
 def test_a_serve_that_cannot_bind_leaves_a_data_dir_as_it_was(tmp_path):
     ports = free_ports(2)
-    with LocalCluster(1, ports=ports[:1], data_dir=tmp_path, fsync=False) as cluster:
-        cluster.wait_ready(timeout=60)
-        data_dir = cluster.replica_data_dir(1)
-        assert cluster.stop(1) == 0
+    data_dir = used_data_dir(tmp_path, ports[0])
     before = tree(data_dir)
     assert before
     result = run_cli(*serve_args(ports[0], data_dir, "--listen", f"{NOT_LOCAL}:{ports[0]}"))
@@ -103,10 +108,7 @@ def test_a_serve_that_cannot_bind_leaves_a_data_dir_as_it_was(tmp_path):
 
 def test_an_identity_mismatch_says_what_differs_and_the_way_out(tmp_path):
     ports = free_ports(2)
-    with LocalCluster(1, ports=ports[:1], data_dir=tmp_path, fsync=False) as cluster:
-        cluster.wait_ready(timeout=60)
-        data_dir = cluster.replica_data_dir(1)
-        assert cluster.stop(1) == 0
+    data_dir = used_data_dir(tmp_path, ports[0])
     before = tree(data_dir)
     one = f"1=127.0.0.1:{ports[0]}"
     two = f"2=127.0.0.1:{ports[1]}"

@@ -35,10 +35,9 @@ def _check_state_machine(spec: str | None) -> None:
             raise ConfigError(f"--state-machine {spec!r} is not PKG.MOD:CLASS")
 
 
-def serve_options(args):
-    """The `ServerOptions` of a parsed ``cypaxos serve`` command line; ConfigError."""
-    from ..replica.options import ServerOptions
-
+def _replica_cluster(args) -> dict[int, str]:
+    """`--cluster` of serve and restore, checked with `--id`, `--state-machine` and
+    `--cluster-id`; ConfigError."""
     cluster = parse_cluster(args.cluster)
     if len(cluster) > REPLICAS_MAX:
         raise ConfigError(f"--cluster names {len(cluster)} replicas; a cluster has at most "
@@ -49,6 +48,14 @@ def serve_options(args):
     _check_state_machine(args.state_machine)
     if args.cluster_id is not None and not args.cluster_id.strip():
         raise ConfigError("--cluster-id is empty")
+    return cluster
+
+
+def serve_options(args):
+    """The `ServerOptions` of a parsed ``cypaxos serve`` command line; ConfigError."""
+    from ..replica.options import ServerOptions
+
+    cluster = _replica_cluster(args)
     if args.clock_drift_ms is not None and not args.read_lease:
         raise ConfigError("--clock-drift-ms is only for --read-lease")
     options = ServerOptions(
@@ -271,13 +278,7 @@ def cmd_restore(args) -> int:
     from ..replica.options import default_cluster_id, load_state_machine
     from ..storage.restore import restore_backup
 
-    cluster = parse_cluster(args.cluster)
-    if args.id not in cluster:
-        raise ConfigError(f"--id {args.id} is not in --cluster "
-                          f"(which has {', '.join(map(str, sorted(cluster)))})")
-    _check_state_machine(args.state_machine)
-    if args.cluster_id is not None and not args.cluster_id.strip():
-        raise ConfigError("--cluster-id is empty")
+    cluster = _replica_cluster(args)
     cluster_id = args.cluster_id or default_cluster_id(cluster)
     state_machine = load_state_machine(args.state_machine)   # a bad class: exit 2 first
     restored = restore_backup(args.file, args.data_dir, cluster_id=cluster_id,
