@@ -255,4 +255,4 @@ class RateLimitedLog:
             msg += " (and %d more like it in the last %.0f s)"
             args = (*args, suppressed, elapsed_s)
             extra = {**(extra or {}), "suppressed": suppressed}
-        self.logger.log(level, msg, *args, extra=extra, exc_info=exc_info)
+        self.logger.log(level, msg, *args, extra=extra, exc_info=exc_info or None)

@@ -330,9 +330,9 @@ class ReplicaServer:
         except Exception:
             # One connection must never take the replica down.
             self.node.stats["connection_errors"] += 1
-            self.limited_log.warning(("unexpected", host),
-                                     "dropped connection from %s after an unexpected error",
-                                     name, exc_info=True)
+            self.limited_log.log(logging.ERROR, ("unexpected", host),
+                                 "dropped connection from %s after an unexpected error",
+                                 name, exc_info=True)
         finally:
             with trio.move_on_after(1) as scope:
                 scope.shield = True
