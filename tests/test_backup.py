@@ -18,8 +18,8 @@ import cypaxos
 from cypaxos.commands import decode_get, encode_get
 from cypaxos.statemachine import KVStore
 from cypaxos.storage.restore import read_backup
-from cypaxos.tools.local import free_ports
-from test_cli import assert_one_error_line, run_cli
+from cypaxos.tools.local import PACKAGE_ROOT, free_ports
+from test_cli import _env, assert_one_error_line, run_cli
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -187,6 +187,14 @@ def test_backup_cli_and_what_restore_refuses(running_cluster, tmp_path):
     result = run_cli("restore", str(path), "--id", "2", "--cluster", spec, "--data-dir",
                      str(tmp_path / "new"))
     assert_one_error_line(result, 2, contains="--id 2 is not in --cluster")
+    assert not (tmp_path / "new").exists()
+    # A backup of another state machine than the one named.
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "docs", "examples")
+    env = _env(PYTHONPATH=os.pathsep.join([PACKAGE_ROOT, examples]))
+    result = run_cli("restore", str(path), "--id", "1", "--cluster", spec, "--data-dir",
+                     str(tmp_path / "new"), "--state-machine", "ledger:Ledger", env=env)
+    assert_one_error_line(result, 1, contains="does not restore into the state machine")
     assert not (tmp_path / "new").exists()
     # An empty directory is fine, and is replaced whole.
     (tmp_path / "empty").mkdir()

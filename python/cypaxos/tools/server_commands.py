@@ -281,8 +281,17 @@ def cmd_restore(args) -> int:
     cluster = _replica_cluster(args)
     cluster_id = args.cluster_id or default_cluster_id(cluster)
     state_machine = load_state_machine(args.state_machine)   # a bad class: exit 2 first
+
+    def validate(state: bytes) -> None:
+        try:
+            state_machine.restore(state)
+        except Exception as exc:
+            if args.state_machine is None:
+                raise ValueError(f"{exc} (the built-in key-value store's; for a custom "
+                                 "state machine, pass --state-machine)") from None
+            raise
     restored = restore_backup(args.file, args.data_dir, cluster_id=cluster_id,
-                              replica_id=args.id, validate_state=state_machine.restore)
+                              replica_id=args.id, validate_state=validate)
     print(f"restored replica {args.id} of cluster {cluster_id} into {restored.data_dir} "
           f"from {args.file}: the state at slot {restored.index:,} of cluster "
           f"{restored.source_cluster_id} ({restored.state_bytes:,} bytes of state)", flush=True)
