@@ -143,9 +143,13 @@ def test_backup_cli_and_what_restore_refuses(running_cluster, tmp_path):
     tmp_path.mkdir()
     path = tmp_path / "b.cpxbak"
     path.write_bytes(b"an older backup")
-    result = run_cli("backup", "--cluster", cluster.cluster_arg, str(path))
+    # Given only a follower, the backup follows its redirect to the leader.
+    leader = cluster.leader_id()
+    follower = next(i for i in cluster.ids if i != leader)
+    result = run_cli("backup", "--cluster", cluster.address(follower), str(path))
     assert result.returncode == 0, result.stderr.decode()
     assert b"written to " + str(path).encode() in result.stdout
+    assert b"from replica %d)" % leader in result.stdout
     good = path.read_bytes()
     assert good != b"an older backup"
     assert value_in(backup_state(path), b"k") == b"v"

@@ -121,6 +121,7 @@ async def _find_leader_snapshot(addresses: list[str], timeout: float) -> tuple[_
     start = random.randrange(len(order))
     order = order[start:] + order[:start]
     pending = list(order)
+    tried: set[str] = set()   # this round's: a redirect back to one waits for the next
     problems: dict[str, str] = {}
     pause = _BACKOFF_S[0]
     while True:
@@ -130,7 +131,9 @@ async def _find_leader_snapshot(addresses: list[str], timeout: float) -> tuple[_
             await trio.sleep(pause)
             pause = min(pause * 2, _BACKOFF_S[1])
             pending = list(order)
+            tried.clear()
         address = pending.pop(0)
+        tried.add(address)
         link = None
         try:
             with trio.fail_after(max(0.0, deadline - trio.current_time())):
@@ -159,8 +162,10 @@ async def _find_leader_snapshot(addresses: list[str], timeout: float) -> tuple[_
         await trio.aclose_forcefully(link.stream)
         if reply[0] == "redirect":
             problems[address] = f"redirected to {reply[2]}" if reply[2] else "no leader"
-            if reply[2] and reply[2] not in pending:
-                pending.insert(0, reply[2])
+            if reply[2] and reply[2] not in tried:
+                if reply[2] in pending:
+                    pending.remove(reply[2])
+                pending.insert(0, reply[2])   # the leader it names is tried next
             continue
         code, message = reply[2], reply[3]
         if code == "busy":
