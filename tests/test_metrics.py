@@ -8,6 +8,7 @@ The counters behind them are unit-tested at the end.
 """
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
@@ -226,3 +227,36 @@ def test_slot_commands_counts_every_batch_of_a_slot():
     assert slot_commands(one) == 2
     assert slot_commands(one + two) == 7
     assert slot_commands(one + two[:10]) == 2   # a torn header counts nothing more
+
+
+@pytest.mark.fast
+def test_auth_failures_have_a_home_that_counts_and_logs_once_a_minute(tmp_path, caplog):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from cypaxos.replica.metrics import ReplicaCollector, answer
+    from cypaxos.replica.options import ServerOptions
+    from cypaxos.replica.server import ReplicaServer
+
+    cluster = {1: "127.0.0.1:1", 2: "127.0.0.1:2", 3: "127.0.0.1:3"}
+    server = ReplicaServer(ServerOptions(replica_id=2, cluster=cluster,
+                                         data_dir=str(tmp_path / "r2")))
+    try:
+        caplog.set_level(logging.INFO, logger="cypaxos.server")
+        for _ in range(5):
+            server.auth_failed("10.0.0.9", "wrong cluster secret", kind="peer")
+        server.auth_failed("10.0.0.8", "no client token", kind="client")
+        lines = [r.getMessage() for r in caplog.records if "refused a" in r.getMessage()]
+        assert lines == ["refused a peer connection from 10.0.0.9: wrong cluster secret",
+                         "refused a client connection from 10.0.0.8: no client token"]
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(ReplicaCollector(server))
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(
+                       generate_latest(registry).decode()) for s in family.samples}
+        assert samples[("cypaxos_auth_failures_total", (("kind", "peer"),))] == 5
+        assert samples[("cypaxos_auth_failures_total", (("kind", "client"),))] == 1
+        # Never started: it knows no leader.
+        response = answer(server, registry, b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert response.startswith(b"HTTP/1.1 503 ") and response.endswith(b"\r\n\r\nno leader known\n")
+    finally:
+        server.close()

@@ -56,7 +56,6 @@ async def peer_link(server, peer_id: int) -> None:
             if server.peer_connected.get(peer_id):
                 server.peer_connected[peer_id] = False
                 server.peer_links_lost[peer_id] = server.peer_links_lost.get(peer_id, 0) + 1
-                server.node.stats["peer_links_lost"] += 1
             # What is left may start mid-frame: it must never reach a new connection.
             outbox.frames = []
             with trio.move_on_after(1) as scope:

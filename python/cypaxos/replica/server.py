@@ -277,7 +277,6 @@ class ReplicaServer:
         ``client``): counted always (`cypaxos_auth_failures_total`), logged once per
         source per minute with the number of others.  `source` is the remote host."""
         self.auth_failures[kind] = self.auth_failures.get(kind, 0) + 1
-        self.node.stats["auth_failures"] += 1
         self.limited_log.warning(("auth", source), "refused a %s connection from %s: %s",
                                  kind, source, reason)
 
