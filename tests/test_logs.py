@@ -108,3 +108,21 @@ def test_bad_settings(clock):
         RateLimitedLog(logging.getLogger("x"), 0, clock=clock)
     with pytest.raises(ValueError):
         RateLimitedLog(logging.getLogger("x"), 1, clock=clock, keys_max=0)
+
+
+def test_a_traceback_goes_with_the_lines_logged_now(clock, caplog):
+    caplog.set_level(logging.DEBUG, logger="test.ratelimit")
+    log = make(clock)
+    for _ in range(3):
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            log.log(logging.ERROR, "k", "unexpected", exc_info=True)
+    log.info("other", "connected")
+    clock.now += 60
+    assert log.flush() == 1
+    records = [r for r in caplog.records if r.name == "test.ratelimit"]
+    assert [(r.levelno, bool(r.exc_info) and r.exc_info[0] is RuntimeError)
+            for r in records] == [(logging.ERROR, True), (logging.INFO, False),
+                                  (logging.ERROR, False)]
+    assert records[-1].getMessage() == "unexpected (and 2 more like it in the last 60 s)"

@@ -479,7 +479,8 @@ cdef class Replica:
                  applied_index=self.applied_index, log_start=self.log_base,
                  last_slot=self.log_base + len(self.values) - 1,
                  pending_bytes=self.pending_bytes_, sessions=len(self.sessions),
-                 tick=self.now, known_commit=self.known_commit, catchup_peer=self.catchup_peer)
+                 tick=self.now, known_commit=self.known_commit, catchup_peer=self.catchup_peer,
+                 leader_heard_tick=self.leader_heard_tick)
         return d
 
     def entry(self, int64_t slot):

@@ -12,18 +12,19 @@ client API::
     async with cypaxos.open_client(["127.0.0.1:7001", ...]) as kv:   # Trio
         await kv.put(b"k", b"v")
 """
-from cypaxos.client import BlockingClient, Client, connect, open_client
+from cypaxos.client import BackupInfo, BlockingClient, Client, connect, open_client
 from cypaxos.errors import (
-    ClientError, ClosedError, CommandError, ConfigError, DataDirError, Error, RequestError,
-    SessionExpiredError, StorageError, TimeoutError, UnavailableError, WalCorruptError,
+    ClientError, ClosedError, CommandError, ConfigError, DataDirError, Error,
+    IdentityMismatchError, RequestError, SessionExpiredError, StorageError, TimeoutError,
+    UnavailableError, WalCorruptError,
 )
 
 __version__ = "0.1.0"
 """The package version: its one source (pyproject.toml reads it, `cypaxos --version` prints it)."""
 
 __all__ = [
-    "connect", "open_client", "Client", "BlockingClient",
+    "connect", "open_client", "Client", "BlockingClient", "BackupInfo",
     "Error", "ClientError", "ClosedError", "CommandError", "ConfigError", "DataDirError",
-    "RequestError", "SessionExpiredError", "StorageError", "TimeoutError",
-    "UnavailableError", "WalCorruptError", "__version__",
+    "IdentityMismatchError", "RequestError", "SessionExpiredError", "StorageError",
+    "TimeoutError", "UnavailableError", "WalCorruptError", "__version__",
 ]

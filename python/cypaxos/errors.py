@@ -13,6 +13,25 @@ class DataDirError(StorageError):
     """A data dir is missing, foreign, locked, or belongs to another replica."""
 
 
+class IdentityMismatchError(DataDirError):
+    """A data dir's identity (cluster id, replica id) is not the one asked for.
+
+    `path`, `found_cluster_id`, `found_replica_id` (what the data dir holds) and
+    `cluster_id`, `replica_id` (what was asked for) say exactly what differs.
+    """
+
+    def __init__(self, path: str, found_cluster_id: str, found_replica_id: int,
+                 cluster_id: str, replica_id: int) -> None:
+        super().__init__(
+            f"data dir {path} belongs to cluster {found_cluster_id!r} replica "
+            f"{found_replica_id}, not cluster {cluster_id!r} replica {replica_id}")
+        self.path = path
+        self.found_cluster_id = found_cluster_id
+        self.found_replica_id = found_replica_id
+        self.cluster_id = cluster_id
+        self.replica_id = replica_id
+
+
 class WalCorruptError(StorageError):
     """A write-ahead log holds a bad record or segment that is not a torn tail.
 

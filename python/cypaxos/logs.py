@@ -177,15 +177,25 @@ class RateLimitedLog:
         self.events = 0      #: events seen in all
         self.lines = 0       #: lines logged in all
 
-    def warning(self, key: Hashable, msg: str, *args, extra: Optional[dict] = None) -> bool:
+    def warning(self, key: Hashable, msg: str, *args: object,
+                extra: Optional[dict] = None, exc_info: bool = False) -> bool:
         """`log(logging.WARNING, ...)`."""
-        return self.log(logging.WARNING, key, msg, *args, extra=extra)
+        return self.log(logging.WARNING, key, msg, *args, extra=extra, exc_info=exc_info)
 
-    def log(self, level: int, key: Hashable, msg: str, *args,
-            extra: Optional[dict] = None) -> bool:
+    def info(self, key: Hashable, msg: str, *args: object,
+             extra: Optional[dict] = None) -> bool:
+        """`log(logging.INFO, ...)`."""
+        return self.log(logging.INFO, key, msg, *args, extra=extra)
+
+    def log(self, level: int, key: Hashable, msg: str, *args: object,
+            extra: Optional[dict] = None, exc_info: bool = False) -> bool:
         """Count one event of `key`; log it unless `key` was logged less than an interval
         ago.  `msg % args` is the line and `extra` its structured fields, as with
         `logging`.  True if a line was logged.
+
+        `exc_info=True` (inside an ``except`` block) adds the traceback to a line
+        logged now; a held-back event's traceback is dropped with it (the first one of
+        a key always has its own).
         """
         now = self._clock()
         self.events += 1
@@ -198,10 +208,11 @@ class RateLimitedLog:
                 entry = self._entries.get(key)
         if entry is None:
             self._entries[key] = _Entry(now)
-            self._emit(level, msg, args, extra, 0, 0.0)
+            self._emit(level, msg, args, extra, 0, 0.0, exc_info)
             return True
         if now - entry.logged_at >= self.interval_s:
-            self._emit(level, msg, args, extra, entry.suppressed, now - entry.logged_at)
+            self._emit(level, msg, args, extra, entry.suppressed, now - entry.logged_at,
+                       exc_info)
             entry.logged_at = now
             entry.suppressed = 0
             return True
@@ -236,7 +247,7 @@ class RateLimitedLog:
                            entry.suppressed, now - entry.logged_at)
 
     def _emit(self, level: int, msg: str, args: tuple, extra: Optional[dict],
-              suppressed: int, elapsed_s: float) -> None:
+              suppressed: int, elapsed_s: float, exc_info: bool = False) -> None:
         self.lines += 1
         if suppressed:
             if not args:
@@ -244,4 +255,4 @@ class RateLimitedLog:
             msg += " (and %d more like it in the last %.0f s)"
             args = (*args, suppressed, elapsed_s)
             extra = {**(extra or {}), "suppressed": suppressed}
-        self.logger.log(level, msg, *args, extra=extra)
+        self.logger.log(level, msg, *args, extra=extra, exc_info=exc_info or None)

@@ -9,14 +9,16 @@
 * `cypaxos.client.api`: the Trio `Client` and `open_client`, wired with
   `cypaxos.client.connection` (dial, frames) and `cypaxos.client.dialing` (the
   opening handshake and what a failed dial means, sans-I/O);
-* `cypaxos.client.blocking`: `BlockingClient`, a `Client` in a background thread.
+* `cypaxos.client.blocking`: `BlockingClient`, a `Client` in a background thread;
+* `cypaxos.client.backup`: `Client.backup`, a consistent copy of the state to a file.
 
 Addresses are parsed by `cypaxos.addresses.parse_addresses`.
 """
 from ..addresses import parse_addresses
 from .api import COMMAND_BYTES_MAX, Client, open_client
+from .backup import BackupInfo
 from .blocking import BlockingClient, connect
 from .session import ClientSession, SessionSettings
 
 __all__ = ["Client", "BlockingClient", "open_client", "connect", "parse_addresses",
-           "COMMAND_BYTES_MAX", "ClientSession", "SessionSettings"]
+           "COMMAND_BYTES_MAX", "ClientSession", "SessionSettings", "BackupInfo"]

@@ -20,17 +20,24 @@ code.  docs/internals.md ("Client") has the whole picture.
 """
 from __future__ import annotations
 
+import os
 from contextlib import asynccontextmanager
-from typing import Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Union
 
 import trio
 
 from .. import wire
 from ..addresses import Addresses
 from ..clientops import Op
-from .calls import COMMAND_BYTES_MAX, Bytes, ClientCalls
-from .connection import DialError, RECEIVE_BYTES, describe, dial, request_once
+from .calls import COMMAND_BYTES_MAX, Bytes, ClientCalls, Entry
+from .connection import (
+    RECEIVE_BYTES, Connection, DialError, describe, dial, request_once,
+)
 from .session import SessionSettings
+
+if TYPE_CHECKING:
+    from .backup import BackupInfo
 
 __all__ = ["Client", "open_client", "Bytes", "COMMAND_BYTES_MAX"]
 
@@ -43,7 +50,7 @@ async def _park(op: Op) -> None:
     """
     op.task = trio.lowlevel.current_task()
 
-    def abort(raise_cancel):
+    def abort(raise_cancel: Any) -> trio.lowlevel.Abort:
         op.task = None
         return trio.lowlevel.Abort.SUCCEEDED
     await trio.lowlevel.wait_task_rescheduled(abort)
@@ -62,7 +69,7 @@ class Client(ClientCalls):
                  settings: Optional[SessionSettings] = None) -> None:
         """Prepare a client; it only runs inside `open_client()` (which calls `_run`)."""
         super().__init__(addresses, timeout=timeout, settings=settings)
-        self._nursery = None
+        self._nursery: Optional[trio.Nursery] = None
         self._kick_event = trio.Event()   # wakes the sender
         self._need_conn = trio.Event()    # wakes the idle connection loop
         self._timer_wake = trio.Event()
@@ -72,6 +79,21 @@ class Client(ClientCalls):
         """Close the client: pending calls fail with ClosedError, the connection closes."""
         self._close()
         await trio.lowlevel.checkpoint()
+
+    async def backup(self, path: Union[str, "os.PathLike[str]"], *,
+                     timeout: Optional[float] = None) -> "BackupInfo":
+        """Write a consistent copy of the cluster's state to the file `path`.
+
+        The leader snapshots its state at a linearizable point (every write
+        acknowledged before this call is in it) and streams the snapshot file, which is
+        checked (CRC32C) as it arrives, written to a temporary file, synced and renamed
+        to `path` (replacing it).  `timeout` bounds each step, not the whole transfer.
+        Returns a `BackupInfo`; `cypaxos restore` seeds a new cluster from the file.
+        """
+        self._check_open()
+        from .backup import backup_to_file
+        return await backup_to_file(list(self._session.addresses), os.fspath(path),
+                                    timeout=self._timeout if timeout is None else timeout)
 
     # -- what ClientCalls needs ------------------------------------------------
 
@@ -100,13 +122,15 @@ class Client(ClientCalls):
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    async def _ask_all(self, make_request, make_entry, timeout) -> list[dict]:
+    async def _ask_all(self, make_request: Callable[[int], list[Any]],
+                       make_entry: Callable[[Entry, Any], None],
+                       timeout: Optional[float]) -> list[Entry]:
         _, deadline, _ = self._deadline(timeout)
         addresses = list(self._session.addresses)
-        entries = [None] * len(addresses)
+        entries: list[Entry] = [{} for _ in addresses]
 
-        async def ask(index, address):
-            entry = {"address": address, "reachable": False}
+        async def ask(index: int, address: str) -> None:
+            entry: Entry = {"address": address, "reachable": False}
             try:
                 replica_id, reply = await request_once(address, make_request, deadline)
             except (DialError, trio.TooSlowError) as exc:
@@ -166,7 +190,7 @@ class Client(ClientCalls):
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
 
-    async def _reader(self, conn, scope: trio.CancelScope) -> None:
+    async def _reader(self, conn: Connection, scope: trio.CancelScope) -> None:
         """Feed the connection's replies to the session until it ends."""
         session = self._session
         decoder = conn.decoder
@@ -196,7 +220,7 @@ class Client(ClientCalls):
         session.connection_lost(trio.current_time(), reason)
         scope.cancel()
 
-    async def _sender(self, conn, scope: trio.CancelScope) -> None:
+    async def _sender(self, conn: Connection, scope: trio.CancelScope) -> None:
         """Write what the session says to send; sleep until there may be more."""
         session = self._session
         stream = conn.stream
@@ -239,7 +263,7 @@ class Client(ClientCalls):
 
 @asynccontextmanager
 async def open_client(addresses: Addresses, *, timeout: float = 5.0,
-                      settings: Optional[SessionSettings] = None):
+                      settings: Optional[SessionSettings] = None) -> AsyncIterator[Client]:
     """Open a `Client` to the cluster at `addresses` (Trio); close it on exit.
 
     `addresses`: a comma-separated "host:port" string or a list of them, any replicas

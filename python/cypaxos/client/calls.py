@@ -24,8 +24,9 @@ The Trio wiring is `cypaxos.client.api.Client`; the simulator's clients
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Optional, Union
+import random
+from collections.abc import Callable, Iterable
+from typing import Any, Optional, TypeVar, Union
 
 from .. import clientops as _ops
 from .. import commands as _cmd
@@ -48,6 +49,10 @@ COMMAND_BYTES_MAX = (wire.FRAME_BYTES_MAX - _cmd.BATCH_HEADER_BYTES - 4
 """The largest command (or query) that fits one frame; bigger ones raise RequestError."""
 
 _QUEUED, _SENT, _DONE, _ABANDONED = _ops.QUEUED, _ops.SENT, _ops.DONE, _ops.ABANDONED
+
+_T = TypeVar("_T")
+Entry = dict[str, Any]
+"""One replica's entry in `status()` or `snapshot()`."""
 
 
 def _as_bytes(value: Bytes, what: str) -> bytes:
@@ -73,11 +78,12 @@ def _error_of(op: _Op) -> BaseException:
     an op still holding an exception whose traceback holds the op (through the
     raising frame) would be a cycle nothing collects.
     """
-    error, op.error = op.error, None
+    error: BaseException = op.error
+    op.error = None
     return error
 
 
-def _decode(decoder, result):
+def _decode(decoder: Callable[[Any], _T], result: Any) -> _T:
     try:
         return decoder(result)
     except ValueError as exc:
@@ -94,13 +100,14 @@ class ClientCalls:
     """
 
     def __init__(self, addresses: Addresses, *, timeout: float = 5.0,
-                 settings: Optional[SessionSettings] = None, rng=None) -> None:
+                 settings: Optional[SessionSettings] = None,
+                 rng: Optional[random.Random] = None) -> None:
         """Parse `addresses` (ConfigError if malformed) and make the session."""
-        addresses = parse_addresses(addresses)
+        parsed = parse_addresses(addresses)
         if timeout is None or not timeout > 0:
             raise ConfigError("timeout must be a positive number of seconds")
         self._timeout = float(timeout)
-        self._session = ClientSession(addresses, settings, rng=rng)
+        self._session = ClientSession(parsed, settings, rng=rng)
 
     # -- what the wiring supplies ----------------------------------------------
 
@@ -122,7 +129,9 @@ class ClientCalls:
     def _room_freed(self) -> None:
         raise NotImplementedError
 
-    async def _ask_all(self, make_request, make_entry, timeout) -> list[dict]:
+    async def _ask_all(self, make_request: Callable[[int], list[Any]],
+                       make_entry: Callable[[Entry, Any], None],
+                       timeout: Optional[float]) -> list[Entry]:
         raise NotImplementedError
 
     def _close(self) -> None:
@@ -155,7 +164,8 @@ class ClientCalls:
         """Remove `key`; True if it existed."""
         result = await self._call(_cmd.encode_delete(_as_bytes(key, "key")), True, False,
                                   timeout)
-        return _decode(_cmd.decode_bool, result)
+        existed: bool = _decode(_cmd.decode_bool, result)
+        return existed
 
     async def cas(self, key: Bytes, expected: Optional[Bytes], new: Bytes, *,
                   timeout: Optional[float] = None) -> bool:
@@ -166,7 +176,8 @@ class ClientCalls:
         if expected is not None:
             expected = _as_bytes(expected, "expected")
         command = _cmd.encode_cas(_as_bytes(key, "key"), expected, _as_bytes(new, "new"))
-        return _decode(_cmd.decode_bool, await self._call(command, True, False, timeout))
+        swapped: bool = _decode(_cmd.decode_bool, await self._call(command, True, False, timeout))
+        return swapped
 
     async def get(self, key: Bytes, *, stale: bool = False,
                   timeout: Optional[float] = None) -> Optional[bytes]:
@@ -177,7 +188,8 @@ class ClientCalls:
         """
         result = await self._call(_cmd.encode_get(_as_bytes(key, "key")), False, stale,
                                   timeout)
-        return _decode(_cmd.decode_get, result)
+        value: Optional[bytes] = _decode(_cmd.decode_get, result)
+        return value
 
     async def submit(self, command: Bytes, *, timeout: Optional[float] = None) -> bytes:
         """Replicate a raw command for a custom state machine; returns its result bytes.
@@ -217,7 +229,7 @@ class ClientCalls:
 
     async def submit_many(self, commands: Iterable[Bytes], *,
                           timeout: Optional[float] = None,
-                          return_exceptions: bool = False) -> list:
+                          return_exceptions: bool = False) -> list[Any]:
         """Replicate raw commands in order; their results, in order.
 
         Each command is applied exactly once, in the given order (one session).  If any
@@ -242,17 +254,18 @@ class ClientCalls:
         except TypeError:   # str, bytearray, ... (or a wrong type: said per key)
             queries = [_cmd.encode_get(_as_bytes(key, "key")) for key in keys]
         results = await self._many(queries, False, stale, timeout, False)
-        return _decode(_cmd.decode_gets, results)
+        values: list[Optional[bytes]] = _decode(_cmd.decode_gets, results)
+        return values
 
     async def query_many(self, queries: Iterable[Bytes], *, stale: bool = False,
                          timeout: Optional[float] = None,
-                         return_exceptions: bool = False) -> list:
+                         return_exceptions: bool = False) -> list[Any]:
         """Answer read-only queries, in order; like `query` for each (see `submit_many`
         for `return_exceptions`)."""
         payloads = [_as_bytes(query, "query") for query in queries]
         return await self._many(payloads, False, stale, timeout, return_exceptions)
 
-    async def status(self, *, timeout: Optional[float] = None) -> list[dict]:
+    async def status(self, *, timeout: Optional[float] = None) -> list[Entry]:
         """Ask every known replica for its status, each on its own short connection.
 
         Returns one dict per address, in order: `address`, `reachable`, and when
@@ -262,7 +275,7 @@ class ClientCalls:
         self._check_open()
         return await self._ask_all(wire.status_request, _status_entry, timeout)
 
-    async def snapshot(self, *, timeout: Optional[float] = None) -> list[dict]:
+    async def snapshot(self, *, timeout: Optional[float] = None) -> list[Entry]:
         """Ask every known replica to take a snapshot now.
 
         Returns one dict per address: `address`, `reachable`, `id` and `applied_index`
@@ -272,7 +285,7 @@ class ClientCalls:
         self._check_open()
         return await self._ask_all(wire.snapshot_request, _snapshot_entry, timeout)
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         """Counters of this client's work so far, and its current connection.
 
         `commands` (writes called), `batches` (client batches formed from them),
@@ -293,7 +306,7 @@ class ClientCalls:
         if self._session.closed:
             raise ClosedError("the client is closed")
 
-    def _deadline(self, timeout):
+    def _deadline(self, timeout: Optional[float]) -> tuple[float, float, float]:
         if timeout is None:
             timeout = self._timeout
         elif not timeout > 0:
@@ -315,7 +328,8 @@ class ClientCalls:
             self._check_open()
         return True
 
-    async def _call(self, payload: bytes, write: bool, stale: bool, timeout) -> bytes:
+    async def _call(self, payload: bytes, write: bool, stale: bool,
+                    timeout: Optional[float]) -> bytes:
         """Queue one command (`write`) or query, park until it ends; its result bytes."""
         self._check_open()
         if len(payload) > COMMAND_BYTES_MAX:
@@ -345,13 +359,14 @@ class ClientCalls:
         if op.error is not None:
             raise _error_of(op)
         if op.state == _DONE:
-            return op.value
+            value: bytes = op.value
+            return value
         if not write:
             op.sent = False   # a read never changes anything
         raise session.expired_error(op, start, deadline)
 
-    async def _many(self, payloads: list, write: bool, stale: bool, timeout,
-                    return_exceptions: bool) -> list:
+    async def _many(self, payloads: list[bytes], write: bool, stale: bool,
+                    timeout: Optional[float], return_exceptions: bool) -> list[Any]:
         """Queue all `payloads` as writes (or reads), park until every one has ended."""
         self._check_open()
         if not payloads:
@@ -410,10 +425,10 @@ class ClientCalls:
             if dropped:
                 session.forget_queued(write, dropped, dropped_bytes)
                 self._room_freed()
-        results = _ops.values_if_all_done(ops)
-        if results is not None:
-            return results
-        results = []
+        done: Optional[list[Any]] = _ops.values_if_all_done(ops)
+        if done is not None:
+            return done
+        results: list[Any] = []
         for op in ops:
             if op.error is not None:
                 outcome = _error_of(op)
@@ -430,7 +445,7 @@ class ClientCalls:
         return results
 
 
-def _status_entry(entry: dict, payload) -> None:
+def _status_entry(entry: Entry, payload: Any) -> None:
     if type(payload) is not dict:
         entry["error"] = "malformed status reply"
         return
@@ -444,7 +459,7 @@ def _status_entry(entry: dict, payload) -> None:
     entry["reachable"] = True
 
 
-def _snapshot_entry(entry: dict, payload) -> None:
+def _snapshot_entry(entry: Entry, payload: Any) -> None:
     if type(payload) is int:
         entry["applied_index"] = payload
     else:

@@ -52,14 +52,14 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional, Union
 
 from .. import clientops as _ops
 from .. import wire
 from ..clientops import Op
 from ..errors import ClientError, ClosedError, TimeoutError, UnavailableError
 from .deadlines import Deadlines
-from .reads import Reads
+from .reads import Read, Reads
 from .routing import Router
 from .writes import Batch, Writes
 
@@ -146,7 +146,7 @@ class ClientSession:
         self._connected = False
         self._address: Optional[str] = None
         self._replica_id: Optional[int] = None
-        self._requests: dict = {}
+        self._requests: dict[int, Union[Batch, Read]] = {}
         self._resend_all = False    # a new connection: everything unanswered goes again
         self._last_progress = 0.0   # a reply, or requests sent after none were pending
         self._answered = False      # got at least one "ok" on this connection
@@ -172,7 +172,7 @@ class ClientSession:
         """The address of the current connection, if any."""
         return self._address if self._connected else None
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         """Counters (see `cypaxos.client.Client.statistics`) and the current state."""
         stats = {
             "session_id": self.session_id,
@@ -219,7 +219,7 @@ class ClientSession:
         op.state = _QUEUED
         return self._deadlines.arm(op, default_timeout)
 
-    def queue_many(self, ops: list, write: bool, stale: bool, size: int,
+    def queue_many(self, ops: list[Op], write: bool, stale: bool, size: int,
                    default_timeout: bool) -> bool:
         """`queue_one` for a bulk call's ops (one deadline; `size` bytes in all)."""
         _ops.mark(ops, _QUEUED)
@@ -275,7 +275,7 @@ class ClientSession:
         self._fail_pending(lambda sent: ClosedError(
             "the client was closed before the call completed", maybe_applied=sent))
 
-    def _fail_pending(self, make_error) -> None:
+    def _fail_pending(self, make_error: Callable[[bool], ClientError]) -> None:
         """Finish every op a caller waits on with `make_error(sent)`; empty the queues."""
         pending = self._writes.pending()
         pending += [(op, False) for op in self._reads.pending()]
@@ -335,8 +335,8 @@ class ClientSession:
         self._connected = False
         self._requests.clear()
         self.router.connection_ended(
-            self._address, now, reason=self.disconnect or reason, answered=self._answered,
-            redirected=self._redirected, hint=self._hint)
+            self._address or "", now, reason=self.disconnect or reason,
+            answered=self._answered, redirected=self._redirected, hint=self._hint)
         self.disconnect = None
         self._hint = None
 
@@ -344,7 +344,7 @@ class ClientSession:
         if self.disconnect is None:
             self.disconnect = reason
 
-    def _register(self, target) -> int:
+    def _register(self, target: Union[Batch, Read]) -> int:
         """A request id on the current connection for `target` (a batch or a read)."""
         self._request_id += 1
         self._requests[self._request_id] = target
@@ -357,7 +357,7 @@ class ClientSession:
         request from now on (many large results batched together), or it repeats."""
         self._writes.result_max = self._reads.result_max = float(wire.FRAME_BYTES_MAX)
 
-    def reply_received(self, reply: tuple, now: float) -> None:
+    def reply_received(self, reply: tuple[Any, ...], now: float) -> None:
         """A reply on the current connection (checked by `wire.parse_reply`).
 
         Raises `wire.ProtocolError` if it makes no sense for its request (then the
@@ -370,7 +370,7 @@ class ClientSession:
         self._last_progress = now
         kind = reply[0]
         if kind == "ok":
-            if type(target) is Batch:
+            if isinstance(target, Batch):
                 # Any send's answer will do: every send carried the same bytes.
                 pause = self._writes.answered(target, reply[1], reply[2])
                 self._answered = True
@@ -392,7 +392,7 @@ class ClientSession:
             if self.disconnect is None:
                 self._redirected = True
                 if hint is None or hint == self._address:
-                    self.router.no_leader(self._address, now)
+                    self.router.no_leader(self._address or "", now)
                     self._end("no leader known")
                 else:
                     self._hint = hint
@@ -400,14 +400,14 @@ class ClientSession:
         else:
             self._on_error(target, reply[1], reply[2], reply[3], now)
 
-    def _on_error(self, target, request_id: int, code: str, message: str,
+    def _on_error(self, target: Union[Batch, Read], request_id: int, code: str, message: str,
                   now: float) -> None:
         if code == "shutting_down":
             # This replica is going away: go elsewhere; everything gets resent there.
             self._end(f"replica shutting down ({message})")
             return
         if code in ("too_large", "bad_request"):
-            if type(target) is not Batch:
+            if not isinstance(target, Batch):
                 self._reads.refused(target, code, message)
             elif self._writes.refused(target, code, message):
                 self._resend_at = now   # its halves
@@ -435,7 +435,7 @@ class ClientSession:
             at = min(at, self._last_progress + self.settings.stall_timeout_s)
         return at
 
-    def requests_to_send(self, now: float) -> list:
+    def requests_to_send(self, now: float) -> list[list[Any]]:
         """The request bodies to send on the connection now (in order); maybe none.
 
         Sets `disconnect` instead if requests have been pending without any reply
@@ -443,7 +443,7 @@ class ClientSession:
         """
         if not self._connected or self.disconnect is not None:
             return []
-        bodies = []
+        bodies: list[list[Any]] = []
         if self._resend_all:
             # A new connection: everything unanswered goes again, batches in session
             # order and byte for byte (the session table makes them exactly-once).

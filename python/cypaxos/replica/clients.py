@@ -5,6 +5,7 @@ from __future__ import annotations
 import trio
 
 from .. import wire
+from .backup import BackupReader
 from .framing import read_frames
 from .outbox import Conn
 
@@ -21,6 +22,7 @@ async def serve_client(server, stream: trio.SocketStream, decoder: wire.FrameDec
     conn = Conn(name, CLIENT_QUEUE_MAX)
     conn.put(wire.encode_frame(wire.welcome(server.cluster_id, server.replica_id)))
     failure = None
+    backup = None   # a BackupReader, once the client reads a backup
 
     async def write_replies():
         try:
@@ -36,12 +38,19 @@ async def serve_client(server, stream: trio.SocketStream, decoder: wire.FrameDec
             async for frame in read_frames(stream, decoder):
                 if conn.closed:
                     break
-                node.on_client_request(conn, wire.parse_client_request(frame))
+                request = wire.parse_client_request(frame)
+                if request[0] == "backup_read":   # file I/O: the shell's, not the node's
+                    backup = backup or BackupReader(server)
+                    await backup.answer(conn, request)
+                else:
+                    node.on_client_request(conn, request)
                 flush()   # replies given at once (redirects, stale reads, ...)
         except (wire.ProtocolError, OSError, trio.BrokenResourceError) as exc:
             # Raised after the nursery, so it is not wrapped in an exception group.
             failure = exc
         finally:
+            if backup is not None:
+                backup.close()
             # Replies already queued still go out (the client may only have
             # half-closed), for at most a second.
             conn.close()

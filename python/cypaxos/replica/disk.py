@@ -11,6 +11,7 @@ data dir, with the blocking parts off the event loop.
 """
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import cbor2
@@ -22,6 +23,7 @@ from ..cborenc import dumps as cbor_dumps
 from ..errors import WalCorruptError
 from ..storage.snapshots import SnapshotStore
 from ..storage.wal import Wal
+from .counters import FSYNC_BUCKETS_S, SNAPSHOT_BUCKETS_S, Histogram
 from .walsync import WalSync
 
 __all__ = ["DiskStorage", "replayed_records"]
@@ -51,11 +53,15 @@ class DiskStorage:
     def __init__(self, wal: Wal, snapshot_store: SnapshotStore) -> None:
         self.wal = wal
         self.snapshot_store = snapshot_store
-        self.wal_sync = WalSync(wal)
+        #: Every fsync's duration, inline (`sync`) or in the fsync thread.
+        self.fsync_seconds = Histogram(FSYNC_BUCKETS_S)
+        #: How long writing (and syncing) each snapshot file took, in a worker thread.
+        self.snapshot_seconds = Histogram(SNAPSHOT_BUCKETS_S)
+        self.snapshot_bytes = 0   #: the size of the newest snapshot file written
+        self.wal_sync = WalSync(wal, self.fsync_seconds)
         self.node = None
         self.nursery: Optional[trio.Nursery] = None
         # The WAL's own methods, without a layer in between on the hot path.
-        self.sync = wal.sync
         self.start_sync = self.wal_sync.start_sync
         self.truncate_before = wal.truncate_before
 
@@ -80,6 +86,15 @@ class DiskStorage:
     def sync_in_flight(self) -> bool:
         return self.wal.sync_in_flight
 
+    def sync(self) -> None:
+        """Sync inline (a follower's), timing the fsync if there was one to do."""
+        wal = self.wal
+        before = wal.fsync_count
+        started = time.monotonic()
+        wal.sync()
+        if wal.fsync_count != before:
+            self.fsync_seconds.observe(time.monotonic() - started)
+
     def append(self, records: list) -> int:
         payloads = [cbor_dumps(r) for r in records]
         self.wal.append_many(payloads)
@@ -98,8 +113,17 @@ class DiskStorage:
         self.nursery.start_soon(task)
 
     def write_snapshot(self, index: int, data: list) -> None:
-        self._run(lambda: self.snapshot_store.write(index, data),
-                  lambda _, error: self.node.on_snapshot_written(index, error))
+        def write():
+            started = time.monotonic()
+            self.snapshot_store.write(index, data)
+            return time.monotonic() - started, sum(map(len, data))
+
+        def done(result, error):
+            if error is None:
+                self.snapshot_seconds.observe(result[0])
+                self.snapshot_bytes = result[1]
+            self.node.on_snapshot_written(index, error)
+        self._run(write, done)
 
     def read_snapshot(self, index: int) -> None:
         self._run(lambda: self.snapshot_store.read(index),

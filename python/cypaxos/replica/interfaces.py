@@ -105,6 +105,7 @@ class NodeOptions:
     chunk_ack_ticks: int = 200        # resend a chunk after this many ticks without an ack
     chunk_tries: int = 10             # unanswered chunks in a row before a transfer stops
     incoming_bytes_max: int = 1 << 34  # a snapshot transfer over this many bytes is refused
+    log_interval_ticks: int = 6000    # a repeated warning is logged at most once per this
     status: dict = field(default_factory=dict)  # fixed status fields added by the runner
     check_invariants: bool = False    # assert the node's invariants after every drive (slow)
     fault: int = 0                    # test-only FAULT_* bits; never set in production

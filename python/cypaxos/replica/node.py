@@ -67,7 +67,10 @@ from typing import Any, Callable, Iterable, Optional
 
 from .. import wire
 from ..core import NOT_LEADER, PROPOSED, BatchError, MessageError, Replica
+from ..logs import RateLimitedLog
+from ..protocol import REC_ACCEPT
 from ..storage import snapshots
+from .counters import BATCH_COMMANDS_BUCKETS, Histogram, slot_commands
 from .interfaces import NodeOptions, Storage, Transport
 from .transfer import Ack, SnapshotReceiver, SnapshotSender, TransferError, Verify, Write
 
@@ -84,6 +87,8 @@ FAULT_COMPACT_BEFORE_DURABLE = 4   # the WAL is truncated before the snapshot is
 _SESSION_HEADER = struct.Struct("<QQ")
 _SNAPSHOT_CHUNK = wire.SNAPSHOT_CHUNK   # module globals: read for every peer message
 _SNAPSHOT_ACK = wire.SNAPSHOT_ACK
+_ACCEPTED = wire.ACCEPTED
+_HEARTBEAT_ACK = wire.HEARTBEAT_ACK
 
 
 class _SnapshotJob:
@@ -124,9 +129,23 @@ class ReplicaNode:
         self.validate_state = validate_state
         self.fault = options.fault
         self.fatal: Optional[BaseException] = None
+        # Counters (status "statistics", the metrics endpoint).  The connection ones
+        # are counted by the runner, which owns the connections.
         self.stats = {"peer_drops": 0, "client_drops": 0, "bad_frames": 0, "fsyncs": 0,
                       "snapshots_taken": 0, "snapshots_sent": 0, "snapshots_installed": 0,
-                      "snapshots_refused": 0, "transfer_chunks": 0}
+                      "snapshots_refused": 0, "snapshots_corrupt": 0,
+                      "snapshot_sends_failed": 0, "transfer_chunks": 0,
+                      "leader_changes": 0, "hello_timeouts": 0, "connection_errors": 0}
+        # Commands per slot this replica proposed as leader (one observation a slot).
+        self.batch_commands = Histogram(BATCH_COMMANDS_BUCKETS)
+        # The commit index each peer last reported (ACCEPTED, HEARTBEAT_ACK): a
+        # leader's view of how far behind each follower is.
+        self.peer_commit: dict[int, int] = {}
+        self.last_leader_id = 0
+        # Warnings that can repeat (a peer's corrupt snapshots, failed sends): once,
+        # then once per interval with a count.  Its clock is the core's ticks.
+        self.limited_log = RateLimitedLog(log, options.log_interval_ticks,
+                                          clock=lambda: self.core.now)
         # Client work the core accepted and has not answered yet.
         self.pending_submits: dict[tuple[int, int], tuple[Any, int]] = {}
         self.pending_reads: dict[int, tuple[Any, int, list]] = {}
@@ -233,6 +252,8 @@ class ReplicaNode:
             self.transport.flush()
         if rd.records:
             self.wal_bytes_since_snapshot += storage.append(rd.records)
+            if self.core.leader_id == self.replica_id:
+                self.observe_proposals(rd.records)
             if not self.sync_inline():
                 # Group commit: starts a sync unless one is running (its end starts
                 # the next, covering everything appended meanwhile).
@@ -259,10 +280,15 @@ class ReplicaNode:
                 waiter = pending.pop((sid, first), None)
                 if waiter is not None:
                     reply(waiter[0], wire.ok(waiter[1], packed))
+        backups = None
         if rd.reads:
             for read_id in rd.reads:
                 conn, request_id, queries = self.pending_reads.pop(read_id)
-                self.answer_read(conn, request_id, queries)
+                if queries is None:   # a backup's linearizable point is reached
+                    backups = backups or []
+                    backups.append((conn, request_id))
+                else:
+                    self.answer_read(conn, request_id, queries)
         if rd.reads_failed:
             for read_id in rd.reads_failed:
                 conn, request_id, _ = self.pending_reads.pop(read_id)
@@ -272,6 +298,19 @@ class ReplicaNode:
             for conn, request_id in self.pending_submits.values():
                 self._reply(conn, wire.redirect(request_id, leader))
             self.pending_submits.clear()
+        if backups:
+            # Once this Ready is carried out whole: the snapshot restates the log
+            # through Readies of its own.
+            self.snapshot_for(backups)
+
+    def observe_proposals(self, records: list) -> None:
+        """Count the commands of every slot a leader's ACCEPT records propose."""
+        observe = self.batch_commands.observe
+        for record in records:
+            if record[0] == REC_ACCEPT:
+                for value in record[3]:
+                    if value:   # b"" fills a hole: a no-op, not a batch
+                        observe(slot_commands(value))
 
     def mark_persisted(self, persist_id: int) -> None:
         """Tell the core its records up to `persist_id` are durable (callers then take
@@ -327,7 +366,12 @@ class ReplicaNode:
     def tick(self) -> None:
         """One tick of logical time: the core's, the transfers' timers, and a snapshot
         when enough was written or applied since the last (the caller drives)."""
-        self.core.tick()
+        core = self.core
+        core.tick()
+        if core.leader_id != self.last_leader_id:
+            self.last_leader_id = core.leader_id
+            if core.leader_id:
+                self.stats["leader_changes"] += 1
         if self.senders:
             for peer, sender in list(self.senders.items()):
                 chunk = sender.on_tick()
@@ -337,7 +381,7 @@ class ReplicaNode:
                     self.end_send(peer)
         if self.snapshot_job is None and self.pending_install is None and (
                 self.wal_bytes_since_snapshot >= self.options.snapshot_bytes
-                or self.core.applied_index - self.snapshot_index >= self.options.snapshot_slots):
+                or core.applied_index - self.snapshot_index >= self.options.snapshot_slots):
             self.take_snapshot()
 
     # ------------------------------------------------------------------ peers
@@ -354,6 +398,10 @@ class ReplicaNode:
         if kind == _SNAPSHOT_ACK:
             self.on_snapshot_ack(peer, msg[2], msg[3])
             return False
+        if kind == _ACCEPTED:
+            self.peer_commit[peer] = msg[5]
+        elif kind == _HEARTBEAT_ACK:
+            self.peer_commit[peer] = msg[4]
         try:
             self.core.step(msg)
         except MessageError as exc:
@@ -395,13 +443,20 @@ class ReplicaNode:
                 self._reply(conn, wire.redirect(request_id, self.leader_address()))
         elif op == "status":
             self._reply(conn, wire.ok(request_id, self.status()))
+        elif op == "backup":
+            # A linearizable read first (the leader confirms it still leads and waits
+            # to apply what it had committed), then a snapshot at or past that
+            # point: it holds every write acknowledged before the request.  Answered
+            # like "snapshot", with the index of a snapshot file the runner streams.
+            read_id = self.next_read_id
+            self.next_read_id += 1
+            if self.core.read(read_id):
+                self.pending_reads[read_id] = (conn, request_id, None)
+                self.start_or_wake()
+            else:
+                self._reply(conn, wire.redirect(request_id, self.leader_address()))
         else:  # snapshot
-            self.snapshot_waiters.append((conn, request_id))
-            if not self.take_snapshot():
-                if self.snapshot_job is not None or self.pending_install is not None:
-                    self.snapshot_again = True   # answered after the one running, and the next
-                else:
-                    self.answer_snapshot_waiters()
+            self.snapshot_for([(conn, request_id)])
             self.drive()
 
     def start_or_wake(self) -> None:
@@ -432,6 +487,17 @@ class ReplicaNode:
         leader = self.core.leader_id
         return self.cluster.get(leader) if leader else None
 
+    def leader_heard_ticks(self) -> Optional[int]:
+        """Ticks since this replica last heard from the leader it knows (0 while it
+        leads); None if it knows of none."""
+        core = self.core
+        leader = core.leader_id
+        if not leader:
+            return None
+        if leader == self.replica_id:
+            return 0
+        return core.now - core.statistics()["leader_heard_tick"]
+
     def status(self) -> dict:
         """This replica's status fields (DESIGN.md section 4) and counters."""
         core = self.core
@@ -460,6 +526,16 @@ class ReplicaNode:
         return status
 
     # ------------------------------------------------------------------ snapshots
+
+    def snapshot_for(self, waiters: list) -> None:
+        """Answer `waiters` (connection, request id) with the index of a snapshot taken
+        at or after now: a new one, or the newest if nothing was applied since."""
+        self.snapshot_waiters.extend(waiters)
+        if not self.take_snapshot():
+            if self.snapshot_job is not None or self.pending_install is not None:
+                self.snapshot_again = True   # answered after the one running, and the next
+            else:
+                self.answer_snapshot_waiters()
 
     def take_snapshot(self) -> bool:
         """Snapshot the state at the applied index: restate the log, write the file;
@@ -571,7 +647,8 @@ class ReplicaNode:
             self.reading_snapshot = 0
         waiting = self.send_waiting
         if error is not None:
-            log.warning("cannot send snapshot %d: %s", index, error)
+            self.stats["snapshot_sends_failed"] += len(waiting)
+            self.limited_log.warning("snapshot_read", "cannot send snapshot %d: %s", index, error)
             waiting.clear()
             return
         self.outgoing = (index, data)
@@ -610,8 +687,10 @@ class ReplicaNode:
             log.info("sent snapshot at slot %d (%d bytes) to replica %d",
                      sender.index, sender.total, peer)
         else:
-            log.info("gave up sending snapshot %d to replica %d at byte %d",
-                     sender.index, peer, sender.offset)
+            self.stats["snapshot_sends_failed"] += 1
+            self.limited_log.warning(("snapshot_send", peer),
+                                     "gave up sending snapshot %d to replica %d at byte %d",
+                                     sender.index, peer, sender.offset)
         if not self.senders:
             self.outgoing = None   # the file's bytes are held only while someone is sent them
 
@@ -637,8 +716,10 @@ class ReplicaNode:
         if out is not None:
             if needed and out.next_offset == total and index == out.index:
                 self.stats["snapshots_refused"] += 1
-                log.warning("refused a snapshot of %d bytes from replica %d (at most %d)",
-                            total, peer, self.options.incoming_bytes_max)
+                self.limited_log.warning(
+                    ("snapshot_refused", peer),
+                    "refused a snapshot of %d bytes from replica %d (at most %d)",
+                    total, peer, self.options.incoming_bytes_max)
             self.send_ack(peer, out)
 
     def send_ack(self, peer: int, ack: Ack) -> None:
@@ -703,7 +784,8 @@ class ReplicaNode:
                     raise snapshots.SnapshotCorruptError(
                         f"{origin}: its state does not restore: {exc}") from None
         except snapshots.SnapshotCorruptError as exc:
-            log.warning("%s; discarded", exc)
+            self.stats["snapshots_corrupt"] += 1
+            self.limited_log.warning(("snapshot_corrupt", peer), "%s; discarded", exc)
             return None
         return snapshot
 

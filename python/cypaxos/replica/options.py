@@ -56,6 +56,9 @@ class ServerOptions:
     # redirected clients use to reach this replica.  None: its address in `cluster`.
     listen: str | None = None
     advertise: str | None = None
+    # `serve --metrics-address HOST:PORT`: Prometheus /metrics and /healthz over
+    # plain, unauthenticated HTTP (None: off).
+    metrics_address: str | None = None
     follower_inline_fsync: bool = True  # see ReplicaNode.sync_inline
     frame_bytes_max: int = FRAME_BYTES_MAX
     # Disk stays near 3 x wal_segment_bytes (segments are preallocated, the next one

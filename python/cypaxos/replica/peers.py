@@ -3,8 +3,6 @@ connection we dialed) and serving the connection each one dialed to us (its mess
 come in there), both over the node."""
 from __future__ import annotations
 
-import logging
-
 import trio
 
 from .. import wire
@@ -12,8 +10,6 @@ from ..addresses import split_address
 from .framing import HELLO_TIMEOUT_S, read_frames, receive_into
 
 __all__ = ["peer_link", "serve_peer", "PEER_BACKOFF_MAX_S"]
-
-log = logging.getLogger("cypaxos.server")
 
 PEER_BACKOFF_MAX_S = 0.05
 
@@ -47,11 +43,19 @@ async def peer_link(server, peer_id: int) -> None:
                 else:
                     raise wire.ProtocolError("closed before welcome")
             backoff = 0.02
-            log.info("connected to replica %d at %s", peer_id, server.cluster[peer_id])
+            # Once, then once a minute: a peer that accepts and drops us (another
+            # cluster's, a replica not yet configured) must not flood the log.
+            server.limited_log.info(("peer_connected", peer_id), "connected to replica %d at %s",
+                                    peer_id, server.cluster[peer_id])
+            server.peer_connected[peer_id] = True
             await outbox.run_writer(stream)   # returns only by raising
         except (OSError, trio.BrokenResourceError, trio.TooSlowError, wire.ProtocolError) as exc:
-            log.info("link to replica %d lost: %s", peer_id, exc or type(exc).__name__)
+            server.limited_log.info(("peer_lost", peer_id), "link to replica %d lost: %s",
+                                    peer_id, exc or type(exc).__name__)
         finally:
+            if server.peer_connected.get(peer_id):
+                server.peer_connected[peer_id] = False
+                server.peer_links_lost[peer_id] = server.peer_links_lost.get(peer_id, 0) + 1
             # What is left may start mid-frame: it must never reach a new connection.
             outbox.frames = []
             with trio.move_on_after(1) as scope:

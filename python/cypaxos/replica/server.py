@@ -14,23 +14,33 @@ This module gives it what it runs on and owns nothing else:
   which stops the replica when storage failed (`node.fatal`);
 * listeners (one port serves peers and clients: `handle_connection` reads the hello
   and hands the connection to `peers.serve_peer` or `clients.serve_client`) and the
-  links we dial (`peers.peer_link`).
+  links we dial (`peers.peer_link`);
+* with `metrics_address`, the metrics and health endpoint (`metrics.serve_metrics`),
+  which reads the counters here at scrape time (`health()` is /healthz's answer).
+
+Startup order: `serve` binds the replica's port (and the metrics address) *before*
+`ReplicaServer` opens the data dir, so a serve that cannot bind (the address is not
+this host's, the port is taken) leaves the data dir exactly as it was.
 
 A peer or client that sends a malformed or oversized frame is disconnected with one
-log line.
+log line; a warning that can repeat goes through `limited_log` (once, then once a
+minute per source and kind, with a count), flushed from the ticker.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import time
+from typing import Optional
 
 import trio
 
 from .. import logs, wire
 from ..addresses import split_address
 from ..core import Replica
-from ..errors import ConfigError, Error, WalCorruptError
+from ..errors import ConfigError, DataDirError, Error, IdentityMismatchError, WalCorruptError
 from ..groups import BaseExceptionGroup, expected_error
 from ..storage import snapshots
 from ..storage.datadir import open_data_dir
@@ -42,8 +52,10 @@ from .options import ServerOptions, default_cluster_id, load_state_machine
 from .outbox import Outbox, SocketTransport
 from .peers import peer_link, serve_peer
 
-__all__ = ["ReplicaServer", "serve", "run_server", "read_frames", "receive_into",
-           "SNAPSHOT_CHUNK_BYTES"]
+__all__ = ["ReplicaServer", "serve", "run_server", "open_listeners", "open_metrics_listeners",
+           "bind", "read_frames",
+           "receive_into", "identity_advice", "SNAPSHOT_CHUNK_BYTES", "LOG_REPEAT_INTERVAL_S",
+           "FSYNC_STALL_S"]
 
 log = logging.getLogger("cypaxos.server")  # the name in log lines, kept across moves
 
@@ -51,6 +63,67 @@ PEER_QUEUE_MAX = 4096  # messages waiting for one peer link before we drop
 SNAPSHOT_CHUNK_BYTES = 1 << 20
 SNAPSHOT_ACK_TIMEOUT_S = 2.0
 SNAPSHOT_SEND_TRIES = 10  # unanswered chunks in a row before a transfer is abandoned
+LOG_REPEAT_INTERVAL_S = 60.0
+"""A warning that can repeat is logged at most once per this, per source and kind."""
+LOG_FLUSH_INTERVAL_S = 1.0   # how often the ticker logs the counts of quiet keys
+FSYNC_STALL_S = 5.0
+"""/healthz fails while a WAL fsync has been running longer than this."""
+
+
+def identity_advice(exc: IdentityMismatchError, options: ServerOptions) -> str:
+    """The one line for a data dir whose identity is not the command line's: what
+    differs, and the way out."""
+    path = exc.path
+    parts = []
+    if exc.found_cluster_id != exc.cluster_id:
+        source = ("--cluster-id" if options.cluster_id
+                  else "derived from --cluster, which is not the one it was created with")
+        parts.append(f"cluster {exc.found_cluster_id!r}, not {exc.cluster_id!r} ({source})")
+    if exc.found_replica_id != exc.replica_id:
+        parts.append(f"replica {exc.found_replica_id}, not replica {exc.replica_id} (--id)")
+    ways = []
+    if exc.found_replica_id != exc.replica_id:
+        ways.append(f"start replica {exc.found_replica_id} with it (--id "
+                    f"{exc.found_replica_id}) or give replica {exc.replica_id} its own "
+                    "--data-dir")
+    if exc.found_cluster_id != exc.cluster_id:
+        ways.append(f"if it is the same cluster at new addresses, pass --cluster-id "
+                    f"{exc.found_cluster_id} to every replica")
+    ways.append("to start a new cluster, move this data dir away and give --data-dir an "
+                "empty directory (only while no replica of the old cluster runs: a replica "
+                "that lost its data must be replaced under a new id, never restarted empty)")
+    return f"data dir {path} belongs to {' and '.join(parts)}; " + "; ".join(ways)
+
+
+async def bind(address: str, what: str = "", *,
+               not_local_hint: str = "") -> list[trio.SocketListener]:
+    """Listeners on `address` (HOST:PORT); ConfigError, one line saying why (`what`
+    names the flag), if it cannot be bound.  Touches no file."""
+    host, port = split_address(address)
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRNOTAVAIL:
+            reason += f" (not an address of this host{not_local_hint})"
+        elif exc.errno == errno.EADDRINUSE:
+            reason += " (another process holds the port: another replica?)"
+        raise ConfigError(f"cannot listen on {what}{address}: {reason}") from None
+
+
+async def open_listeners(options: ServerOptions) -> list[trio.SocketListener]:
+    """Bind the replica's port (`--listen`, else its address in `--cluster`);
+    ConfigError (one line) if it cannot be.  Touches no file."""
+    return await bind(options.listen or options.cluster[options.replica_id],
+                      not_local_hint=": --listen 0.0.0.0:PORT binds every interface")
+
+
+async def open_metrics_listeners(options: ServerOptions) -> list[trio.SocketListener]:
+    """Bind `--metrics-address` (no listener without one); ConfigError if it cannot
+    be.  Touches no file."""
+    if not options.metrics_address:
+        return []
+    return await bind(options.metrics_address, "--metrics-address ")
 
 
 class ReplicaServer:
@@ -68,7 +141,19 @@ class ReplicaServer:
         self.cluster_id = options.cluster_id or default_cluster_id(self.cluster)
         self.member_ids = frozenset(self.cluster)
         self.state_machine = load_state_machine(options.state_machine)
-        self.data_dir = open_data_dir(options.data_dir, self.cluster_id, self.replica_id)
+        try:
+            self.data_dir = open_data_dir(options.data_dir, self.cluster_id, self.replica_id)
+        except IdentityMismatchError as exc:
+            raise DataDirError(identity_advice(exc, options)) from None
+        self.election_ticks = config.election_ticks
+        self.max_sessions = config.max_sessions
+        self.limited_log = logs.RateLimitedLog(log, LOG_REPEAT_INTERVAL_S)
+        # Counted here, where connections are handled (the metrics read them).
+        self.client_connections = 0
+        self.peer_connected: dict[int, bool] = {}
+        self.peer_links_lost: dict[int, int] = {}
+        self.auth_failures: dict[str, int] = {}
+        self.backup_files_open = 0   # snapshot files held open by backups (replica.backup)
         wal = None
         try:
             store = snapshots.SnapshotStore(options.data_dir)
@@ -92,6 +177,7 @@ class ReplicaServer:
                     chunk_ack_ticks=max(1, round(SNAPSHOT_ACK_TIMEOUT_S * ticks_per_s)),
                     chunk_tries=SNAPSHOT_SEND_TRIES,
                     incoming_bytes_max=options.snapshot_receive_bytes_max,
+                    log_interval_ticks=max(1, round(LOG_REPEAT_INTERVAL_S * ticks_per_s)),
                     status={"fsync": options.fsync,
                             "read_lease_ms": config.lease_ticks * options.tick_ms}),
                 core, self.storage, self.transport, self.kick,
@@ -135,6 +221,8 @@ class ReplicaServer:
     async def ticker(self) -> None:
         node = self.node
         period = self.options.tick_ms / 1000
+        flush_every = max(1, round(LOG_FLUSH_INTERVAL_S / period))
+        ticks = 0
         deadline = trio.current_time()
         while True:
             deadline += period
@@ -146,19 +234,60 @@ class ReplicaServer:
             # Handled here rather than by waking the driver: most ticks produce
             # nothing, and an idle replica should cost (almost) nothing.
             node.drive()
+            ticks += 1
+            if ticks >= flush_every:
+                ticks = 0
+                self.limited_log.flush()
+                node.limited_log.flush()
 
     def status(self) -> dict:
         """This replica's status fields (DESIGN.md section 4) and counters."""
         return self.node.status()
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, one line): what /healthz answers.  Healthy: a member of the
+        configuration that knows a leader it heard from within an election timeout
+        (or leads) and whose WAL can be written."""
+        node = self.node
+        if node.fatal is not None:
+            return False, f"stopping: storage failed: {_brief(node.fatal)}"
+        wal = self.storage.wal
+        if wal.failure is not None or wal.closed:
+            return False, "the WAL cannot be written" + (
+                f": {_brief(wal.failure)}" if wal.failure is not None else " (closed)")
+        started = self.storage.wal_sync.started_at
+        if started and time.monotonic() - started > FSYNC_STALL_S:
+            return False, (f"a WAL fsync has been running for "
+                           f"{time.monotonic() - started:.1f} s")
+        if self.replica_id not in node.cluster:
+            return False, f"replica {self.replica_id} is not a member of the configuration"
+        heard = node.leader_heard_ticks()
+        tick_s = self.options.tick_ms / 1000
+        if heard is None:
+            return False, "no leader known"
+        if heard >= self.election_ticks:
+            return False, (f"no leader: last heard from replica {node.core.leader_id} "
+                           f"{heard * tick_s:.1f} s ago")
+        if node.core.leader_id == self.replica_id:
+            return True, f"leader (ballot {node.core.ballot})"
+        return True, f"follower of replica {node.core.leader_id}"
+
+    def auth_failed(self, source: str, reason: str, *, kind: str = "client") -> None:
+        """Count and log a connection that failed authentication (`kind` ``peer`` or
+        ``client``): counted always (`cypaxos_auth_failures_total`), logged once per
+        source per minute with the number of others.  `source` is the remote host."""
+        self.auth_failures[kind] = self.auth_failures.get(kind, 0) + 1
+        self.limited_log.warning(("auth", source), "refused a %s connection from %s: %s",
+                                 kind, source, reason)
 
     # -- accepting connections
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         try:
             peer = stream.socket.getpeername()
-            name = f"{peer[0]}:{peer[1]}"
+            host, name = peer[0], f"{peer[0]}:{peer[1]}"
         except OSError:
-            name = "?"
+            host = name = "?"
         decoder = wire.FrameDecoder(self.options.frame_bytes_max)
         try:
             with trio.fail_after(HELLO_TIMEOUT_S):
@@ -179,31 +308,49 @@ class ReplicaServer:
                 await stream.send_all(wire.encode_frame(wire.welcome(self.cluster_id, self.replica_id)))
                 await serve_peer(self, stream, decoder, peer_id)
             else:
-                await serve_client(self, stream, decoder, name)
+                self.client_connections += 1
+                try:
+                    await serve_client(self, stream, decoder, name)
+                finally:
+                    self.client_connections -= 1
         except wire.ProtocolError as exc:
+            # Keyed by host, not host:port: a source that keeps reconnecting gets a
+            # new port every time (a replica of another cluster dials 20 times a second).
             self.node.stats["bad_frames"] += 1
-            log.warning("dropped connection from %s: %s", name, exc)
+            self.limited_log.warning(("bad_frame", host), "dropped connection from %s: %s",
+                                     name, exc)
         except trio.TooSlowError:
-            log.warning("dropped connection from %s: no hello within %.0f s", name, HELLO_TIMEOUT_S)
+            self.node.stats["hello_timeouts"] += 1
+            self.limited_log.warning(("no_hello", host),
+                                     "dropped connection from %s: no hello within %.0f s",
+                                     name, HELLO_TIMEOUT_S)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         except Exception:
             # One connection must never take the replica down.
-            log.exception("dropped connection from %s after an unexpected error", name)
+            self.node.stats["connection_errors"] += 1
+            self.limited_log.log(logging.ERROR, ("unexpected", host),
+                                 "dropped connection from %s after an unexpected error",
+                                 name, exc_info=True)
         finally:
             with trio.move_on_after(1) as scope:
                 scope.shield = True
                 await stream.aclose()
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; then finish the fsync in flight and close the WAL."""
-        bind = self.options.listen or self.address
-        host, port = split_address(bind)
+    async def run(self, listeners: Optional[list] = None,
+                  metrics_listeners: Optional[list] = None, *,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; then finish the fsync in flight and close the WAL.
+
+        `listeners` are the replica's bound port (`open_listeners`; bound here if
+        None) and `metrics_listeners` the metrics endpoint's (bound here from
+        `options.metrics_address` if None and it is set).
+        """
         try:
-            listeners = await trio.open_tcp_listeners(port, host=host)
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {bind}: {exc.strerror or exc}") from None
-        try:
+            if listeners is None:
+                listeners = await open_listeners(self.options)
+            if metrics_listeners is None:
+                metrics_listeners = await open_metrics_listeners(self.options)
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 self.storage.nursery = nursery
@@ -212,6 +359,11 @@ class ReplicaServer:
                 for peer_id in self.peer_links:
                     nursery.start_soon(peer_link, self, peer_id)
                 await nursery.start(trio.serve_listeners, self.handle_connection, listeners)
+                if metrics_listeners:
+                    from .metrics import serve_metrics
+                    await nursery.start(serve_metrics, self, metrics_listeners)
+                    log.info("metrics on http://%s/metrics and /healthz",
+                             self.options.metrics_address)
                 log.info("cypaxos replica %d serving on %s (cluster %s, data dir %s, fsync %s, "
                          "recovered commit index %d)", self.replica_id, self.address, self.cluster_id,
                          self.options.data_dir, "always" if self.options.fsync else "off",
@@ -232,8 +384,19 @@ class ReplicaServer:
 
 
 async def serve(options: ServerOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run one replica until cancelled, or until SIGTERM/SIGINT (then return normally)."""
-    server = ReplicaServer(options)
+    """Run one replica until cancelled, or until SIGTERM/SIGINT (then return normally).
+
+    Binds first, then opens the data dir: a serve that cannot bind writes nothing.
+    """
+    listeners = await open_listeners(options)
+    metrics_listeners: list = []
+    try:
+        metrics_listeners = await open_metrics_listeners(options)
+        server = ReplicaServer(options)
+    except BaseException:
+        for listener in listeners + metrics_listeners:
+            listener.socket.close()
+        raise
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             async def stop_on_signal():
@@ -243,7 +406,7 @@ async def serve(options: ServerOptions, *, task_status=trio.TASK_STATUS_IGNORED)
                     nursery.cancel_scope.cancel()
                     return
             nursery.start_soon(stop_on_signal)
-            await nursery.start(server.run)
+            await nursery.start(server.run, listeners, metrics_listeners)
             task_status.started(server)
 
 
@@ -266,3 +429,8 @@ def run_server(options: ServerOptions) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception as the few words of a health line."""
+    return " ".join(str(exc).split()) or type(exc).__name__

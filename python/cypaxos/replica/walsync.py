@@ -8,11 +8,13 @@ wait for durability.  Everything runs in the Trio thread.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Optional
 
 import trio
 
 from ..storage.wal import Wal
+from .counters import FSYNC_BUCKETS_S, Histogram
 
 __all__ = ["WalSync"]
 
@@ -20,13 +22,18 @@ __all__ = ["WalSync"]
 class WalSync:
     """Drive one `Wal`'s fsyncs from a Trio run; close the Wal through `close()`."""
 
-    __slots__ = ("wal", "on_sync", "_event")
+    __slots__ = ("wal", "on_sync", "_event", "sync_seconds", "started_at")
 
-    def __init__(self, wal: Wal) -> None:
+    def __init__(self, wal: Wal, sync_seconds: Optional[Histogram] = None) -> None:
         self.wal = wal
         #: Called in the Trio thread after every fsync started by `start_sync` or
         #: `sync_async` ends, with None or the error (the Wal is then unusable).
         self.on_sync: Optional[Callable[[Optional[BaseException]], None]] = None
+        #: How long each fsync took, from its start to the Trio thread hearing of it.
+        self.sync_seconds = sync_seconds if sync_seconds is not None else \
+            Histogram(FSYNC_BUCKETS_S)
+        #: time.monotonic() when the fsync in flight started (0.0: none in flight).
+        self.started_at = 0.0
         # Set while an fsync we started runs in the sync thread; set() when it ends.
         # Invariant: not None exactly while wal.sync_in_flight (every fsync of the
         # Wal is started here).
@@ -47,6 +54,7 @@ class WalSync:
         """
         if not self.wal.submit_sync():
             return False
+        self.started_at = time.monotonic()
         self._event = trio.Event()
         trio.lowlevel.spawn_system_task(self._await_sync, name="cypaxos.wal.fsync")
         return True
@@ -65,6 +73,9 @@ class WalSync:
         self._ended(error)
 
     def _ended(self, error: Optional[BaseException]) -> None:
+        if error is None:
+            self.sync_seconds.observe(time.monotonic() - self.started_at)
+        self.started_at = 0.0
         event, self._event = self._event, None
         if event is not None:
             event.set()

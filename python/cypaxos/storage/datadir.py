@@ -16,7 +16,7 @@ import json
 import os
 
 from ..ballots import REPLICA_ID_MAX
-from ..errors import DataDirError
+from ..errors import DataDirError, IdentityMismatchError
 from .files import fsync_dir, lock_dir, write_all
 from .wal import Wal
 
@@ -105,10 +105,8 @@ def open_data_dir(
         else:
             found_cluster, found_replica = identity
             if (found_cluster, found_replica) != (cluster_id, replica_id):
-                raise DataDirError(
-                    f"data dir {path} belongs to cluster {found_cluster!r} replica "
-                    f"{found_replica}, not cluster {cluster_id!r} replica {replica_id}"
-                )
+                raise IdentityMismatchError(path, found_cluster, found_replica,
+                                            cluster_id, replica_id)
             if not os.path.isdir(os.path.join(path, WAL_DIR)):
                 raise DataDirError(f"data dir {path} has an identity but no {WAL_DIR}/")
     except BaseException:

@@ -62,7 +62,17 @@ def encode_parts(cluster_id: str, snapshot: tuple) -> list[bytes]:
 
 
 def decode(data: bytes, cluster_id: str, origin: str = "snapshot") -> tuple:
-    """File bytes -> `(index, promised, sessions, state)`; SnapshotCorruptError if bad."""
+    """File bytes -> `(index, promised, sessions, state)`; SnapshotCorruptError if bad
+    (or of another cluster than `cluster_id`)."""
+    cluster, snapshot = decode_any(data, origin)
+    if cluster != cluster_id:
+        raise SnapshotCorruptError(f"{origin} belongs to cluster {cluster!r}, not {cluster_id!r}")
+    return snapshot
+
+
+def decode_any(data: bytes, origin: str = "snapshot") -> tuple[str, tuple]:
+    """File bytes of any cluster's snapshot (a backup) -> `(cluster_id, (index,
+    promised, sessions, state))`; SnapshotCorruptError if bad."""
     if len(data) < HEADER.size:
         raise SnapshotCorruptError(f"{origin} is truncated ({len(data)} bytes)")
     magic, crc, length = HEADER.unpack_from(data)
@@ -79,9 +89,10 @@ def decode(data: bytes, cluster_id: str, origin: str = "snapshot") -> tuple:
         raise SnapshotCorruptError(f"{origin} does not decode: {exc}") from None
     if fmt != FORMAT:
         raise SnapshotCorruptError(f"{origin} has format {fmt}, this version reads {FORMAT}")
-    if cluster != cluster_id:
-        raise SnapshotCorruptError(f"{origin} belongs to cluster {cluster!r}, not {cluster_id!r}")
-    return index, promised, sessions, state
+    if (type(cluster) is not str or type(index) is not int or type(promised) is not int
+            or type(sessions) is not list or type(state) is not bytes or index < 0):
+        raise SnapshotCorruptError(f"{origin} does not hold a snapshot's fields")
+    return cluster, (index, promised, sessions, state)
 
 
 def decode_unchecked(data: bytes) -> tuple:

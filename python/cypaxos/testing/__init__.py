@@ -10,13 +10,19 @@ The names below are loaded on first use, so that `python -m cypaxos.testing.sim`
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:   # what type checkers see; at run time the names load on first use
+    from .sim import Faults, SimulationFailure
+    from .statemachines import SimulateReport, simulate
+
 __all__ = ["simulate", "SimulateReport", "SimulationFailure", "Faults"]
 
 _HOMES = {"simulate": "statemachines", "SimulateReport": "statemachines",
           "SimulationFailure": "sim", "Faults": "sim"}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

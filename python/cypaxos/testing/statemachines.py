@@ -34,7 +34,7 @@ import importlib
 import random
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from cypaxos.core import Config
 from cypaxos.testing.sim import MS, CommandWorkload, Faults, Simulation, SimulationFailure
@@ -51,11 +51,11 @@ class SimulateReport:
     snapshots_installed: int
 
 
-def _name(obj) -> str:
+def _name(obj: Any) -> str:
     return f"{obj.__module__}:{obj.__qualname__}"
 
 
-def simulate(state_machine_class, workload: Callable[[random.Random], bytes], *,
+def simulate(state_machine_class: type, workload: Callable[[random.Random], bytes], *,
              seeds: Iterable[int] = range(100), replicas: int = 3, clients: int = 4,
              faults: Optional[Faults] = None, safety_ms: int = 2500,
              liveness_ms: int = 6000) -> SimulateReport:
@@ -85,7 +85,7 @@ def simulate(state_machine_class, workload: Callable[[random.Random], bytes], *,
     return SimulateReport(seeds=count, commands=commands, snapshots_installed=installed)
 
 
-def _load(spec: str):
+def _load(spec: str) -> Any:
     module, sep, name = spec.partition(":")
     if not sep:
         raise SystemExit(f"{spec!r} is not module:name")

@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="client sessions the replicated session table keeps; past it a "
                         "new client's registration evicts the least recently used one "
                         "(default: 100000; must be the same on every replica)")
+    p.add_argument("--metrics-address", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics and a health "
+                        "check at /healthz; plain HTTP without authentication, so bind "
+                        "loopback or a private interface (default: off)")
     _add_log_options(p)
     p.set_defaults(handler=server.cmd_serve)
 
@@ -227,6 +231,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = client_parser("snapshot", "ask every replica to take a snapshot now")
     p.set_defaults(handler=client.cmd_snapshot)
+
+    p = client_parser("backup", "write a consistent copy of the cluster's state to FILE",
+                      "The leader snapshots its state at a linearizable point (every "
+                      "write acknowledged before the backup started is in it) and "
+                      "streams the snapshot file; it is checked (CRC32C) as it arrives "
+                      "and written to a temporary file, synced and renamed to FILE "
+                      "(replacing it).  --timeout bounds each step, not the whole "
+                      "transfer.  Restore it with cypaxos restore.")
+    p.add_argument("file", metavar="FILE", help="where to write the backup")
+    p.set_defaults(handler=client.cmd_backup)
+
+    p = sub.add_parser(
+        "restore", help="seed a new replica's data dir from a backup file",
+        description="Check FILE (written by cypaxos backup) and seed the empty data dir "
+                    "of replica ID of a new cluster from it.  Restore every replica of "
+                    "the new cluster from the same file, then start them with cypaxos "
+                    "serve and the same --id, --cluster and --data-dir.  A corrupt file "
+                    "or a data dir that is not empty is refused, and nothing is written.",
+        epilog=EXIT_STATUS_SUMMARY)
+    p.add_argument("file", metavar="FILE", help="the backup file")
+    p.add_argument("--id", type=int_in(1, REPLICA_ID_MAX), required=True, metavar="N",
+                   help="the id of the replica this data dir is for (a key of --cluster)")
+    p.add_argument("--cluster", required=True, metavar="ID=HOST:PORT,...",
+                   help="every replica of the new cluster, as serve will be given it")
+    p.add_argument("--data-dir", required=True, metavar="DIR",
+                   help="the data dir to seed: missing or empty")
+    p.add_argument("--cluster-id", metavar="NAME",
+                   help="the new cluster's name, as serve will be given it (default: "
+                        "derived from --cluster)")
+    p.add_argument("--state-machine", metavar="PKG.MOD:CLASS",
+                   help="the state machine the cluster runs, to check that the backup "
+                        "restores into it (default: the built-in key-value store)")
+    p.set_defaults(handler=server.cmd_restore)
 
     p = sub.add_parser("bench", help="measure throughput and latency (a local cluster by default)",
                        description="Load a cluster from client worker processes, closed "

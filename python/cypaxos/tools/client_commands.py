@@ -18,7 +18,8 @@ from . import status as status_output
 from .exits import EXIT_NO, EXIT_OK, EXIT_UNAVAILABLE, Negative, error
 
 __all__ = ["CLUSTER_ENV", "DEFAULT_CLUSTER", "cluster_addresses", "arg_bytes", "command_bytes", "cmd_put", "cmd_get",
-           "cmd_delete", "cmd_cas", "cmd_submit", "cmd_query", "cmd_status", "cmd_snapshot"]
+           "cmd_delete", "cmd_cas", "cmd_submit", "cmd_query", "cmd_status", "cmd_snapshot",
+           "cmd_backup"]
 
 CLUSTER_ENV = "CYPAXOS_CLUSTER"
 """Environment variable giving the default ``--cluster`` of client commands."""
@@ -196,3 +197,12 @@ def cmd_snapshot(args) -> int:
         error("no replica answered")
         return EXIT_UNAVAILABLE
     return EXIT_NO
+
+
+def cmd_backup(args) -> int:
+    """`cypaxos backup FILE`: a consistent, checked copy of the state, written atomically."""
+    with _client(args) as kv:
+        done = kv.backup(args.file)
+    print(f"backup of cluster {done.cluster_id} at slot {done.index:,} ({done.size_bytes:,} "
+          f"bytes, from replica {done.replica_id}) written to {done.path}", flush=True)
+    return EXIT_OK

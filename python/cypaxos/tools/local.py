@@ -213,6 +213,7 @@ class LocalCluster:
         ports: Sequence[int] | None = None,
         cluster_id: str | None = None,
         python: str = sys.executable,
+        metrics_ports: Sequence[int] | None = None,
     ) -> None:
         if replicas < 1:
             raise ValueError("replicas must be >= 1")
@@ -224,6 +225,9 @@ class LocalCluster:
         for port in ports:
             if not 1 <= port <= 65535:
                 raise ValueError(f"port {port} is out of range 1..65535")
+        if metrics_ports is not None and len(metrics_ports) != replicas:
+            raise ValueError(f"{replicas} replicas need {replicas} metrics ports")
+        self.metrics_ports = list(metrics_ports) if metrics_ports is not None else None
         self._own_dir = data_dir is None
         if data_dir is None:
             self.data_dir = tempfile.mkdtemp(prefix="cypaxos-local-")
@@ -269,6 +273,13 @@ class LocalCluster:
         """Replica `replica_id`'s ``host:port``."""
         return self._get(replica_id).address
 
+    def metrics_address(self, replica_id: int) -> str | None:
+        """Replica `replica_id`'s ``--metrics-address`` (None without `metrics_ports`)."""
+        self._get(replica_id)
+        if self.metrics_ports is None:
+            return None
+        return f"{_HOST}:{self.metrics_ports[replica_id - 1]}"
+
     def log_path(self, replica_id: int) -> str:
         """The file replica `replica_id`'s stdout and stderr go to."""
         return self._get(replica_id).log_path
@@ -308,6 +319,8 @@ class LocalCluster:
         ]
         if self.cluster_id is not None:
             argv += ["--cluster-id", self.cluster_id]
+        if self.metrics_ports is not None:
+            argv += ["--metrics-address", self.metrics_address(replica_id)]
         return argv + list(self.extra_args)
 
     # ------------------------------------------------------------------ lifecycle

@@ -20,7 +20,8 @@ from .argtypes import check_port_range
 from .client_commands import CLUSTER_ENV
 from .exits import EXIT_NO, EXIT_OK, PROG, error, one_line, say
 
-__all__ = ["REPLICAS_MAX", "serve_options", "cmd_serve", "cmd_local", "cmd_demo", "log_arguments"]
+__all__ = ["REPLICAS_MAX", "serve_options", "cmd_serve", "cmd_local", "cmd_demo", "cmd_restore",
+           "log_arguments"]
 
 LOCAL_READY_TIMEOUT_S = 30.0
 REPLICAS_MAX = 63
@@ -34,10 +35,9 @@ def _check_state_machine(spec: str | None) -> None:
             raise ConfigError(f"--state-machine {spec!r} is not PKG.MOD:CLASS")
 
 
-def serve_options(args):
-    """The `ServerOptions` of a parsed ``cypaxos serve`` command line; ConfigError."""
-    from ..replica.options import ServerOptions
-
+def _replica_cluster(args) -> dict[int, str]:
+    """`--cluster` of serve and restore, checked with `--id`, `--state-machine` and
+    `--cluster-id`; ConfigError."""
     cluster = parse_cluster(args.cluster)
     if len(cluster) > REPLICAS_MAX:
         raise ConfigError(f"--cluster names {len(cluster)} replicas; a cluster has at most "
@@ -48,6 +48,14 @@ def serve_options(args):
     _check_state_machine(args.state_machine)
     if args.cluster_id is not None and not args.cluster_id.strip():
         raise ConfigError("--cluster-id is empty")
+    return cluster
+
+
+def serve_options(args):
+    """The `ServerOptions` of a parsed ``cypaxos serve`` command line; ConfigError."""
+    from ..replica.options import ServerOptions
+
+    cluster = _replica_cluster(args)
     if args.clock_drift_ms is not None and not args.read_lease:
         raise ConfigError("--clock-drift-ms is only for --read-lease")
     options = ServerOptions(
@@ -66,6 +74,7 @@ def serve_options(args):
         listen=_address(args.listen, "--listen"),
         advertise=_address(args.advertise, "--advertise"),
         snapshot_receive_bytes_max=args.snapshot_receive_bytes_max,
+        metrics_address=_address(args.metrics_address, "--metrics-address"),
         read_lease=args.read_lease,
         clock_drift_ms=args.clock_drift_ms,
     )
@@ -259,3 +268,34 @@ def cmd_demo(args) -> int:
     if args.port is not None:
         check_port_range(args.port, REPLICAS)
     return run_demo(duration=args.duration, port=args.port)
+
+
+# -------------------------------------------------------------------- restore
+
+
+def cmd_restore(args) -> int:
+    """`cypaxos restore FILE --id N --cluster SPEC --data-dir DIR`."""
+    from ..replica.options import default_cluster_id, load_state_machine
+    from ..storage.restore import restore_backup
+
+    cluster = _replica_cluster(args)
+    cluster_id = args.cluster_id or default_cluster_id(cluster)
+    state_machine = load_state_machine(args.state_machine)   # a bad class: exit 2 first
+
+    def validate(state: bytes) -> None:
+        try:
+            state_machine.restore(state)
+        except Exception as exc:
+            if args.state_machine is None:
+                raise ValueError(f"{exc} (the built-in key-value store's; for a custom "
+                                 "state machine, pass --state-machine)") from None
+            raise
+    restored = restore_backup(args.file, args.data_dir, cluster_id=cluster_id,
+                              replica_id=args.id, validate_state=validate)
+    print(f"restored replica {args.id} of cluster {cluster_id} into {restored.data_dir} "
+          f"from {args.file}: the state at slot {restored.index:,} of cluster "
+          f"{restored.source_cluster_id} ({restored.state_bytes:,} bytes of state)", flush=True)
+    print(f"restore every replica of --cluster from this file, then start each with: "
+          f"{PROG} serve --id N --cluster {args.cluster} --data-dir DIR"
+          + (f" --cluster-id {args.cluster_id}" if args.cluster_id else ""), flush=True)
+    return EXIT_OK

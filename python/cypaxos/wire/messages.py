@@ -20,6 +20,7 @@ __all__ = [
     "MESSAGE_NAMES", "parse_peer_message", "encode_peer_message",
     "peer_hello", "client_hello", "parse_hello", "welcome", "parse_welcome",
     "submit_request", "read_request", "status_request", "snapshot_request",
+    "backup_request", "backup_read_request",
     "parse_client_request", "ERROR_CODES", "ok", "redirect", "error", "parse_reply",
 ]
 
@@ -207,11 +208,24 @@ def snapshot_request(request_id):
     return ["snapshot", request_id]
 
 
+def backup_request(request_id):
+    """The body of a request for a snapshot at a linearizable point, to back up: the
+    reply is the snapshot file's index (as for a snapshot request)."""
+    return ["backup", request_id]
+
+
+def backup_read_request(request_id, index, offset):
+    """The body of a request for the bytes of snapshot file `index` from `offset`; the
+    reply is ``{"index", "offset", "total", "data"}`` (a chunk, at most 1 MiB)."""
+    return ["backup_read", request_id, index, offset]
+
+
 def parse_client_request(obj):
     """Check a decoded client request and return it as a tuple.
 
-    ("submit", id, client_batch), ("read", id, [query, ...], stale), ("status", id) or
-    ("snapshot", id).  The client batch's inner layout is left to the core.
+    ("submit", id, client_batch), ("read", id, [query, ...], stale), ("status", id),
+    ("snapshot", id), ("backup", id) or ("backup_read", id, index, offset).  The
+    client batch's inner layout is left to the core.
     """
     if type(obj) is not list or len(obj) < 2 or type(obj[0]) is not str:
         raise ProtocolError("client request is not [op, request_id, ...]")
@@ -226,15 +240,18 @@ def parse_client_request(obj):
     elif op == "read":
         if n == 4 and _is_bytes_list(obj[2]) and type(obj[3]) is bool:
             return ("read", request_id, obj[2], obj[3])
-    elif op == "status" or op == "snapshot":
+    elif op == "status" or op == "snapshot" or op == "backup":
         if n == 2:
             return (op, request_id)
+    elif op == "backup_read":
+        if n == 4 and _is_wire_int(obj[2]) and _is_wire_int(obj[3]):
+            return ("backup_read", request_id, obj[2], obj[3])
     else:
         raise ProtocolError(f"unknown client request {_brief(op)}")
     raise ProtocolError(f"malformed {op} request")
 
 
-ERROR_CODES = frozenset({"busy", "too_large", "bad_request", "shutting_down"})
+ERROR_CODES = frozenset({"busy", "too_large", "bad_request", "shutting_down", "not_found"})
 """The codes an error reply may carry."""
 
 

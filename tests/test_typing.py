@@ -1,0 +1,62 @@
+"""The public API type-checks under `mypy --strict` (the configuration in
+pyproject.toml's [tool.mypy]: the package's exports, the clients, the errors and the
+testing entry points), and a user's code written against it does too."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(600)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+USER_CODE = '''
+import cypaxos
+
+def script(addresses: str) -> bytes | None:
+    with cypaxos.connect(addresses, timeout=5.0) as kv:
+        kv.put(b"k", b"v")
+        kv.cas(b"k", b"v", b"w")
+        info: cypaxos.BackupInfo = kv.backup("/tmp/x.cpxbak")
+        print(info.index + info.size_bytes)
+        return kv.get(b"k")
+
+async def trio_code(addresses: list[str]) -> bool:
+    async with cypaxos.open_client(addresses) as kv:
+        await kv.put(b"k", b"v")
+        return await kv.delete(b"k")
+
+try:
+    script("127.0.0.1:7001")
+except cypaxos.TimeoutError as exc:
+    flag: bool = exc.maybe_applied
+'''
+
+
+def mypy(*args: str) -> subprocess.CompletedProcess:
+    pytest.importorskip("mypy")
+    return subprocess.run([sys.executable, "-m", "mypy", "--no-incremental", *args],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def test_the_public_api_passes_mypy_strict():
+    if not (ROOT / "pyproject.toml").exists():
+        pytest.skip("not a source checkout")
+    result = mypy()
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_user_code_against_the_api_type_checks(tmp_path):
+    if not (ROOT / "pyproject.toml").exists():
+        pytest.skip("not a source checkout")
+    user = tmp_path / "user.py"
+    user.write_text(USER_CODE)
+    result = mypy("--config-file", str(ROOT / "pyproject.toml"), str(user))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # ... and a wrong use is caught: the types say something.
+    user.write_text(USER_CODE + "\nwith cypaxos.connect('x') as kv:\n    kv.put(1, b'v')\n")
+    result = mypy("--config-file", str(ROOT / "pyproject.toml"), str(user))
+    assert result.returncode == 1 and "put" in result.stdout, result.stdout
