@@ -15,6 +15,7 @@ damage in the very last record (indistinguishable from a torn append) must be cu
 and the replica must start and serve.
 """
 import os
+import itertools
 import re
 import socket
 import struct
@@ -60,11 +61,24 @@ def _address(cluster):
     return split_address(cluster.replicas[1].address)
 
 
+_sources = itertools.count()
+
+
+def _source() -> str:
+    """A loopback source address of its own: a replica logs a refused or dropped
+    connection once per source a minute (DESIGN 8), so one line per connection is
+    what each of these connections gets."""
+    n = next(_sources) % 60000
+    return f"127.{1 + n // 250 // 250}.{n // 250 % 250}.{n % 250 + 2}"
+
+
 def _exchange(cluster, data: bytes, *, wait: float = 8.0) -> tuple[int, bool]:
-    """Send `data` on a fresh connection, half-close, read until the replica closes.
+    """Send `data` on a fresh connection (from a source address of its own),
+    half-close, read until the replica closes.
 
     Returns (our local port, whether the replica closed the connection)."""
-    sock = socket.create_connection(_address(cluster), timeout=wait)
+    sock = socket.create_connection(_address(cluster), timeout=wait,
+                                    source_address=(_source(), 0))
     port = sock.getsockname()[1]
     closed = False
     try:
