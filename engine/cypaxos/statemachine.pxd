@@ -115,6 +115,9 @@ cdef class KVStore(StateMachine):
     cdef KVSlot* slots
     cdef Py_ssize_t slots_mask
     cdef Py_ssize_t count
+    # The keys' and values' bytes of every entry (so that a snapshot is sized without
+    # a pass over the entries).  Invariant: the sum of klen + vlen over the entries.
+    cdef Py_ssize_t entry_bytes
     cdef uint64_t seed
     cdef readonly uint64_t applied_commands
     # The hash of the key at hint_key (hint_klen bytes) while apply_commands applies
