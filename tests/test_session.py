@@ -346,5 +346,6 @@ def test_a_refused_handshake_and_a_closed_connection():
     ours.start()
     with pytest.raises(DialError) as info:
         ours.receive_data(b"")
-    assert info.value.reason == "connection closed by the replica"
+    assert info.value.reason == ("connection closed by the replica before its welcome (if "
+                                 "the cluster uses TLS, give the client its CA: --tls-ca)")
     assert not info.value.definitive   # a replica at its connection limit, say

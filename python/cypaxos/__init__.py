@@ -11,8 +11,12 @@ client API::
 
     async with cypaxos.open_client(["127.0.0.1:7001", ...]) as kv:   # Trio
         await kv.put(b"k", b"v")
+
+    tls = cypaxos.TLS(ca="ca.pem", cert="client.pem", key="client.key")
+    with cypaxos.connect("db1.example.com:7001,...", tls=tls) as kv: ...
 """
 from cypaxos.client import BackupInfo, BlockingClient, Client, connect, open_client
+from cypaxos.security.tls import TLS
 from cypaxos.errors import (
     ClientError, ClosedError, CommandError, ConfigError, DataDirError, Error,
     IdentityMismatchError, RequestError, SessionExpiredError, StorageError, TimeoutError,
@@ -23,7 +27,7 @@ __version__ = "0.1.0"
 """The package version: its one source (pyproject.toml reads it, `cypaxos --version` prints it)."""
 
 __all__ = [
-    "connect", "open_client", "Client", "BlockingClient", "BackupInfo",
+    "connect", "open_client", "Client", "BlockingClient", "BackupInfo", "TLS",
     "Error", "ClientError", "ClosedError", "CommandError", "ConfigError", "DataDirError",
     "IdentityMismatchError", "RequestError", "SessionExpiredError", "StorageError",
     "TimeoutError", "UnavailableError", "WalCorruptError", "__version__",

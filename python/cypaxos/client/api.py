@@ -31,8 +31,9 @@ from .. import wire
 from ..addresses import Addresses
 from ..clientops import Op
 from .calls import COMMAND_BYTES_MAX, Bytes, ClientCalls, Entry
+from ..security.tls import TLSSettings
 from .connection import (
-    RECEIVE_BYTES, Connection, DialError, describe, dial, request_once,
+    RECEIVE_BYTES, Connection, DialError, credentials, describe, dial, request_once,
 )
 from .session import SessionSettings
 
@@ -66,9 +67,12 @@ class Client(ClientCalls):
     """
 
     def __init__(self, addresses: Addresses, *, timeout: float = 5.0,
-                 settings: Optional[SessionSettings] = None) -> None:
+                 settings: Optional[SessionSettings] = None,
+                 tls: Optional[TLSSettings] = None,
+                 token: Union[bytes, str, None] = None) -> None:
         """Prepare a client; it only runs inside `open_client()` (which calls `_run`)."""
         super().__init__(addresses, timeout=timeout, settings=settings)
+        self._credentials = credentials(tls=tls, token=token)   # the SSLContext, once
         self._nursery: Optional[trio.Nursery] = None
         self._kick_event = trio.Event()   # wakes the sender
         self._need_conn = trio.Event()    # wakes the idle connection loop
@@ -93,7 +97,8 @@ class Client(ClientCalls):
         self._check_open()
         from .backup import backup_to_file
         return await backup_to_file(list(self._session.addresses), os.fspath(path),
-                                    timeout=self._timeout if timeout is None else timeout)
+                                    timeout=self._timeout if timeout is None else timeout,
+                                    credentials=self._credentials)
 
     # -- what ClientCalls needs ------------------------------------------------
 
@@ -132,7 +137,8 @@ class Client(ClientCalls):
         async def ask(index: int, address: str) -> None:
             entry: Entry = {"address": address, "reachable": False}
             try:
-                replica_id, reply = await request_once(address, make_request, deadline)
+                replica_id, reply = await request_once(address, make_request, deadline,
+                                                         self._credentials)
             except (DialError, trio.TooSlowError) as exc:
                 entry["error"] = describe(exc)
             else:
@@ -170,7 +176,8 @@ class Client(ClientCalls):
             if at > trio.current_time():
                 await trio.sleep_until(at)
             try:
-                conn = await dial(address, timeout_s=session.settings.connect_timeout_s)
+                conn = await dial(address, timeout_s=session.settings.connect_timeout_s,
+                                  credentials=self._credentials)
             except DialError as exc:
                 session.connection_failed(address, exc.reason, trio.current_time(),
                                           definitive=exc.definitive, reachable=exc.reachable)
@@ -263,17 +270,24 @@ class Client(ClientCalls):
 
 @asynccontextmanager
 async def open_client(addresses: Addresses, *, timeout: float = 5.0,
-                      settings: Optional[SessionSettings] = None) -> AsyncIterator[Client]:
+                      settings: Optional[SessionSettings] = None,
+                      tls: Optional[TLSSettings] = None,
+                      token: Union[bytes, str, None] = None) -> AsyncIterator[Client]:
     """Open a `Client` to the cluster at `addresses` (Trio); close it on exit.
 
     `addresses`: a comma-separated "host:port" string or a list of them, any replicas
     of the cluster.  `timeout`: the default deadline of every call, in seconds.
     `settings`: limits and timings (`cypaxos.client.SessionSettings`; rarely needed).
-    Raises `ConfigError` at once for malformed addresses; unreachable ones surface as
+    `tls`: dial with TLS: a `cypaxos.TLS` (the CA, and the client's certificate and
+    key if the cluster wants one) or an `ssl.SSLContext` of `ssl.PROTOCOL_TLS_CLIENT`,
+    used as given; the replica's certificate must name the host dialed.  `token`: a
+    client token (bytes or str, the first key of a ``--token-file``), proved without
+    sending it.  Raises `ConfigError` at once for malformed addresses, TLS files that
+    cannot be used or a malformed token; unreachable ones surface as
     `UnavailableError` from the calls.  Leaving the block fails pending calls with
     `ClosedError`; an exception raised in the block leaves it as itself.
     """
-    client = Client(addresses, timeout=timeout, settings=settings)
+    client = Client(addresses, timeout=timeout, settings=settings, tls=tls, token=token)
     failure = None
     async with trio.open_nursery() as nursery:
         client._nursery = nursery

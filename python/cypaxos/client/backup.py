@@ -30,7 +30,7 @@ from .. import wire
 from ..errors import ClientError, RequestError, StorageError, UnavailableError
 from ..storage import snapshots
 from ..storage.files import fsync_dir
-from .connection import DialError, dial
+from .connection import PLAIN, Credentials, DialError, describe, dial
 
 __all__ = ["BackupInfo", "backup_to_file", "BACKUP_WINDOW"]
 
@@ -59,7 +59,7 @@ class _Gone(Exception):
 class _Link:
     """One connection to a replica, after the welcome."""
 
-    def __init__(self, address: str, stream: trio.SocketStream, cluster_id: str,
+    def __init__(self, address: str, stream: trio.abc.Stream, cluster_id: str,
                  replica_id: int, decoder: wire.FrameDecoder) -> None:
         self.address = address
         self.stream = stream
@@ -87,22 +87,24 @@ class _Link:
             self.decoder.feed(data)
 
 
-async def _dial(address: str) -> _Link:
-    # The client's one connection layer (TCP, the handshake); the caller bounds the time.
-    conn = await dial(address, timeout_s=math.inf)
+async def _dial(address: str, credentials: Credentials) -> _Link:
+    # The client's one connection layer (TCP, TLS, the handshake); the caller bounds
+    # the time.
+    conn = await dial(address, timeout_s=math.inf, credentials=credentials)
     return _Link(address, conn.stream, conn.cluster_id, conn.replica_id, conn.decoder)
 
 
 def _why(exc: BaseException) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return "timed out"
+    if isinstance(exc, (trio.TooSlowError, DialError, trio.BrokenResourceError)):
+        return describe(exc) or type(exc).__name__
     if isinstance(exc, ConnectionRefusedError) or isinstance(
             getattr(exc, "__cause__", None), ConnectionRefusedError):
         return "connection refused"
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-async def _find_leader_snapshot(addresses: list[str], timeout: float) -> tuple[_Link, int]:
+async def _find_leader_snapshot(addresses: list[str], timeout: float,
+                                credentials: Credentials) -> tuple[_Link, int]:
     """A link to the leader and the index of its snapshot at a linearizable point."""
     deadline = trio.current_time() + timeout
     order = list(addresses)
@@ -125,7 +127,7 @@ async def _find_leader_snapshot(addresses: list[str], timeout: float) -> tuple[_
         link = None
         try:
             with trio.fail_after(max(0.0, deadline - trio.current_time())):
-                link = await _dial(address)
+                link = await _dial(address, credentials)
                 request_id = await link.send(wire.backup_request(0))
                 while True:
                     reply = await link.receive()
@@ -245,18 +247,19 @@ async def _file_op(name: str, op: Callable[..., object], *args: Any) -> None:
         raise StorageError(f"cannot write backup file {name}: {exc.strerror or exc}") from None
 
 
-async def backup_to_file(addresses: list[str], path: str, *, timeout: float) -> BackupInfo:
+async def backup_to_file(addresses: list[str], path: str, *, timeout: float,
+                         credentials: Credentials = PLAIN) -> BackupInfo:
     """Back the cluster at `addresses` up to `path` (see the module doc).
 
     `timeout` bounds each step (finding the leader and its snapshot, each chunk), not
-    the whole transfer.  Raises UnavailableError (no leader answered), ClientError or
+    the whole transfer; `credentials` are the client's (TLS, token).  Raises UnavailableError (no leader answered), ClientError or
     RequestError (the replica stopped or refused the backup), StorageError (the file
     cannot be written, or what arrived fails its checks).
     """
     target = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(target)
     for _ in range(_RESTARTS_MAX + 1):
-        link, index = await _find_leader_snapshot(addresses, timeout)
+        link, index = await _find_leader_snapshot(addresses, timeout, credentials)
         try:
             try:
                 fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.",

@@ -18,8 +18,10 @@ import trio
 
 from ..addresses import Addresses, parse_addresses
 from ..errors import ClosedError
+from ..security.tls import TLSSettings
 from .api import Bytes, Client, open_client
 from .backup import BackupInfo
+from .connection import credentials
 
 __all__ = ["BlockingClient", "connect"]
 
@@ -36,18 +38,23 @@ class BlockingClient:
     Use it as a context manager, or call `close()`.
     """
 
-    def __init__(self, addresses: Addresses, timeout: float = 5.0) -> None:
-        """Start the event loop thread and open the client (fails fast on bad addresses)."""
+    def __init__(self, addresses: Addresses, timeout: float = 5.0, *,
+                 tls: Optional[TLSSettings] = None,
+                 token: Union[bytes, str, None] = None) -> None:
+        """Start the event loop thread and open the client (fails fast on bad addresses,
+        TLS files or token)."""
         import anyio.from_thread
 
         parse_addresses(addresses)   # in the caller's thread: a clear error, no thread
+        checked = credentials(tls=tls, token=token)   # the same: files read here, once
         _close_at_exit()
         self._closed = False
         self._portal_cm = anyio.from_thread.start_blocking_portal(backend="trio")
         self._portal = self._portal_cm.__enter__()
         try:
             self._client_cm = self._portal.wrap_async_context_manager(
-                open_client(addresses, timeout=timeout))
+                open_client(addresses, timeout=timeout, tls=checked.ssl_context,
+                            token=checked.token))
             self._client: Client = self._client_cm.__enter__()
             self._token = self._portal.call(trio.lowlevel.current_trio_token)
         except BaseException:
@@ -223,6 +230,9 @@ def _close_at_exit() -> None:
     atexit.register(close_all)
 
 
-def connect(addresses: Addresses, timeout: float = 5.0) -> BlockingClient:
-    """Open a `BlockingClient` to the cluster at `addresses` (see `open_client`)."""
-    return BlockingClient(addresses, timeout=timeout)
+def connect(addresses: Addresses, timeout: float = 5.0, *,
+            tls: Optional[TLSSettings] = None,
+            token: Union[bytes, str, None] = None) -> BlockingClient:
+    """Open a `BlockingClient` to the cluster at `addresses` (see `open_client`, also
+    for `tls` and `token`)."""
+    return BlockingClient(addresses, timeout=timeout, tls=tls, token=token)

@@ -19,12 +19,13 @@ cypaxos replica by its first bytes.
 from __future__ import annotations
 
 import socket
+import ssl
 from typing import Optional
 
 from ..groups import leaves
 from ..security.handshake import HANDSHAKE_FRAME_BYTES_MAX, Authenticated, Dialer
 
-__all__ = ["DialError", "Handshake", "connect_failure"]
+__all__ = ["DialError", "Handshake", "connect_failure", "tls_failure"]
 
 _FIRST_BYTES = 40   # kept of what the other side sent first, to say what it is
 
@@ -36,12 +37,13 @@ class DialError(Exception):
     refusal that tells the replica why)."""
 
     def __init__(self, reason: str, *, definitive: bool = False, reachable: bool = False,
-                 farewell: bytes = b"") -> None:
+                 farewell: bytes = b"", eof: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.definitive = definitive
         self.reachable = reachable
         self.farewell = farewell
+        self.eof = eof   # the other side closed the connection, saying nothing
 
 
 def _printable(data: bytes) -> str:
@@ -70,15 +72,18 @@ class Handshake:
     """The client's side of a connection's first frames (sans-I/O).
 
     `dialer`: the handshake machine to run (default: a key-less client's; with a
-    token or under TLS, the `Dialer.client(...)` that says so).  Send `start()`, then
+    token or under TLS, the `Dialer.client(...)` that says so); `tls`: whether it runs
+    over TLS.  `bytes_received` counts what came from the replica.  Send `start()`, then
     feed every read to `receive_data` (b"" at end of file) and send what it returns,
     until `done`; it raises DialError if the dial failed.  Then `cluster_id` and
     `replica_id` say whom the client reached, and `trailing_data` holds what came
     after the welcome (the connection's frames).
     """
 
-    def __init__(self, dialer: Optional[Dialer] = None) -> None:
+    def __init__(self, dialer: Optional[Dialer] = None, *, tls: bool = False) -> None:
         self._dialer = dialer if dialer is not None else Dialer.client()
+        self.tls = tls
+        self.bytes_received = 0
         self._first = b""
         self.done = False
         self.cluster_id: Optional[str] = None
@@ -93,6 +98,7 @@ class Handshake:
 
     def receive_data(self, data: bytes) -> bytes:
         """Bytes received (b"": the other side closed); the bytes to send back."""
+        self.bytes_received += len(data)
         if len(self._first) < _FIRST_BYTES:
             self._first += data[:_FIRST_BYTES - len(self._first)]
             foreign = _not_a_replica(self._first)
@@ -116,7 +122,13 @@ class Handshake:
             raise DialError(f"authentication failed: {outcome.reason}", definitive=True,
                             reachable=True)
         if eof:
-            raise DialError("connection closed by the replica")
+            if self.bytes_received == 0 and not self.tls:
+                # What a replica under TLS does to a client without it (its TLS
+                # handshake fails on the hello, and it closes).
+                raise DialError("connection closed by the replica before its welcome "
+                                "(if the cluster uses TLS, give the client its CA: "
+                                "--tls-ca)", eof=True)
+            raise DialError("connection closed by the replica", eof=True)
         raise DialError(f"handshake failed: {outcome.reason}", definitive=True,
                         reachable=True, farewell=out)
 
@@ -130,6 +142,70 @@ def connect_failure(exc: OSError) -> DialError:
         causes = leaves(exc.__cause__) if exc.__cause__ is not None else [exc]
         definitive = all(isinstance(cause, ConnectionRefusedError) for cause in causes)
     return DialError(describe_os_error(exc), definitive=definitive)
+
+
+# What a TLS alert from the replica means to the client (ssl.SSLError.reason of an
+# alert the other side sent): the replica refused the client's certificate, or its
+# lack of one.
+_REFUSED_BY_ALERT = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the replica requires a client certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the replica did not accept the client's certificate",
+    "TLSV1_ALERT_UNKNOWN_CA": "the replica did not accept the client's certificate "
+                              "(signed by a CA it does not trust)",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the replica did not accept the client's certificate "
+                                       "(expired)",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "the replica did not accept the client's "
+                                           "certificate (not for client authentication)",
+    "TLSV1_ALERT_ACCESS_DENIED": "the replica refused the client's certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the replica did not accept the client's certificate",
+}
+# Reasons OpenSSL gives when what came back is not TLS at all.
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE",
+            "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "RECORD_TOO_LARGE")
+
+
+def tls_failure(exc: BaseException, host: str) -> DialError:
+    """The DialError of a TLS failure `exc` (an ssl.SSLError, or what else broke the
+    TLS handshake) on a dial of `host`.
+
+    A certificate the client cannot verify, a refusal of the client's certificate and
+    a server that does not answer in TLS are definitive: trying that address again
+    will not help.  A TLS connection cut short is not (the replica may have been
+    restarting, or shedding load).
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        message = (exc.verify_message or exc.reason or "").rstrip(".")
+        if exc.verify_code == 62 or message.startswith(("Hostname mismatch", "IP address mismatch")):
+            # X509_V_ERR_HOSTNAME_MISMATCH / _IP_ADDRESS_MISMATCH
+            message = (f"the replica's certificate does not name {host} (dial a host name "
+                       f"or address its certificate names)")
+        elif exc.verify_code in (18, 19, 20, 21):
+            # self-signed, self-signed in chain, unable to get (local) issuer
+            message = f"the replica's certificate is not signed by the CA given ({message})"
+        else:
+            message = f"the replica's certificate failed verification: {message}"
+        return DialError(f"TLS: {message}", definitive=True, reachable=True)
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or ""
+        refused = _REFUSED_BY_ALERT.get(reason)
+        if refused is not None:
+            return DialError(f"authentication failed: {refused} (TLS alert "
+                             f"{reason.rsplit('_ALERT_', 1)[-1].lower().replace('_', ' ')})",
+                             definitive=True, reachable=True)
+        if reason in _NOT_TLS:
+            return DialError("not a cypaxos replica with TLS (it did not answer in TLS: "
+                             "a replica without TLS?)", definitive=True, reachable=True)
+        if isinstance(exc, ssl.SSLEOFError) or "EOF" in str(exc):
+            return DialError("TLS handshake failed: connection closed by the replica")
+        if "_ALERT_" in reason:
+            return DialError(f"TLS handshake failed: the replica sent the alert "
+                             f"{reason.rsplit('_ALERT_', 1)[-1].lower().replace('_', ' ')}",
+                             definitive=True, reachable=True)
+        return DialError(f"TLS handshake failed: {reason.lower().replace('_', ' ') or exc}",
+                         definitive=True, reachable=True)
+    if isinstance(exc, OSError):
+        return DialError(f"TLS handshake failed: {describe_os_error(exc)}")
+    return DialError("TLS handshake failed: connection closed by the replica")
 
 
 def describe_os_error(exc: BaseException) -> str:
