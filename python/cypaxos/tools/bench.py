@@ -3,6 +3,7 @@
     cypaxos bench                                # its own local 3-replica cluster (fsync on)
     cypaxos bench --cluster 127.0.0.1:7001,...   # an existing cluster
     cypaxos bench --read-ratio 1.0 --json        # linearizable reads, one JSON object
+    cypaxos bench --tls                          # its own cluster under mutual TLS
 
 How it measures (docs/performance.md says why it is built this way):
 
@@ -24,7 +25,10 @@ How it measures (docs/performance.md says why it is built this way):
   Latencies go into log-linear histograms (HDR style: 128 buckets per power of two,
   under 0.8% error), exact maxima beside them.
 * With no ``--cluster`` it starts a `cypaxos.tools.local.LocalCluster` (3 replicas,
-  ``--fsync always``) in a temporary directory and removes it afterwards.
+  ``--fsync always``) in a temporary directory and removes it afterwards; ``--tls``
+  runs it under mutual TLS, every client (preload and workers) on TLS with the
+  client certificate.  With ``--cluster``, ``--tls-ca``/``--tls-cert``/``--tls-key``
+  and ``--token-file`` (or their CYPAXOS_* variables) are the clients'.
 
 `add_arguments(parser)` and `run(args) -> int` are the subcommand's parts;
 ``python -m cypaxos.tools.bench`` runs it standalone.
@@ -47,7 +51,7 @@ import sys
 import time
 
 from .argtypes import PORT_MAX, check_port_range, int_in, non_negative_float, positive_float
-from ..errors import Error
+from ..errors import ConfigError, Error
 from .exits import (EXIT_INTERRUPTED, EXIT_NO, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, PROG,
                     error, say)
 from .local import child_env
@@ -240,6 +244,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           f"as an error (default: {d['timeout']:g})")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object with the results and settings")
+    parser.add_argument("--tls", action="store_true",
+                        help="without --cluster: run the local cluster under mutual TLS "
+                             "(certificates made for the run) and every client on TLS")
+    from .client_commands import add_security_arguments
+    # The environment's CYPAXOS_TLS_* apply with --cluster only: bench's own cluster
+    # has its own certificates (or none).
+    add_security_arguments(parser, env_defaults=False)
 
 
 def _settings(args) -> dict:
@@ -251,6 +262,16 @@ def _settings(args) -> dict:
             check_port_range(args.port, LOCAL_REPLICAS)
         except Error as exc:
             raise BenchError(str(exc), EXIT_USAGE) from None
+    from .client_commands import security_from_env, security_given
+
+    if args.tls and args.cluster is not None:
+        raise BenchError("--tls is for the local cluster bench starts; with --cluster give "
+                         "the clients' --tls-ca (and --tls-cert, --tls-key)", EXIT_USAGE)
+    if args.cluster is None and security_given(args):
+        raise BenchError("--tls-ca, --tls-cert, --tls-key and --token-file are for "
+                         "--cluster; bench's own cluster takes --tls", EXIT_USAGE)
+    if args.cluster is not None:
+        security_from_env(args)
     processes = args.processes or min(DEFAULTS["processes"], args.clients)
     if processes > args.clients:
         raise BenchError(f"--processes {processes} is more than --clients {args.clients}",
@@ -262,6 +283,7 @@ def _settings(args) -> dict:
         "local_cluster": args.cluster is None,
         "replicas": LOCAL_REPLICAS if args.cluster is None else None,
         "fsync": "always" if args.cluster is None else None,
+        "tls": args.tls or args.cluster is not None and args.tls_ca is not None,
         "clients": args.clients,
         "processes": processes,
         "outstanding": outstanding,
@@ -444,9 +466,11 @@ async def _worker_async(cfg: dict) -> None:
 
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     counters = _Counters()
+    tls, token = _security(cfg["security"])
     async with contextlib.AsyncExitStack() as stack:
         clients = [(index, await stack.enter_async_context(
-                       open_client(cfg["addresses"], timeout=cfg["timeout"])))
+                       open_client(cfg["addresses"], timeout=cfg["timeout"], tls=tls,
+                                   token=token)))
                    for index in cfg["client_ids"]]
         # Connect every client to the leader now (a linearizable read follows
         # redirects), so the first measured second is not spent dialling.
@@ -487,6 +511,24 @@ async def _worker_async(cfg: dict) -> None:
           "client_stats": stats})
 
 
+def _tls_json(tls) -> dict:
+    """A `cypaxos.TLS` as the JSON-able dict `_security` takes."""
+    return {"ca": os.fspath(tls.ca), "cert": None if tls.cert is None else os.fspath(tls.cert),
+            "key": None if tls.key is None else os.fspath(tls.key)}
+
+
+def _security(security: dict):
+    """(tls, token) for open_client from the JSON the parent passes: the SSLContext
+    built once for all of a process's clients."""
+    from ..client.connection import credentials
+    from ..security.tls import TLS
+
+    files = security.get("tls")
+    tls = TLS(**files) if files else None
+    checked = credentials(tls=tls, token=security.get("token"))
+    return checked.ssl_context, checked.token
+
+
 def _worker_main() -> int:
     import trio
 
@@ -520,7 +562,7 @@ class _Worker:
         self.pid = None
 
 
-async def _preload(addresses, settings) -> None:
+async def _preload(addresses, settings, security) -> None:
     """Check the cluster answers; write every key once when reads are asked for."""
     import trio
 
@@ -529,8 +571,10 @@ async def _preload(addresses, settings) -> None:
     from ..groups import first_leaf
 
     value = bytes(settings["value_size"])
+    tls, token = _security(security)
     try:
-        async with open_client(addresses, timeout=settings["timeout"]) as client:
+        async with open_client(addresses, timeout=settings["timeout"], tls=tls,
+                               token=token) as client:
             await client.put(_key(0), value)
             if settings["read_ratio"] > 0:
                 next_key = [1]
@@ -603,10 +647,10 @@ class _Display:
         self.live.update(table, refresh=True)
 
 
-async def _run_async(settings, addresses, replica_pids, display) -> dict:
+async def _run_async(settings, addresses, replica_pids, display, security) -> dict:
     import trio
 
-    await _preload(addresses, settings)
+    await _preload(addresses, settings, security)
     processes = settings["processes"]
     client_ids = [[] for _ in range(processes)]
     for c in range(settings["clients"]):
@@ -646,7 +690,8 @@ async def _run_async(settings, addresses, replica_pids, display) -> dict:
         try:
             for p in range(processes):
                 cfg = dict(settings, addresses=addresses, client_ids=client_ids[p],
-                           rate_per_client=rate_per_client, seed=seed + 7919 * p)
+                           rate_per_client=rate_per_client, seed=seed + 7919 * p,
+                           security=security)
                 # Own session, like the replicas LocalCluster starts: with the kernel's
                 # autogroup scheduling every process then weighs the same.  A worker
                 # ends by itself (its run is bounded; EOF on stdin before the start).
@@ -807,7 +852,8 @@ def run(args) -> int:
         if args.cluster is None:
             from .local import LocalCluster, free_ports
             port = args.port if args.port is not None else free_ports(LOCAL_REPLICAS)[0]
-            cluster = LocalCluster(replicas=LOCAL_REPLICAS, base_port=port, fsync=True)
+            cluster = LocalCluster(replicas=LOCAL_REPLICAS, base_port=port, fsync=True,
+                                   tls=args.tls)
         try:
             if cluster is not None:
                 cluster.start_all()
@@ -815,23 +861,34 @@ def run(args) -> int:
                 addresses = cluster.addresses
                 replica_pids = {i: cluster.process(i).pid for i in cluster.ids}
                 settings["cluster"] = cluster.cluster_arg
+                tls = cluster.client_tls
+                security = {"tls": None if tls is None else _tls_json(tls)}
             else:
                 from ..addresses import parse_addresses
+                from .client_commands import client_security
                 addresses = parse_addresses(args.cluster, source="--cluster")
                 replica_pids = {}
+                tls, token = client_security(args)
+                security = {"tls": None if tls is None else _tls_json(tls),
+                            "token": None if token is None else token.decode()}
+                _security(security)   # bad files: exit 2 here, before any load
             live = (stdout_console.is_terminal and not args.json)
             console = stdout_console
             if args.json:
                 console = Console(stderr=True)
                 live = console.is_terminal
             with _Display(live, console) as display:
-                raw = trio.run(_run_async, settings, addresses, replica_pids, display)
+                raw = trio.run(_run_async, settings, addresses, replica_pids, display,
+                               security)
         finally:
             if cluster is not None:
                 cluster.close()
     except BenchError as exc:
         error(exc)
         return exc.code
+    except ConfigError as exc:
+        error(exc)
+        return EXIT_USAGE
     except Error as exc:
         error(exc)
         return EXIT_NO

@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run this state machine class in every replica (importable here "
                         "and by the replicas, e.g. on PYTHONPATH; default: the built-in "
                         "key-value store)")
+    p.add_argument("--tls", action="store_true",
+                   help="run the replicas under mutual TLS: a new CA and certificates go "
+                        "to DIR/tls (kept with --data-dir), and clients need ca.pem, "
+                        "client.pem and client.key from there (printed as the "
+                        "CYPAXOS_TLS_* variables to set)")
     _add_log_options(p)
     p.set_defaults(handler=server.cmd_local)
 
@@ -156,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of workload (default: 15)")
     p.add_argument("--port", type=int_in(1, PORT_MAX), default=None,
                    help="replica N listens on 127.0.0.1 port PORT+N-1 (default: free ports)")
+    p.add_argument("--tls", action="store_true",
+                   help="run the cluster under mutual TLS (certificates made for the "
+                        "run), with the workload's client and the status probes on TLS")
     p.set_defaults(handler=server.cmd_demo)
 
     # client commands
@@ -170,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"${CLUSTER_ENV}, else {DEFAULT_CLUSTER})")
         q.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT,
                        metavar="S", help=f"give up after S seconds (default: {DEFAULT_TIMEOUT:g})")
+        client.add_security_arguments(q)
         return q
 
     p = client_parser("put", "set KEY to VALUE")

@@ -17,14 +17,87 @@ from ..errors import ConfigError
 from . import status as status_output
 from .exits import EXIT_NO, EXIT_OK, EXIT_UNAVAILABLE, Negative, error
 
-__all__ = ["CLUSTER_ENV", "DEFAULT_CLUSTER", "cluster_addresses", "arg_bytes", "command_bytes", "cmd_put", "cmd_get",
-           "cmd_delete", "cmd_cas", "cmd_submit", "cmd_query", "cmd_status", "cmd_snapshot",
-           "cmd_backup"]
+__all__ = ["CLUSTER_ENV", "DEFAULT_CLUSTER", "TLS_CA_ENV", "TLS_CERT_ENV", "TLS_KEY_ENV",
+           "TOKEN_FILE_ENV", "add_security_arguments", "client_security", "security_given",
+           "security_from_env", "cluster_addresses",
+           "arg_bytes", "command_bytes", "cmd_put", "cmd_get", "cmd_delete", "cmd_cas",
+           "cmd_submit", "cmd_query", "cmd_status", "cmd_snapshot", "cmd_backup"]
 
 CLUSTER_ENV = "CYPAXOS_CLUSTER"
 """Environment variable giving the default ``--cluster`` of client commands."""
 DEFAULT_CLUSTER = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
 """The default ``--cluster`` when CYPAXOS_CLUSTER is unset: `cypaxos local`'s."""
+TLS_CA_ENV = "CYPAXOS_TLS_CA"
+TLS_CERT_ENV = "CYPAXOS_TLS_CERT"
+TLS_KEY_ENV = "CYPAXOS_TLS_KEY"
+TOKEN_FILE_ENV = "CYPAXOS_TOKEN_FILE"
+"""Environment variables giving the defaults of ``--tls-ca``, ``--tls-cert``,
+``--tls-key`` and ``--token-file`` of every command that talks to a cluster."""
+
+
+def _env(name: str):
+    return os.environ.get(name) or None   # set but empty: unset
+
+
+def add_security_arguments(parser, *, env_defaults: bool = True) -> None:
+    """``--tls-ca``, ``--tls-cert``, ``--tls-key`` and ``--token-file``, defaults from
+    the environment (unless not `env_defaults`: then `security_from_env` fills them
+    in when the caller decides they apply): what every command that talks to a
+    cluster takes."""
+    def default(name):
+        return _env(name) if env_defaults else None
+
+    parser.add_argument("--tls-ca", metavar="FILE", default=default(TLS_CA_ENV),
+                        help=f"dial with TLS, trusting the CA certificate(s) in FILE (PEM); "
+                             f"the replicas' certificates must name the hosts of --cluster "
+                             f"(default: ${TLS_CA_ENV}; without it, no TLS)")
+    parser.add_argument("--tls-cert", metavar="FILE", default=default(TLS_CERT_ENV),
+                        help=f"with --tls-ca: the client's certificate, e.g. the client.pem "
+                             f"of cypaxos certs (default: ${TLS_CERT_ENV})")
+    parser.add_argument("--tls-key", metavar="FILE", default=default(TLS_KEY_ENV),
+                        help=f"the key of --tls-cert, e.g. client.key (default: ${TLS_KEY_ENV})")
+    parser.add_argument("--token-file", metavar="FILE", default=default(TOKEN_FILE_ENV),
+                        help=f"prove the first token in FILE (one per line) to the replicas, "
+                             f"which must list it in their --token-file "
+                             f"(default: ${TOKEN_FILE_ENV})")
+
+
+def security_given(args) -> bool:
+    """Whether any of the security arguments was given."""
+    return any(getattr(args, name) is not None
+               for name in ("tls_ca", "tls_cert", "tls_key", "token_file"))
+
+
+def security_from_env(args) -> None:
+    """Fill the security arguments not given from their environment variables."""
+    for name, env in (("tls_ca", TLS_CA_ENV), ("tls_cert", TLS_CERT_ENV),
+                      ("tls_key", TLS_KEY_ENV), ("token_file", TOKEN_FILE_ENV)):
+        if getattr(args, name) is None:
+            setattr(args, name, _env(env))
+
+
+def client_security(args):
+    """(tls, token) of the parsed security arguments, checked and the files read:
+    `tls` a `cypaxos.TLS` or None, `token` bytes or None; ConfigError naming the flag
+    or the file (exit 2)."""
+    from ..security.secrets import load_keys
+    from ..security.tls import TLS
+
+    tls = None
+    if args.tls_cert is not None or args.tls_key is not None:
+        if args.tls_cert is None or args.tls_key is None:
+            given, missing = (("--tls-cert", "--tls-key") if args.tls_key is None
+                              else ("--tls-key", "--tls-cert"))
+            raise ConfigError(f"{given} needs {missing} too (or neither)")
+        if args.tls_ca is None:
+            raise ConfigError(f"--tls-cert and --tls-key need --tls-ca (or ${TLS_CA_ENV}): "
+                              f"the CA that signed the replicas' certificates")
+    if args.tls_ca is not None:
+        tls = TLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+    token = None
+    if args.token_file is not None:
+        token = load_keys(args.token_file, "token file")[0]
+    return tls, token
 
 
 def cluster_addresses(args) -> list[str]:
@@ -64,7 +137,8 @@ def _client(args):
     addresses = cluster_addresses(args)  # a bad --cluster is bad usage, exit 2
     from ..client import connect
 
-    return connect(addresses, timeout=args.timeout)
+    tls, token = client_security(args)  # a bad file is bad configuration, exit 2
+    return connect(addresses, timeout=args.timeout, tls=tls, token=token)
 
 
 def _write_raw(data: bytes) -> None:

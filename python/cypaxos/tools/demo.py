@@ -21,6 +21,10 @@ the newest write acknowledged before the read started, and no newer than the
 newest write sent before the read ended.  Anything else is a stale or invented
 value: a linearizability violation.
 
+With ``tls=True`` (``cypaxos demo --tls``) the cluster runs under mutual TLS
+(`LocalCluster(tls=True)`: certificates made for the run), and the workload's client
+and the status probes dial with the client certificate.
+
 The exit status is 0 only if every check passed.  A live `rich` display shows
 progress on a terminal; otherwise (CI logs) a plain line every two seconds.
 """
@@ -76,6 +80,7 @@ class DemoResult:
     """Everything `cypaxos demo` measured and checked."""
 
     duration_s: float = 0.0
+    tls: bool = False
     writes: int = 0
     reads: int = 0
     failed: int = 0
@@ -150,7 +155,7 @@ class _Demo:
         self.cluster = cluster
         self.out = out
         self.duration = duration
-        self.result = DemoResult()
+        self.result = DemoResult(tls=cluster.tls)
         self.issued = [0] * KEYS  # newest version sent, per key
         self.acked = [0] * KEYS  # newest version acknowledged, per key
         self.phase = "starting"
@@ -465,7 +470,8 @@ class _Demo:
         r = self.result
         async with trio.open_nursery() as background:
             background.start_soon(self.watch)
-            async with open_client(self.cluster.addresses, timeout=CLIENT_TIMEOUT) as kv:
+            async with open_client(self.cluster.addresses, timeout=CLIENT_TIMEOUT,
+                                   tls=self.cluster.client_tls) as kv:
                 self.start = self.last_line = trio.current_time()
                 background.start_soon(self.display)
                 self.phase = "steady load"
@@ -514,17 +520,18 @@ async def _run(cluster: LocalCluster, out: _Output, duration: float) -> DemoResu
     return EXIT_TERMINATED  # cancelled by SIGTERM
 
 
-def run_demo(duration: float = 15.0, port: int | None = None) -> int:
+def run_demo(duration: float = 15.0, port: int | None = None, tls: bool = False) -> int:
     """Run the demo (see the module docstring); returns the exit status.
 
     `port`: replica N listens on 127.0.0.1 port ``port + N - 1``; None picks free
-    ports (and tries others if one is taken meanwhile).  0 if every check passed, 1
+    ports (and tries others if one is taken meanwhile).  `tls`: under mutual TLS.
+    0 if every check passed, 1
     if one failed or the cluster could not start, 143 on SIGTERM.  A Ctrl-C raises
     KeyboardInterrupt after cleaning up.
     """
     out = _Output()
-    out.event(f"cypaxos demo: {REPLICAS} replicas on this host, fsync always, a leader "
-              "crash a third of the way in")
+    out.event(f"cypaxos demo: {REPLICAS} replicas on this host, fsync always"
+              + (", mutual TLS" if tls else "") + ", a leader crash a third of the way in")
 
     def on_sigterm(signum, frame):  # before and after Trio runs: unwind and clean up
         raise _Terminated
@@ -537,7 +544,7 @@ def run_demo(duration: float = 15.0, port: int | None = None) -> int:
         attempts = 3 if port is None else 1
         for attempt in range(attempts):
             ports = free_ports(REPLICAS) if port is None else range(port, port + REPLICAS)
-            cluster = LocalCluster(REPLICAS, ports=ports, fsync=True)
+            cluster = LocalCluster(REPLICAS, ports=ports, fsync=True, tls=tls)
             cluster.start_all()
             try:
                 leader = cluster.wait_ready(READY_TIMEOUT)
@@ -599,7 +606,8 @@ def _print_summary(out: _Output, r: DemoResult) -> None:
     lines = [
         "",
         "cypaxos demo summary",
-        f"  cluster          {REPLICAS} replicas on 127.0.0.1, fsync always",
+        f"  cluster          {REPLICAS} replicas on 127.0.0.1, fsync always"
+        + (", mutual TLS 1.3" if r.tls else ""),
         f"  workload         {CLIENT_TASKS} concurrent tasks, {KEYS:,} keys, {VALUE_SIZE}-byte "
         f"values, {WRITE_RATIO:.0%} writes / {1 - WRITE_RATIO:.0%} linearizable reads",
         f"  operations       {r.ops:,} in {r.duration_s:.1f} s = {rate:,.0f} ops/s "

@@ -19,6 +19,12 @@ dir, not in it: a fresh data dir must hold nothing but cypaxos' own files).
 The status probes here speak the client wire protocol over plain blocking sockets
 (no Trio, no client library), so the class works the same from a script, a sync
 test, a Trio test or a worker thread.
+
+``LocalCluster(..., tls=True)`` runs the replicas under mutual TLS: a CA and every
+certificate are written to ``DATA_DIR/tls/`` (as `cypaxos certs` writes them, the
+first time; a data dir reused keeps its CA), every replica gets ``--tls-ca``,
+``--tls-cert`` and ``--tls-key``, clients must present ``client.pem``
+(`client_tls` is the `cypaxos.TLS` to give them) and the probes dial with it.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -106,7 +113,8 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
-def probe(address: str, request_body: list, timeout: float = 1.0) -> tuple:
+def probe(address: str, request_body: list, timeout: float = 1.0,
+          ssl_context: ssl.SSLContext | None = None) -> tuple:
     """Send one client request to the replica at `address` and return its parsed reply.
 
     `request_body` is e.g. ``wire.status_request(1)``.  Returns what
@@ -114,17 +122,25 @@ def probe(address: str, request_body: list, timeout: float = 1.0) -> tuple:
     or ``("error", id, code, message)``.  Raises OSError (including socket.timeout)
     if the replica cannot be reached or does not answer within `timeout` seconds in
     all, wire.ProtocolError if it answers something malformed, and ConfigError for a
-    malformed `address`.
+    malformed `address`.  `ssl_context`: dial with TLS (a client context,
+    `cypaxos.security.tls.client_context`; ssl.SSLError is an OSError).
     """
     host, port = split_address(address)
     deadline = time.monotonic() + timeout
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ssl_context is not None:
+            # The TLS handshake happens here, within the socket's timeout; the plain
+            # socket is detached into the TLS one.
+            sock = ssl_context.wrap_socket(sock, server_hostname=host)
         decoder = wire.FrameDecoder()
         sock.sendall(wire.encode_frame(wire.client_hello()))
         wire.parse_welcome(_read_frame(sock, decoder, deadline))
         sock.sendall(wire.encode_frame(request_body))
         return wire.parse_reply(_read_frame(sock, decoder, deadline))
+    finally:
+        sock.close()
 
 
 def _read_frame(sock: socket.socket, decoder: wire.FrameDecoder, deadline: float):
@@ -142,16 +158,18 @@ def _read_frame(sock: socket.socket, decoder: wire.FrameDecoder, deadline: float
         decoder.feed(data)
 
 
-def probe_status(address: str, timeout: float = 1.0) -> dict | None:
+def probe_status(address: str, timeout: float = 1.0,
+                 ssl_context: ssl.SSLContext | None = None) -> dict | None:
     """The status dict the replica at `address` reports, or None if it does not answer.
 
     The dict is the server's own (see docs/internals.md, "Wire"): typically ``id``,
     ``role``, ``ballot``, ``leader``, ``commit_index``, ``applied_index`` and
     ``state_digest``.  None covers every way of not answering in time: refused,
-    reset, timed out, malformed, or a non-"ok" reply.
+    reset, timed out, malformed, or a non-"ok" reply (or, with `ssl_context`, a TLS
+    failure).
     """
     try:
-        reply = probe(address, wire.status_request(1), timeout)
+        reply = probe(address, wire.status_request(1), timeout, ssl_context)
     except (OSError, ValueError):  # wire.ProtocolError is a ValueError
         return None
     if reply[0] != "ok" or type(reply[2]) is not dict:
@@ -192,6 +210,8 @@ class LocalCluster:
     the replicas recover from it.  `fsync` maps to ``--fsync always|off``;
     `extra_args` are appended to every ``cypaxos serve`` command line (e.g.
     ``("--tick-ms", "5")``).  `cluster_id` is passed as ``--cluster-id`` if given.
+    `tls`: run under mutual TLS (the module doc): `client_tls` is then what clients
+    dial with, and `tls_dir` holds the files.
 
     The constructor starts nothing; `start_all()` (or entering the ``with`` block)
     starts every replica, and `wait_ready()` waits for a leader.
@@ -214,6 +234,7 @@ class LocalCluster:
         cluster_id: str | None = None,
         python: str = sys.executable,
         metrics_ports: Sequence[int] | None = None,
+        tls: bool = False,
     ) -> None:
         if replicas < 1:
             raise ValueError("replicas must be >= 1")
@@ -243,9 +264,31 @@ class LocalCluster:
                         os.path.join(self.data_dir, f"replica{i}.log"))
             for i, port in enumerate(ports, start=1)
         }
+        self.tls = tls
+        self.tls_dir = os.path.join(self.data_dir, "tls") if tls else None
+        self._probe_context: ssl.SSLContext | None = None
+        if tls:
+            try:
+                self._write_certificates()
+            except BaseException:
+                if self._own_dir:
+                    shutil.rmtree(self.data_dir, ignore_errors=True)
+                raise
         self._closed = False
         self._lock = threading.Lock()
         atexit.register(self.close)  # a forgotten close() still stops the replicas
+
+    def _write_certificates(self) -> None:
+        """The CA and certificates in `tls_dir`, written unless every file is there
+        (a reused data dir keeps its CA; one with fewer replicas gets a new set)."""
+        from ..security.certs import file_names, write_certificates
+        from ..security.tls import client_context
+
+        stems = file_names(len(self._replicas))
+        if not all(os.path.exists(os.path.join(self.tls_dir, f"{stem}.{suffix}"))
+                   for stem in stems for suffix in ("pem", "key")):
+            write_certificates(self.tls_dir, len(self._replicas), force=True)
+        self._probe_context = client_context(self.client_tls)
 
     # -------------------------------------------------------------- descriptions
 
@@ -268,6 +311,39 @@ class LocalCluster:
     def cluster_spec(self) -> str:
         """The ``serve --cluster`` value: ``1=host:port,2=host:port,...``."""
         return ",".join(f"{r.id}={r.address}" for r in self._replicas.values())
+
+    @property
+    def client_tls(self):
+        """With `tls`: the `cypaxos.TLS` a client dials this cluster with (the CA and
+        ``client.pem``/``client.key``); else None."""
+        if self.tls_dir is None:
+            return None
+        from ..security.tls import TLS
+
+        return TLS(ca=os.path.join(self.tls_dir, "ca.pem"),
+                   cert=os.path.join(self.tls_dir, "client.pem"),
+                   key=os.path.join(self.tls_dir, "client.key"))
+
+    def tls_files(self, replica_id: int) -> dict[str, str] | None:
+        """With `tls`: replica `replica_id`'s files, {"ca", "cert", "key"}; else None."""
+        self._get(replica_id)
+        if self.tls_dir is None:
+            return None
+        return {"ca": os.path.join(self.tls_dir, "ca.pem"),
+                "cert": os.path.join(self.tls_dir, f"replica-{replica_id}.pem"),
+                "key": os.path.join(self.tls_dir, f"replica-{replica_id}.key")}
+
+    def client_env(self) -> dict[str, str]:
+        """The environment variables that point the ``cypaxos`` client commands at
+        this cluster: CYPAXOS_CLUSTER, and with `tls` CYPAXOS_TLS_CA/CERT/KEY."""
+        from .client_commands import CLUSTER_ENV, TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV
+
+        env = {CLUSTER_ENV: self.cluster_arg}
+        tls = self.client_tls
+        if tls is not None:
+            env.update({TLS_CA_ENV: os.fspath(tls.ca), TLS_CERT_ENV: os.fspath(tls.cert),
+                        TLS_KEY_ENV: os.fspath(tls.key)})
+        return env
 
     def address(self, replica_id: int) -> str:
         """Replica `replica_id`'s ``host:port``."""
@@ -321,6 +397,10 @@ class LocalCluster:
             argv += ["--cluster-id", self.cluster_id]
         if self.metrics_ports is not None:
             argv += ["--metrics-address", self.metrics_address(replica_id)]
+        files = self.tls_files(replica_id)
+        if files is not None:
+            argv += ["--tls-ca", files["ca"], "--tls-cert", files["cert"],
+                     "--tls-key", files["key"]]
         return argv + list(self.extra_args)
 
     # ------------------------------------------------------------------ lifecycle
@@ -497,14 +577,14 @@ class LocalCluster:
         r = self._get(replica_id)
         if r.paused:
             return None
-        return probe_status(r.address, timeout)
+        return probe_status(r.address, timeout, self._probe_context)
 
     def statuses(self, timeout: float = 1.0) -> dict[int, dict | None]:
         """Every replica's status (None for stopped, paused or silent ones), in parallel."""
         results: dict[int, dict | None] = {i: None for i in self._replicas}
 
         def ask(r: _Replica) -> None:
-            results[r.id] = probe_status(r.address, timeout)
+            results[r.id] = probe_status(r.address, timeout, self._probe_context)
 
         threads = [threading.Thread(target=ask, args=(r,), daemon=True)
                    for r in self._replicas.values() if r.running() and not r.paused]
@@ -605,6 +685,9 @@ class OptionsCluster(LocalCluster):
                        **self.options)
         if self.cluster_id is not None:
             options.setdefault("cluster_id", self.cluster_id)
+        files = self.tls_files(replica_id)
+        if files is not None:
+            options.update(tls_ca=files["ca"], tls_cert=files["cert"], tls_key=files["key"])
         return [self.python, "-c", _OPTIONS_LAUNCHER, json.dumps(options)]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -182,7 +183,7 @@ def cmd_local(args) -> int:
     logs.configure(args.log_level, args.log_format)  # checks CYPAXOS_LOG_* too
     cluster = LocalCluster(replicas=args.replicas, base_port=args.port,
                            data_dir=args.data_dir, fsync=args.fsync == "always",
-                           extra_args=extra)
+                           extra_args=extra, tls=args.tls)
     state = {"interruptible": False, "signalled": None}
 
     def on_signal(signum, frame):
@@ -254,6 +255,15 @@ def _print_local_banner(cluster, leader: int, temporary: bool) -> None:
                  + ("  (temporary: removed on exit)" if temporary else ""))
     lines.append(f"cluster:  --cluster {cluster.cluster_arg}")
     lines.append(f"          export {CLUSTER_ENV}={cluster.cluster_arg}")
+    if cluster.tls:
+        env = cluster.client_env()
+        tls_env = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items()
+                           if name != CLUSTER_ENV)
+        lines.append(f"tls:      mutual TLS; certificates in {cluster.tls_dir}, clients "
+                     f"use ca.pem, client.pem and client.key:")
+        lines.append(f"          export {tls_env}")
+        lines.append(f"          e.g. {tls_env} {PROG} put --cluster {cluster.cluster_arg} "
+                     f"greeting hello")
     lines.append("Press Ctrl-C to stop every replica.")
     print("\n".join(lines), flush=True)
 
@@ -267,7 +277,7 @@ def cmd_demo(args) -> int:
 
     if args.port is not None:
         check_port_range(args.port, REPLICAS)
-    return run_demo(duration=args.duration, port=args.port)
+    return run_demo(duration=args.duration, port=args.port, tls=args.tls)
 
 
 # -------------------------------------------------------------------- restore
