@@ -14,7 +14,10 @@ way a dial can fail is one `DialError` with a short reason and whether it is
 `Handshake` wraps the client's side of `cypaxos.security.handshake` (a `Dialer`: the
 hello, the welcome, and with a token or TLS the challenge and proofs, every frame
 bounded to `HANDSHAKE_FRAME_BYTES_MAX`), and recognizes a server that is not a
-cypaxos replica by its first bytes.
+cypaxos replica by its first bytes.  `tls_failure` says what an `ssl.SSLError` of a
+dial means: a replica certificate the client cannot verify (``TLS: ...``), the
+replica refusing the client's certificate (``authentication failed: ...``), a server
+that does not answer in TLS.
 """
 from __future__ import annotations
 
