@@ -25,7 +25,8 @@ def script(addresses: str) -> bytes | None:
         return kv.get(b"k")
 
 async def trio_code(addresses: list[str]) -> bool:
-    async with cypaxos.open_client(addresses) as kv:
+    tls = cypaxos.TLS(ca="ca.pem", cert="client.pem", key="client.key")
+    async with cypaxos.open_client(addresses, tls=tls, token="a" * 8 + "0123456789abcdef" * 2) as kv:
         await kv.put(b"k", b"v")
         return await kv.delete(b"k")
 
