@@ -46,6 +46,7 @@ from typing import Iterable, Sequence
 from .. import wire
 from ..addresses import split_address
 from ..errors import Error
+from ..security.secrets import load_or_create_key_file
 
 __all__ = [
     "LocalCluster", "OptionsCluster", "LocalClusterError", "free_ports", "leader_of", "probe",
@@ -61,6 +62,9 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_
 """The directory holding this cypaxos package (an in-tree build or site-packages)."""
 
 _HOST = "127.0.0.1"
+AUTH_MODES = ("secret", "insecure", "none")
+SECRET_FILE = "cluster.secret"
+"""The cluster secret LocalCluster generates, in its data dir (beside the replicas')."""
 _STOP_TIMEOUT = 10.0  # seconds a replica gets to exit after SIGTERM before SIGKILL
 _POLL_INTERVAL = 0.05
 
@@ -213,6 +217,14 @@ class LocalCluster:
     `tls`: run under mutual TLS (the module doc): `client_tls` is then what clients
     dial with, and `tls_dir` holds the files.
 
+    `auth`: how the replicas authenticate (docs/security.md).  "secret" (the
+    default): a cluster secret generated in ``DATA_DIR/cluster.secret`` (mode 0600,
+    kept and reused with the data dir), and anonymous clients, which is safe because
+    every replica binds 127.0.0.1; "insecure": ``--insecure``; "none": no flags, for a
+    caller that passes its own in `extra_args`.  With `tls` the certificates
+    authenticate peers and clients instead: no secret, no anonymous clients ("none"
+    then adds nothing to the TLS flags; "insecure" is refused).
+
     The constructor starts nothing; `start_all()` (or entering the ``with`` block)
     starts every replica, and `wait_ready()` waits for a leader.
 
@@ -234,8 +246,13 @@ class LocalCluster:
         cluster_id: str | None = None,
         python: str = sys.executable,
         metrics_ports: Sequence[int] | None = None,
+        auth: str = "secret",
         tls: bool = False,
     ) -> None:
+        if auth not in AUTH_MODES:
+            raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}, not {auth!r}")
+        if tls and auth == "insecure":
+            raise ValueError("tls=True and auth='insecure' contradict each other")
         if replicas < 1:
             raise ValueError("replicas must be >= 1")
         if ports is None:
@@ -257,6 +274,11 @@ class LocalCluster:
             os.makedirs(self.data_dir, exist_ok=True)
         self.fsync = fsync
         self.extra_args = tuple(extra_args)
+        self.auth = auth
+        self.secret_file = None
+        if auth == "secret" and not tls:
+            self.secret_file = os.path.join(self.data_dir, SECRET_FILE)
+            load_or_create_key_file(self.secret_file, "cluster secret file")
         self.cluster_id = cluster_id
         self.python = python
         self._replicas = {
@@ -397,11 +419,21 @@ class LocalCluster:
             argv += ["--cluster-id", self.cluster_id]
         if self.metrics_ports is not None:
             argv += ["--metrics-address", self.metrics_address(replica_id)]
-        files = self.tls_files(replica_id)
-        if files is not None:
-            argv += ["--tls-ca", files["ca"], "--tls-cert", files["cert"],
-                     "--tls-key", files["key"]]
-        return argv + list(self.extra_args)
+        return argv + self.auth_args(replica_id) + list(self.extra_args)
+
+    def auth_args(self, replica_id: int | None = None) -> list[str]:
+        """The ``serve`` flags of `auth` (and of `tls`, for replica `replica_id`)."""
+        if self.tls:
+            # The certificates authenticate peers and clients: no secret, and no
+            # anonymous clients (a client presents client.pem).
+            files = self.tls_files(replica_id if replica_id is not None else self.ids[0])
+            return ["--tls-ca", files["ca"], "--tls-cert", files["cert"],
+                    "--tls-key", files["key"]]
+        if self.auth == "secret":
+            return ["--cluster-secret-file", self.secret_file, "--allow-anonymous-clients"]
+        if self.auth == "insecure":
+            return ["--insecure"]
+        return []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -688,6 +720,11 @@ class OptionsCluster(LocalCluster):
         files = self.tls_files(replica_id)
         if files is not None:
             options.update(tls_ca=files["ca"], tls_cert=files["cert"], tls_key=files["key"])
+        elif self.auth == "secret":
+            options.setdefault("cluster_secret_file", self.secret_file)
+            options.setdefault("allow_anonymous_clients", True)
+        elif self.auth == "insecure":
+            options.setdefault("insecure", True)
         return [self.python, "-c", _OPTIONS_LAUNCHER, json.dumps(options)]
 
 
