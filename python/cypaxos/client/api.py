@@ -33,7 +33,8 @@ from ..clientops import Op
 from .calls import COMMAND_BYTES_MAX, Bytes, ClientCalls, Entry
 from ..security.tls import TLSSettings
 from .connection import (
-    RECEIVE_BYTES, Connection, DialError, credentials, describe, dial, request_once,
+    RECEIVE_BYTES, Connection, Credentials, DialError, credentials, describe, dial,
+    request_once,
 )
 from .session import SessionSettings
 
@@ -69,10 +70,16 @@ class Client(ClientCalls):
     def __init__(self, addresses: Addresses, *, timeout: float = 5.0,
                  settings: Optional[SessionSettings] = None,
                  tls: Optional[TLSSettings] = None,
-                 token: Union[bytes, str, None] = None) -> None:
-        """Prepare a client; it only runs inside `open_client()` (which calls `_run`)."""
+                 token: Union[bytes, str, None] = None,
+                 checked: Optional[Credentials] = None) -> None:
+        """Prepare a client; it only runs inside `open_client()` (which calls `_run`).
+
+        `checked`: credentials made already (by `connection.credentials`), instead of
+        `tls` and `token`."""
         super().__init__(addresses, timeout=timeout, settings=settings)
-        self._credentials = credentials(tls=tls, token=token)   # the SSLContext, once
+        # The SSLContext, built once for every dial of this client.
+        self._credentials = checked if checked is not None else credentials(tls=tls,
+                                                                            token=token)
         self._nursery: Optional[trio.Nursery] = None
         self._kick_event = trio.Event()   # wakes the sender
         self._need_conn = trio.Event()    # wakes the idle connection loop
@@ -287,7 +294,16 @@ async def open_client(addresses: Addresses, *, timeout: float = 5.0,
     `UnavailableError` from the calls.  Leaving the block fails pending calls with
     `ClosedError`; an exception raised in the block leaves it as itself.
     """
-    client = Client(addresses, timeout=timeout, settings=settings, tls=tls, token=token)
+    async with running(lambda: Client(addresses, timeout=timeout, settings=settings,
+                                      tls=tls, token=token)) as client:
+        yield client
+
+
+@asynccontextmanager
+async def running(make_client: Callable[[], Client]) -> AsyncIterator[Client]:
+    """`open_client` for a `Client` made by `make_client()` (in the event loop); what
+    the blocking client uses to hand over credentials it has checked already."""
+    client = make_client()
     failure = None
     async with trio.open_nursery() as nursery:
         client._nursery = nursery

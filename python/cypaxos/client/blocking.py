@@ -19,7 +19,7 @@ import trio
 from ..addresses import Addresses, parse_addresses
 from ..errors import ClosedError
 from ..security.tls import TLSSettings
-from .api import Bytes, Client, open_client
+from .api import Bytes, Client, running
 from .backup import BackupInfo
 from .connection import credentials
 
@@ -53,8 +53,7 @@ class BlockingClient:
         self._portal = self._portal_cm.__enter__()
         try:
             self._client_cm = self._portal.wrap_async_context_manager(
-                open_client(addresses, timeout=timeout, tls=checked.ssl_context,
-                            token=checked.token))
+                running(lambda: Client(addresses, timeout=timeout, checked=checked)))
             self._client: Client = self._client_cm.__enter__()
             self._token = self._portal.call(trio.lowlevel.current_trio_token)
         except BaseException:
