@@ -16,7 +16,7 @@ import pytest
 import trio
 
 import cypaxos
-from cypaxos.client.connection import PLAIN, credentials, dial
+from cypaxos.client.connection import PLAIN, credentials, describe, dial
 from cypaxos.client.dialing import DialError
 from cypaxos.errors import ConfigError, UnavailableError
 from cypaxos.security import tls
@@ -42,8 +42,9 @@ class FakeReplica:
     """
 
     def __init__(self, replica_id=1, *, server_tls=None, client_certificate_required=True,
-                 **auth) -> None:
+                 hang_up=False, **auth) -> None:
         self.replica_id = replica_id
+        self.hang_up = hang_up   # close abruptly right after the welcome
         self.context = (tls.server_context(server_tls,
                                            client_certificate_required=client_certificate_required)
                         if server_tls is not None else None)
@@ -73,7 +74,7 @@ class FakeReplica:
                     await stream.send_all(out)
                 if not data:
                     break
-            if isinstance(acceptor.outcome, Authenticated):
+            if isinstance(acceptor.outcome, Authenticated) and not self.hang_up:
                 # Hold the connection until the client closes it, as a replica would.
                 while await stream.receive_some(65536):
                     pass
@@ -156,6 +157,20 @@ async def test_user_built_context(nursery, cluster_certs):
     assert creds.ssl_context is context
     conn = await try_dial(address, creds)
     assert not isinstance(conn, DialError), conn.reason
+
+
+async def test_a_tls_connection_that_breaks_later_says_so(nursery, cluster_certs):
+    replica = FakeReplica(1, server_tls=files(cluster_certs, "replica-1"), hang_up=True)
+    address = await serve(nursery, replica)
+    with trio.fail_after(TIMEOUT_S):
+        conn = await dial(address, timeout_s=TIMEOUT_S,
+                          credentials=credentials(tls=files(cluster_certs, "client")))
+        with pytest.raises(trio.BrokenResourceError) as info:
+            while await conn.stream.receive_some(65536):
+                pass
+            raise trio.BrokenResourceError("closed with a close_notify")
+        await conn.aclose()
+    assert describe(info.value) == "connection closed by the replica"
 
 
 # ---------------------------------------------------------------- it fails, clearly

@@ -125,7 +125,10 @@ def describe(exc: BaseException) -> str:
         return exc.reason
     cause = _tls_cause(exc)
     if cause is not None:
-        return tls_failure(cause, "").reason
+        # A TLS connection that worked, then broke.
+        if _is_eof(exc):
+            return "connection closed by the replica"
+        return f"TLS error: {(cause.reason or str(cause)).lower().replace('_', ' ')}"
     return describe_os_error(exc)
 
 
