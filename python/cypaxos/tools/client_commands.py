@@ -47,19 +47,22 @@ def add_security_arguments(parser, *, env_defaults: bool = True) -> None:
     def default(name):
         return _env(name) if env_defaults else None
 
+    where = "" if env_defaults else "with --cluster only; "
+
     parser.add_argument("--tls-ca", metavar="FILE", default=default(TLS_CA_ENV),
                         help=f"dial with TLS, trusting the CA certificate(s) in FILE (PEM); "
                              f"the replicas' certificates must name the hosts of --cluster "
-                             f"(default: ${TLS_CA_ENV}; without it, no TLS)")
+                             f"({where}default: ${TLS_CA_ENV}; without it, no TLS)")
     parser.add_argument("--tls-cert", metavar="FILE", default=default(TLS_CERT_ENV),
                         help=f"with --tls-ca: the client's certificate, e.g. the client.pem "
-                             f"of cypaxos certs (default: ${TLS_CERT_ENV})")
+                             f"of cypaxos certs ({where}default: ${TLS_CERT_ENV})")
     parser.add_argument("--tls-key", metavar="FILE", default=default(TLS_KEY_ENV),
-                        help=f"the key of --tls-cert, e.g. client.key (default: ${TLS_KEY_ENV})")
+                        help=f"the key of --tls-cert, e.g. client.key ({where}default: "
+                             f"${TLS_KEY_ENV})")
     parser.add_argument("--token-file", metavar="FILE", default=default(TOKEN_FILE_ENV),
                         help=f"prove the first token in FILE (one per line) to the replicas, "
                              f"which must list it in their --token-file "
-                             f"(default: ${TOKEN_FILE_ENV})")
+                             f"({where}default: ${TOKEN_FILE_ENV})")
 
 
 def security_given(args) -> bool:
