@@ -26,6 +26,7 @@ from .. import wire
 from ..addresses import split_address
 from ..errors import ConfigError
 from ..security.handshake import Dialer
+from ..security.identity import Identity
 from ..security.secrets import check_key
 from ..security.tls import TLSSettings, client_context, peer_identity
 from .dialing import DialError, Handshake, connect_failure, describe_os_error, tls_failure
@@ -51,7 +52,7 @@ class Credentials:
     """Whether the context sends a certificate of the client's (None: a context the
     caller built, which may or may not)."""
 
-    def dialer(self, peer_certificate=None) -> Dialer:
+    def dialer(self, peer_certificate: Identity = None) -> Dialer:
         """The handshake machine of one dial (`peer_certificate`: under TLS, who the
         replica's verified certificate names)."""
         return Dialer.client(token=self.token, tls=self.ssl_context is not None,
