@@ -160,8 +160,8 @@ async def _handshake(stream, handshake: Handshake) -> None:
 def _closed_after_tls(credentials: Credentials) -> DialError:
     """A replica that closes a connection right after the client's side of TLS 1.3 is
     done, before any handshake frame, refused the client's certificate (or its lack
-    of one): TLS 1.3 verifies it after the client has finished, and a replica closes
-    at once without sending an alert (Trio's SSLStream sends none on failure)."""
+    of one): TLS 1.3 verifies it after the client has finished.  A replica sends the
+    alert that says why first, but a server that sends none ends here."""
     if credentials.client_certificate is False:
         why = ("the replica requires a client certificate signed by its CA "
                "(give the client one: --tls-cert, --tls-key)")

@@ -151,7 +151,9 @@ def connect_failure(exc: OSError) -> DialError:
 # alert the other side sent): the replica refused the client's certificate, or its
 # lack of one.
 _REFUSED_BY_ALERT = {
-    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the replica requires a client certificate",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the replica requires a client certificate "
+                                         "signed by its CA (give the client one: "
+                                         "--tls-cert, --tls-key)",
     "SSLV3_ALERT_BAD_CERTIFICATE": "the replica did not accept the client's certificate",
     "TLSV1_ALERT_UNKNOWN_CA": "the replica did not accept the client's certificate "
                               "(signed by a CA it does not trust)",

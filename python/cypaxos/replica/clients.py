@@ -8,6 +8,7 @@ from .. import wire
 from .backup import BackupReader
 from .framing import read_frames
 from .outbox import Conn
+from .tlsstream import TlsConn, TlsStream
 
 __all__ = ["serve_client", "CLIENT_QUEUE_MAX"]
 
@@ -19,7 +20,8 @@ async def serve_client(server, stream: trio.abc.Stream, decoder: wire.FrameDecod
     """Answer a client's requests until it closes the connection or misbehaves."""
     node = server.node
     flush = node.transport.flush
-    conn = Conn(name, CLIENT_QUEUE_MAX)   # the welcome went out with the handshake
+    # The welcome went out with the handshake.
+    conn = (TlsConn if isinstance(stream, TlsStream) else Conn)(name, CLIENT_QUEUE_MAX)
     failure = None
     backup = None   # a BackupReader, once the client reads a backup
 

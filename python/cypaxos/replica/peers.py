@@ -56,7 +56,7 @@ async def peer_link(server, peer_id: int) -> None:
                 server.peer_connected[peer_id] = False
                 server.peer_links_lost[peer_id] = server.peer_links_lost.get(peer_id, 0) + 1
             # What is left may start mid-frame: it must never reach a new connection.
-            outbox.frames = []
+            outbox.discard()
             with trio.move_on_after(1) as scope:
                 scope.shield = True
                 await stream.aclose()

@@ -56,6 +56,7 @@ from .framing import HELLO_TIMEOUT_S, read_frames, receive_into
 from .node import NodeOptions, ReplicaNode
 from .options import ServerOptions, default_cluster_id, load_state_machine
 from .outbox import Outbox, SocketTransport
+from .tlsstream import TlsOutbox
 from .peers import peer_link, serve_peer
 from .trust import INSECURE_WARNING, HandshakeAbandoned, HandshakeRefused, accept, load_trust
 
@@ -204,7 +205,8 @@ class ReplicaServer:
                                          segment_bytes_max=options.wal_segment_bytes)
             core = Replica(self.replica_id, sorted(self.cluster), self.state_machine,
                            config, seed=int.from_bytes(os.urandom(8), "little"))
-            self.peer_links = {p: Outbox(PEER_QUEUE_MAX) for p in self.cluster
+            link = TlsOutbox if self.trust.peer_ssl is not None else Outbox
+            self.peer_links = {p: link(PEER_QUEUE_MAX) for p in self.cluster
                                if p != self.replica_id}
             self.storage = DiskStorage(wal, store)
             self.transport = SocketTransport(self.peer_links, {})

@@ -9,8 +9,8 @@ peers.  A replica with neither TLS nor a cluster secret refuses to start unless
 modes").
 
 `accept` and `dial_peer` are the Trio I/O around the sans-I/O machines of
-`cypaxos.security.handshake`: TLS first when configured (`trio.SSLStream`), then the
-handshake frames.  Nothing is read past what the machines need: reads during the
+`cypaxos.security.handshake`: TLS first when configured (`tlsstream.TlsStream`, whose
+records the outboxes write in the round), then the handshake frames.  Nothing is read past what the machines need: reads during the
 handshake are HANDSHAKE_READ_BYTES at most, and a machine refuses any frame longer
 than `HANDSHAKE_FRAME_BYTES_MAX` before its body arrives, so an unauthenticated caller
 costs a few kilobytes and the hello timeout.
@@ -29,6 +29,7 @@ from ..security.handshake import Acceptor, Authenticated, Dialer, Refused, Repli
 from ..security.secrets import load_keys
 from ..security.tls import (TLS, check_own_certificate, peer_context, peer_identity,
                             server_context)
+from .tlsstream import TlsStream
 
 __all__ = ["Trust", "check_flags", "load_trust", "accept", "dial_peer", "HandshakeRefused", "HandshakeAbandoned",
            "HANDSHAKE_READ_BYTES", "NO_AUTH_MESSAGE", "INSECURE_WARNING"]
@@ -159,7 +160,7 @@ async def accept(trust: Trust, stream: trio.abc.Stream,
     """
     certificate = None
     if trust.server_ssl is not None:
-        stream = trio.SSLStream(stream, trust.server_ssl, server_side=True)
+        stream = TlsStream(stream, trust.server_ssl, server_side=True)
         try:
             await stream.do_handshake()
         except trio.BrokenResourceError as exc:
@@ -183,7 +184,7 @@ async def dial_peer(trust: Trust, stream: trio.abc.Stream, peer_id: int) -> trio
     HandshakeRefused (with `remote` when the peer refused us) if it failed."""
     certificate = None
     if trust.peer_ssl is not None:
-        stream = trio.SSLStream(stream, trust.peer_ssl, server_hostname=None)
+        stream = TlsStream(stream, trust.peer_ssl, server_side=False)
         try:
             await stream.do_handshake()
         except trio.BrokenResourceError as exc:

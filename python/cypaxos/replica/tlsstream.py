@@ -1,0 +1,195 @@
+"""TLS for a replica's connections, over memory buffers, so a round's frames are
+encrypted and written in the round.
+
+`trio.SSLStream` would do the TLS, but only through its own `send_all`, which means
+a task switch to the connection's writer task for every flush: on a leader that is
+one switch per follower per round, and under load it made bulk writes some 30%
+slower than plaintext.  `TlsStream` keeps the `ssl.SSLObject` and its two
+`ssl.MemoryBIO`s itself: `encrypt(data)` turns plaintext into the bytes for the wire
+without I/O, so `TlsOutbox.flush` (the node's end-of-round flush) encrypts what the
+round queued and writes it with the same non-blocking `os.write` as a plaintext
+outbox; only what the kernel does not take goes through the writer task.
+
+Order on the wire is the order the SSLObject produced its records: everything it
+writes to the outgoing buffer (records of data, and whatever reading made it answer,
+such as a TLS 1.3 key update) is taken by the next `encrypt`, in order, and from the
+moment the writer task holds a remainder, later records queue behind it.
+"""
+from __future__ import annotations
+
+import os
+import ssl
+from typing import Optional
+
+import trio
+
+from .outbox import Conn, Outbox
+
+__all__ = ["TlsStream", "TlsOutbox", "TlsConn", "TLS_RECEIVE_BYTES"]
+
+TLS_RECEIVE_BYTES = 1 << 18
+"""Bytes asked of the socket per read (ciphertext)."""
+
+
+class TlsStream(trio.abc.Stream):
+    """A TLS connection over a `trio.SocketStream`; the TLS handshake is
+    `do_handshake()` (trio.BrokenResourceError, with the `ssl.SSLError` as its
+    cause, when it fails)."""
+
+    def __init__(self, transport: trio.SocketStream, context: ssl.SSLContext, *,
+                 server_side: bool, server_hostname: Optional[str] = None) -> None:
+        self.transport = transport
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(self._incoming, self._outgoing,
+                                     server_side=server_side, server_hostname=server_hostname)
+
+    @property
+    def socket(self):
+        """The underlying socket (for its address; never write to it directly)."""
+        return self.transport.socket
+
+    def getpeercert(self):
+        """The other side's verified certificate, as `ssl.SSLObject.getpeercert()`."""
+        return self._ssl.getpeercert()
+
+    def encrypt(self, data: bytes) -> bytes:
+        """The wire bytes for `data` (and for anything else TLS has to send now)."""
+        if data:
+            self._ssl.write(data)   # a memory buffer never pushes back: all of it
+        return self._outgoing.read()
+
+    async def do_handshake(self) -> None:
+        """Run the TLS handshake to its end."""
+        while True:
+            try:
+                self._ssl.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._send_pending()
+                data = await self.transport.receive_some(TLS_RECEIVE_BYTES)
+                if not data:
+                    raise trio.BrokenResourceError("connection closed during the TLS "
+                                                   "handshake") from None
+                self._incoming.write(data)
+            except ssl.SSLError as exc:
+                try:   # the alert, so the other side learns why
+                    await self._send_pending()
+                except (trio.BrokenResourceError, OSError):
+                    pass
+                raise trio.BrokenResourceError(str(exc)) from exc
+        await self._send_pending()
+
+    async def _send_pending(self) -> None:
+        data = self._outgoing.read()
+        if data:
+            await self.transport.send_all(data)
+
+    async def send_all(self, data) -> None:
+        """Encrypt and send (only while no writer task sends on this stream)."""
+        await self.transport.send_all(self.encrypt(bytes(data)))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
+        """Decrypted bytes, at most `max_bytes`; b"" at the end of the connection."""
+        limit = max_bytes or TLS_RECEIVE_BYTES
+        chunks = []
+        count = 0
+        while count < limit:
+            try:
+                chunk = self._ssl.read(limit - count)
+            except ssl.SSLWantReadError:
+                if chunks:
+                    break
+                data = await self.transport.receive_some(TLS_RECEIVE_BYTES)
+                if not data:
+                    # No close_notify: a frame cut off by it is caught by the framing.
+                    return b""
+                self._incoming.write(data)
+                continue
+            except ssl.SSLZeroReturnError:
+                break
+            except ssl.SSLError as exc:
+                raise trio.BrokenResourceError(f"TLS: {exc}") from exc
+            if not chunk:
+                break
+            chunks.append(chunk)
+            count += len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def aclose(self) -> None:
+        """Close the connection (without a close_notify: frames end it)."""
+        await self.transport.aclose()
+
+
+class TlsOutbox(Outbox):
+    """An `Outbox` whose connection is a `TlsStream`: `frames` hold plaintext frames;
+    `flush` encrypts them and writes the records straight to the socket; `unsent` is
+    the wire bytes the kernel did not take, which the writer task sends first."""
+
+    __slots__ = ("tls", "unsent")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tls: Optional[TlsStream] = None
+        self.unsent = b""
+
+    def flush(self) -> None:
+        frames = self.frames
+        if not frames or self.writing or self.fd < 0:
+            return
+        data = self.tls.encrypt(frames[0] if len(frames) == 1 else b"".join(frames))
+        frames.clear()
+        try:
+            written = os.write(self.fd, data)
+        except OSError:
+            written = 0   # full (EAGAIN) or broken: the writer waits or fails
+        if written < len(data):
+            self.unsent = data[written:]
+            self.writing = True
+            self.wakeup.set()
+
+    def discard(self) -> None:
+        super().discard()
+        self.unsent = b""
+
+    async def run_writer(self, stream) -> None:
+        if not isinstance(stream, TlsStream):
+            raise TypeError("a TlsOutbox writes to a TlsStream")
+        self.tls = stream
+        transport = stream.transport
+        self.fd = transport.socket.fileno()
+        self.writing = bool(self.frames or self.unsent)
+        try:
+            while True:
+                if not self.frames and not self.unsent:
+                    self.writing = False
+                    if self.closed:
+                        return
+                    self.wakeup = trio.Event()
+                    await self.wakeup.wait()
+                    continue
+                self.writing = True
+                data, self.unsent = self.unsent, b""
+                if self.frames:
+                    frames, self.frames = self.frames, []
+                    data += stream.encrypt(b"".join(frames))
+                await transport.send_all(data)
+        finally:
+            self.writing = False
+            self.fd = -1
+
+
+class TlsConn(TlsOutbox):
+    """One client connection under TLS: its outbox of replies (as `Conn`)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str, frames_max: int, *args, **kwargs) -> None:
+        super().__init__(frames_max, *args, **kwargs)
+        self.name = name
+
+
+assert set(Conn.__slots__) == {"name"}   # TlsConn mirrors Conn
