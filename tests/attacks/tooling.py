@@ -41,7 +41,7 @@ from cypaxos.tools.local import LocalCluster, child_env, free_ports, leader_of
 
 __all__ = [
     "MODES", "ModeCluster", "Client", "HonestConnection", "AuthRefused", "RawConnection",
-    "attacker_tls_context", "source_address", "frame", "peer_proof", "rss_kib",
+    "attacker_tls_context", "tls_client_hello", "source_address", "frame", "peer_proof", "rss_kib",
     "peak_rss_kib", "reset_peak_rss", "auth_failures", "wait_converged",
     "assert_intact", "READY_TIMEOUT_S",
 ]
@@ -377,6 +377,18 @@ def attacker_tls_context(cert: Optional[Path] = None,
     if cert is not None:
         context.load_cert_chain(cert, key)
     return context
+
+
+def tls_client_hello() -> bytes:
+    """The first bytes a TLS client sends (its ClientHello record), made without a
+    socket: what a half-open TLS connection holds back half of."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = attacker_tls_context().wrap_bio(incoming, outgoing)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
 
 
 class RawConnection:
