@@ -342,6 +342,7 @@ def main(argv=None) -> int:
         result["recovery_breakdown"] = breakdown(
             ServerOptions(replica_id=follower, cluster={i: cluster.address(i) for i in cluster.ids},
                           data_dir=cluster.replica_data_dir(follower), fsync=args.fsync == "always",
+                          insecure=True,
                           **options), cluster_id)
         log(f"breakdown: {result['recovery_breakdown']}")
         cluster.start(follower)

@@ -92,7 +92,7 @@ def check_busy_port_is_one_line() -> str:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_cli("serve", "--id", "1", "--cluster", f"1=127.0.0.1:{port}",
+        result = run_cli("serve", "--insecure", "--id", "1", "--cluster", f"1=127.0.0.1:{port}",
                          "--data-dir", os.path.join(WORK_DIR, "busy"))
     lines = result.stderr.splitlines()
     assert result.returncode == 1, (result.returncode, result.stderr)

@@ -97,11 +97,11 @@ def replicas_alive(ports) -> list[int]:
 
 @pytest.mark.parametrize("args, contains", [
     ((), "required: COMMAND"),
-    (("serve", "--id", "1"), "required"),
-    (("serve", "--id", "x", "--cluster", "1=127.0.0.1:7001", "--data-dir", "d"), "--id"),
-    (("serve", "--id", "4", "--cluster", "1=127.0.0.1:7001", "--data-dir", "d"), "--id 4"),
-    (("serve", "--id", "1", "--cluster", "1=localhost", "--data-dir", "d"), "HOST:PORT"),
-    (("serve", "--id", "1", "--cluster", "1=127.0.0.1:7001", "--data-dir", "d",
+    (("serve", "--insecure", "--id", "1"), "required"),
+    (("serve", "--insecure", "--id", "x", "--cluster", "1=127.0.0.1:7001", "--data-dir", "d"), "--id"),
+    (("serve", "--insecure", "--id", "4", "--cluster", "1=127.0.0.1:7001", "--data-dir", "d"), "--id 4"),
+    (("serve", "--insecure", "--id", "1", "--cluster", "1=localhost", "--data-dir", "d"), "HOST:PORT"),
+    (("serve", "--insecure", "--id", "1", "--cluster", "1=127.0.0.1:7001", "--data-dir", "d",
       "--fsync", "sometimes"), "--fsync"),
     (("put", "--cluster", "nonsense", "k", "v"), "--cluster"),
     (("get", "--cluster", "127.0.0.1:70000", "k"), "--cluster"),
@@ -137,16 +137,16 @@ def test_serve_refuses_a_data_dir_of_another_replica_or_cluster(tmp_path):
         assert cluster.stop(1) == 0  # SIGTERM: a clean exit
     # The same dir, told it is replica 2 of a 2-replica cluster:
     spec = f"1=127.0.0.1:{ports[0]},2=127.0.0.1:{free_ports(1)[0]}"
-    result = run_cli("serve", "--id", "2", "--cluster", spec, "--data-dir", data_dir)
+    result = run_cli("serve", "--insecure", "--id", "2", "--cluster", spec, "--data-dir", data_dir)
     assert_one_error_line(result, 1, contains="belongs to")
     # ... or replica 1 of a cluster with another id:
-    result = run_cli("serve", "--id", "1", "--cluster", f"1=127.0.0.1:{ports[0]}",
+    result = run_cli("serve", "--insecure", "--id", "1", "--cluster", f"1=127.0.0.1:{ports[0]}",
                      "--cluster-id", "another", "--data-dir", data_dir)
     assert_one_error_line(result, 1, contains="belongs to")
     # A directory holding something else is not taken over either.
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    result = run_cli("serve", "--id", "1", "--cluster", f"1=127.0.0.1:{ports[0]}",
+    result = run_cli("serve", "--insecure", "--id", "1", "--cluster", f"1=127.0.0.1:{ports[0]}",
                      "--data-dir", str(tmp_path / "other"))
     assert_one_error_line(result, 1, contains="not a cypaxos data dir")
 
@@ -158,7 +158,7 @@ def test_serve_on_a_busy_port_is_one_line(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_cli("serve", "--id", "1", "--cluster", f"1=127.0.0.1:{port}",
+        result = run_cli("serve", "--insecure", "--id", "1", "--cluster", f"1=127.0.0.1:{port}",
                          "--data-dir", str(tmp_path / "d"))
     assert_one_error_line(result, 1, contains=str(port))
 

@@ -17,11 +17,13 @@ from cypaxos.tools import config
 from cypaxos.tools.argtypes import int_in
 from cypaxos.tools.cli import build_parser, main
 from cypaxos.tools.local import free_ports, probe_status
+from cypaxos.security.secrets import create_key_file
 from cypaxos.tools.server_commands import serve_options
 from test_cli import _env, assert_one_error_line, run_cli
 
 BASE = ("id = 1\n"
-        'cluster = "1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003"\n')
+        'cluster = "1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003"\n'
+        "insecure = true\n")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -84,7 +86,7 @@ def test_required_options_may_come_from_either(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--cluster" in err and "--config" in err
     with pytest.raises(SystemExit):
-        parse(["serve", "--id", "1", "--cluster", "1=127.0.0.1:7001"])  # no file, no dir
+        parse(["serve", "--insecure", "--id", "1", "--cluster", "1=127.0.0.1:7001"])  # no file, no dir
     assert "--data-dir" in capsys.readouterr().err
 
 
@@ -165,8 +167,11 @@ def test_bad_serve_values_are_bad_usage(tmp_path, args, contains):
 
 def test_serve_runs_from_a_config_file_bound_where_listen_says(tmp_path):
     advertised, bound = free_ports(2)[0], free_ports(1)[0]
+    secret = tmp_path / "cluster.secret"
+    create_key_file(secret)
     path = write(tmp_path, f'id = 1\ncluster = "1=127.0.0.1:{advertised}"\n'
                            f'data-dir = "{tmp_path / "data"}"\n'
+                           f'cluster-secret-file = "{secret}"\nallow-anonymous-clients = true\n'
                            f'listen = "127.0.0.1:{bound}"\nlog-format = "json"\n')
     proc = subprocess.Popen([sys.executable, "-m", "cypaxos", "serve", "--config", path],
                             stderr=subprocess.PIPE, env=_env(), text=True)

@@ -113,7 +113,7 @@ def test_a_repeated_warning_is_counted_in_its_fields():
 
 def test_serve_logs_json_lines_even_when_it_fails(tmp_path):
     port = free_ports(1)[0]
-    argv = [sys.executable, "-m", "cypaxos", "serve", "--id", "1", "--cluster",
+    argv = [sys.executable, "-m", "cypaxos", "serve", "--insecure", "--id", "1", "--cluster",
             f"1=127.0.0.1:{port}", "--data-dir", str(tmp_path / "d"), "--log-format", "json",
             "--log-level", "Info"]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, env=_env(), text=True)

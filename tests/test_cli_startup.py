@@ -178,7 +178,7 @@ def test_log_level_env_in_lower_case(tmp_path):
     port = free_ports(1)[0]
     env = _env(CYPAXOS_LOG_LEVEL="debug")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cypaxos", "serve", "--id", "1", "--cluster",
+        [sys.executable, "-m", "cypaxos", "serve", "--insecure", "--id", "1", "--cluster",
          f"1=127.0.0.1:{port}", "--data-dir", str(tmp_path / "d")],
         stderr=subprocess.PIPE, env=env, text=True)
     try:
@@ -204,7 +204,7 @@ def test_log_level_env_in_lower_case(tmp_path):
     ({}, ("--log-format", "yaml"), "--log-format"),
 ])
 def test_bad_log_settings_are_bad_usage(tmp_path, env, args, contains):
-    for command in (["serve", "--id", "1", "--cluster", f"1=127.0.0.1:{free_ports(1)[0]}",
+    for command in (["serve", "--insecure", "--id", "1", "--cluster", f"1=127.0.0.1:{free_ports(1)[0]}",
                      "--data-dir", str(tmp_path / "d")],
                     ["local", "--port", str(free_ports(1)[0]), "--replicas", "1"]):
         result = run_cli(*command, *args, env=_env(**env))

@@ -354,7 +354,7 @@ def _half_close_once(cluster, n=2000):
 
 
 def _serve_argv(port, data_dir):
-    return [sys.executable, "-m", "cypaxos", "serve", "--id", "1", "--cluster",
+    return [sys.executable, "-m", "cypaxos", "serve", "--insecure", "--id", "1", "--cluster",
             f"1=127.0.0.1:{port}", "--data-dir", str(data_dir)]
 
 

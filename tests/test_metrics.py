@@ -238,7 +238,7 @@ def test_auth_failures_have_a_home_that_counts_and_logs_once_a_minute(tmp_path, 
     from cypaxos.replica.server import ReplicaServer
 
     cluster = {1: "127.0.0.1:1", 2: "127.0.0.1:2", 3: "127.0.0.1:3"}
-    server = ReplicaServer(ServerOptions(replica_id=2, cluster=cluster,
+    server = ReplicaServer(ServerOptions(replica_id=2, cluster=cluster, insecure=True,
                                          data_dir=str(tmp_path / "r2")))
     try:
         caplog.set_level(logging.INFO, logger="cypaxos.server")

@@ -37,7 +37,7 @@ def tree(path) -> dict:
 
 
 def serve_args(port: int, data_dir, *extra: str) -> list[str]:
-    return ["serve", "--id", "1", "--cluster", f"1=127.0.0.1:{port}", "--data-dir",
+    return ["serve", "--insecure", "--id", "1", "--cluster", f"1=127.0.0.1:{port}", "--data-dir",
             str(data_dir), "--fsync", "off", *extra]
 
 
@@ -116,7 +116,7 @@ def test_an_identity_mismatch_says_what_differs_and_the_way_out(tmp_path):
     # The replica id differs (same cluster: --cluster-id names it).
     from cypaxos.replica.options import default_cluster_id
     cluster_id = default_cluster_id({1: f"127.0.0.1:{ports[0]}"})
-    result = run_cli("serve", "--id", "2", "--cluster", f"{one},{two}", "--cluster-id",
+    result = run_cli("serve", "--insecure", "--id", "2", "--cluster", f"{one},{two}", "--cluster-id",
                      cluster_id, "--data-dir", data_dir)
     line = assert_one_error_line(result, 1, contains="replica 1, not replica 2 (--id)")
     assert "start replica 1 with it (--id 1)" in line and "its own --data-dir" in line
@@ -124,24 +124,24 @@ def test_an_identity_mismatch_says_what_differs_and_the_way_out(tmp_path):
 
     # The cluster differs because --cluster does (a new address for replica 1).
     moved = f"1=127.0.0.1:{ports[1]}"
-    result = run_cli("serve", "--id", "1", "--cluster", moved, "--data-dir", data_dir)
+    result = run_cli("serve", "--insecure", "--id", "1", "--cluster", moved, "--data-dir", data_dir)
     line = assert_one_error_line(result, 1, contains=f"cluster {cluster_id!r}, not")
     assert "derived from --cluster" in line
     assert f"pass --cluster-id {cluster_id} to every replica" in line
     assert "move this data dir away" in line
 
     # An explicit --cluster-id that differs names that flag.
-    result = run_cli("serve", "--id", "1", "--cluster", one, "--cluster-id", "another",
+    result = run_cli("serve", "--insecure", "--id", "1", "--cluster", one, "--cluster-id", "another",
                      "--data-dir", data_dir)
     line = assert_one_error_line(result, 1, contains="not 'another' (--cluster-id)")
 
     # Both at once.
-    result = run_cli("serve", "--id", "2", "--cluster", f"{one},{two}", "--data-dir",
+    result = run_cli("serve", "--insecure", "--id", "2", "--cluster", f"{one},{two}", "--data-dir",
                      data_dir)
     line = assert_one_error_line(result, 1, contains="replica 1, not replica 2")
     assert f"cluster {cluster_id!r}, not" in line
     assert tree(data_dir) == before
 
     # The way out it names works: the same data dir at a new address.
-    serve_until_serving(["serve", "--id", "1", "--cluster", moved, "--cluster-id",
+    serve_until_serving(["serve", "--insecure", "--id", "1", "--cluster", moved, "--cluster-id",
                          cluster_id, "--data-dir", data_dir, "--fsync", "off"])

@@ -550,7 +550,7 @@ async def test_transfer_receiver_resumes_restarts_verifies_then_installs(tmp_pat
     fails its checksum is discarded; a good one is written durably, then installed.
     """
     cluster = {1: "127.0.0.1:1", 2: "127.0.0.1:2", 3: "127.0.0.1:3"}
-    server = ReplicaServer(ServerOptions(replica_id=2, cluster=cluster,
+    server = ReplicaServer(ServerOptions(replica_id=2, cluster=cluster, insecure=True,
                                          data_dir=str(tmp_path / "r2")))
     node = server.node
     try:
@@ -616,7 +616,7 @@ async def test_transfer_receiver_resumes_restarts_verifies_then_installs(tmp_pat
     finally:
         server.close()
     # And a restart recovers it from the file.
-    again = ReplicaServer(ServerOptions(replica_id=2, cluster=cluster, data_dir=str(tmp_path / "r2")))
+    again = ReplicaServer(ServerOptions(replica_id=2, cluster=cluster, insecure=True, data_dir=str(tmp_path / "r2")))
     try:
         assert again.node.core.applied_index == 40 and again.node.snapshot_index == 40
         assert again.state_machine.state_digest() == kv.state_digest()

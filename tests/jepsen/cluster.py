@@ -204,7 +204,7 @@ class JepsenCluster:
         r = self.replicas[i]
         # The shim records what each fsync made durable (for the power-loss nemesis);
         # past that it is exactly `python -m cypaxos serve ...`.
-        argv = [sys.executable, SHIM_SCRIPT, self.synced_log(i), "serve", "--id", str(i),
+        argv = [sys.executable, SHIM_SCRIPT, self.synced_log(i), "serve", "--insecure", "--id", str(i),
                 "--cluster", self.cluster_spec(i), "--cluster-id", self.cluster_id,
                 "--data-dir", r.data_dir, "--fsync", "always", "--tick-ms", str(self.tick_ms)]
         return self.bed.wrap(f"r{i}", argv + list(self.extra_args))

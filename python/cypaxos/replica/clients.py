@@ -14,13 +14,12 @@ __all__ = ["serve_client", "CLIENT_QUEUE_MAX"]
 CLIENT_QUEUE_MAX = 65536  # replies waiting for one client before it is cut off
 
 
-async def serve_client(server, stream: trio.SocketStream, decoder: wire.FrameDecoder,
+async def serve_client(server, stream: trio.abc.Stream, decoder: wire.FrameDecoder,
                        name: str) -> None:
     """Answer a client's requests until it closes the connection or misbehaves."""
     node = server.node
     flush = node.transport.flush
-    conn = Conn(name, CLIENT_QUEUE_MAX)
-    conn.put(wire.encode_frame(wire.welcome(server.cluster_id, server.replica_id)))
+    conn = Conn(name, CLIENT_QUEUE_MAX)   # the welcome went out with the handshake
     failure = None
     backup = None   # a BackupReader, once the client reads a backup
 

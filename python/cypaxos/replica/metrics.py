@@ -220,6 +220,7 @@ class ReplicaCollector:
         dropped.add_metric(["no_hello"], stats["hello_timeouts"])
         dropped.add_metric(["slow_client"], stats["client_drops"])
         dropped.add_metric(["error"], stats["connection_errors"])
+        dropped.add_metric(["connections_max"], stats["connections_refused"])
         yield dropped
         yield counter("cypaxos_peer_messages_dropped", "Messages to peers dropped because "
                       "the link's queue was full (the core resends what matters)",

@@ -135,7 +135,8 @@ class ReplicaNode:
                       "snapshots_taken": 0, "snapshots_sent": 0, "snapshots_installed": 0,
                       "snapshots_refused": 0, "snapshots_corrupt": 0,
                       "snapshot_sends_failed": 0, "transfer_chunks": 0,
-                      "leader_changes": 0, "hello_timeouts": 0, "connection_errors": 0}
+                      "leader_changes": 0, "hello_timeouts": 0, "connection_errors": 0,
+                      "connections_refused": 0, "auth_failures": 0}
         # Commands per slot this replica proposed as leader (one observation a slot).
         self.batch_commands = Histogram(BATCH_COMMANDS_BUCKETS)
         # The commit index each peer last reported (ACCEPTED, HEARTBEAT_ACK): a

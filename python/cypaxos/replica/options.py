@@ -73,6 +73,19 @@ class ServerOptions:
     # slower than the leader's over one election timeout.
     read_lease: bool = False
     clock_drift_ms: int | None = None
+    # Who may connect (docs/security.md).  TLS: all three paths.  Without TLS and
+    # without a cluster secret the replica refuses to start unless `insecure`.
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    cluster_secret_file: str | None = None
+    token_file: str | None = None
+    allow_anonymous_clients: bool = False
+    insecure: bool = False
+    # Client connections and connections still in their handshake, at most (peers
+    # that authenticated are not counted).  None: CONNECTIONS_MAX, lowered to fit the
+    # descriptor limit less what the WAL, snapshots and peers need.
+    connections_max: int | None = None
     core: dict = field(default_factory=dict)  # overrides of cypaxos.core.Config
 
     def core_config(self) -> Config:

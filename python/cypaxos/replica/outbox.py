@@ -15,7 +15,11 @@ import trio
 
 from ..wire import encode_frame
 
-__all__ = ["Outbox", "Conn", "SocketTransport"]
+__all__ = ["Outbox", "Conn", "SocketTransport", "WRITER_ONLY"]
+
+WRITER_ONLY = -2
+"""`Outbox.fd` of a connection whose bytes must go through its stream (TLS): `flush`
+wakes the writer task instead of writing to the socket."""
 
 
 class Outbox:
@@ -50,7 +54,12 @@ class Outbox:
     def flush(self) -> None:
         """Write what is queued now, without blocking; the writer task gets any rest."""
         frames = self.frames
-        if not frames or self.writing or self.fd < 0:
+        if not frames or self.writing:
+            return
+        if self.fd < 0:
+            if self.fd == WRITER_ONLY:
+                self.writing = True
+                self.wakeup.set()
             return
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         try:
@@ -71,9 +80,14 @@ class Outbox:
         self.closed = True
         self.wakeup.set()
 
-    async def run_writer(self, stream: trio.SocketStream) -> None:
-        """Send on `stream` whatever `flush` could not, until closed or the send fails."""
-        self.fd = stream.socket.fileno()
+    async def run_writer(self, stream: trio.abc.Stream) -> None:
+        """Send on `stream` whatever `flush` could not, until closed or the send fails.
+
+        On a plain socket `flush` writes straight to it; on any other stream (TLS) the
+        bytes must be encrypted by the stream, so this task sends everything.
+        """
+        self.fd = (stream.socket.fileno() if isinstance(stream, trio.SocketStream)
+                   else WRITER_ONLY)
         self.writing = bool(self.frames)   # frames queued before the connection existed
         try:
             while True:

@@ -7,7 +7,8 @@ import trio
 
 from .. import wire
 from ..addresses import split_address
-from .framing import HELLO_TIMEOUT_S, read_frames, receive_into
+from .framing import HELLO_TIMEOUT_S, receive_into
+from .trust import HandshakeRefused, dial_peer
 
 __all__ = ["peer_link", "serve_peer", "PEER_BACKOFF_MAX_S"]
 
@@ -15,7 +16,8 @@ PEER_BACKOFF_MAX_S = 0.05
 
 
 async def peer_link(server, peer_id: int) -> None:
-    """Dial one peer forever (with backoff) and send it our messages."""
+    """Dial one peer forever (with backoff), authenticate both ways
+    (`trust.dial_peer`) and send it our messages."""
     host, port = split_address(server.cluster[peer_id])
     outbox = server.peer_links[peer_id]
     backoff = 0.02
@@ -29,19 +31,8 @@ async def peer_link(server, peer_id: int) -> None:
             backoff = min(backoff * 2, PEER_BACKOFF_MAX_S)
             continue
         try:
-            await stream.send_all(wire.encode_frame(wire.peer_hello(server.cluster_id,
-                                                                    server.replica_id)))
-            decoder = wire.FrameDecoder(server.options.frame_bytes_max)
             with trio.fail_after(HELLO_TIMEOUT_S):
-                async for frame in read_frames(stream, decoder):
-                    cluster_id, replica_id = wire.parse_welcome(frame)
-                    if cluster_id != server.cluster_id or replica_id != peer_id:
-                        raise wire.ProtocolError(
-                            f"{server.cluster[peer_id]} is cluster {cluster_id!r} replica "
-                            f"{replica_id}, expected cluster {server.cluster_id!r} replica {peer_id}")
-                    break
-                else:
-                    raise wire.ProtocolError("closed before welcome")
+                stream = await dial_peer(server.trust, stream, peer_id)
             backoff = 0.02
             # Once, then once a minute: a peer that accepts and drops us (another
             # cluster's, a replica not yet configured) must not flood the log.
@@ -49,6 +40,14 @@ async def peer_link(server, peer_id: int) -> None:
                                     peer_id, server.cluster[peer_id])
             server.peer_connected[peer_id] = True
             await outbox.run_writer(stream)   # returns only by raising
+        except HandshakeRefused as exc:
+            # A misconfigured pair (another secret, another CA) refuses on every try:
+            # one line a minute says so.
+            server.limited_log.warning(("peer_refused", peer_id),
+                                       "replica %d at %s: %s", peer_id,
+                                       server.cluster[peer_id],
+                                       exc.reason if not exc.remote
+                                       else f"it refused us: {exc.reason}")
         except (OSError, trio.BrokenResourceError, trio.TooSlowError, wire.ProtocolError) as exc:
             server.limited_log.info(("peer_lost", peer_id), "link to replica %d lost: %s",
                                     peer_id, exc or type(exc).__name__)
@@ -65,7 +64,7 @@ async def peer_link(server, peer_id: int) -> None:
         backoff = min(backoff * 2, PEER_BACKOFF_MAX_S)
 
 
-async def serve_peer(server, stream: trio.SocketStream, decoder: wire.FrameDecoder,
+async def serve_peer(server, stream: trio.abc.Stream, decoder: wire.FrameDecoder,
                      peer_id: int) -> None:
     """Feed a peer's messages to the node until the connection ends.
 

@@ -12,9 +12,13 @@ This module gives it what it runs on and owns nothing else:
 * time: the ticker turns `tick_ms` of real time into one `node.tick()`;
 * the driver task, which the node wakes to handle batched client requests and
   which stops the replica when storage failed (`node.fatal`);
-* listeners (one port serves peers and clients: `handle_connection` reads the hello
-  and hands the connection to `peers.serve_peer` or `clients.serve_client`) and the
-  links we dial (`peers.peer_link`);
+* listeners (one port serves peers and clients: `handle_connection` runs TLS and the
+  handshake (`trust.accept`) and hands the authenticated connection to
+  `peers.serve_peer` or `clients.serve_client`) and the links we dial
+  (`peers.peer_link`, through `trust.dial_peer`);
+* the connection cap (`connections_max`): client connections and handshakes in
+  progress beyond it are closed at once, so descriptors stay for the WAL, snapshots
+  and peers;
 * with `metrics_address`, the metrics and health endpoint (`metrics.serve_metrics`),
   which reads the counters here at scrape time (`health()` is /healthz's answer).
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import signal
 import time
 from typing import Optional
@@ -42,6 +47,7 @@ from ..addresses import split_address
 from ..core import Replica
 from ..errors import ConfigError, DataDirError, Error, IdentityMismatchError, WalCorruptError
 from ..groups import BaseExceptionGroup, expected_error
+from ..security.identity import CLIENT
 from ..storage import snapshots
 from ..storage.datadir import open_data_dir
 from .clients import serve_client
@@ -51,11 +57,12 @@ from .node import NodeOptions, ReplicaNode
 from .options import ServerOptions, default_cluster_id, load_state_machine
 from .outbox import Outbox, SocketTransport
 from .peers import peer_link, serve_peer
+from .trust import INSECURE_WARNING, HandshakeRefused, accept, load_trust
 
 __all__ = ["ReplicaServer", "serve", "run_server", "open_listeners", "open_metrics_listeners",
            "bind", "read_frames",
            "receive_into", "identity_advice", "SNAPSHOT_CHUNK_BYTES", "LOG_REPEAT_INTERVAL_S",
-           "FSYNC_STALL_S"]
+           "FSYNC_STALL_S", "CONNECTIONS_MAX", "DESCRIPTORS_RESERVED", "connection_cap"]
 
 log = logging.getLogger("cypaxos.server")  # the name in log lines, kept across moves
 
@@ -68,6 +75,36 @@ LOG_REPEAT_INTERVAL_S = 60.0
 LOG_FLUSH_INTERVAL_S = 1.0   # how often the ticker logs the counts of quiet keys
 FSYNC_STALL_S = 5.0
 """/healthz fails while a WAL fsync has been running longer than this."""
+CONNECTIONS_MAX = 1024
+"""Default cap on client connections plus connections still in their handshake."""
+DESCRIPTORS_RESERVED = 64
+"""Descriptors the cap leaves for the WAL's segments, snapshot files, peer links,
+backups, metrics and the listeners (on top of two per peer)."""
+
+
+def connection_cap(requested: int | None, peers: int) -> int:
+    """The connection cap: `requested` (or CONNECTIONS_MAX), lowered so that the
+    descriptor limit (raised to its hard limit first) keeps DESCRIPTORS_RESERVED plus
+    two per peer free.  ConfigError for a requested cap below 1."""
+    if requested is not None and requested < 1:
+        raise ConfigError(f"--connections-max {requested}: must be at least 1")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+        if wanted > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+                soft = wanted
+            except (ValueError, OSError):
+                pass
+    room = soft - DESCRIPTORS_RESERVED - 2 * peers
+    cap = CONNECTIONS_MAX if requested is None else requested
+    if room < cap:
+        if requested is not None:
+            log.warning("--connections-max %d lowered to %d: the descriptor limit is %d "
+                        "(ulimit -n)", requested, max(1, room), soft)
+        cap = max(1, room)
+    return cap
 
 
 def identity_advice(exc: IdentityMismatchError, options: ServerOptions) -> str:
@@ -141,6 +178,9 @@ class ReplicaServer:
         self.cluster_id = options.cluster_id or default_cluster_id(self.cluster)
         self.member_ids = frozenset(self.cluster)
         self.state_machine = load_state_machine(options.state_machine)
+        # Before the data dir: bad credentials leave it untouched.
+        self.trust = load_trust(options, self.cluster_id)
+        self.connections_max = connection_cap(options.connections_max, len(self.cluster) - 1)
         try:
             self.data_dir = open_data_dir(options.data_dir, self.cluster_id, self.replica_id)
         except IdentityMismatchError as exc:
@@ -154,6 +194,8 @@ class ReplicaServer:
         self.peer_links_lost: dict[int, int] = {}
         self.auth_failures: dict[str, int] = {}
         self.backup_files_open = 0   # snapshot files held open by backups (replica.backup)
+        # Client connections and unauthenticated ones: at most connections_max.
+        self.connections_open = 0
         wal = None
         try:
             store = snapshots.SnapshotStore(options.data_dir)
@@ -277,6 +319,7 @@ class ReplicaServer:
         ``client``): counted always (`cypaxos_auth_failures_total`), logged once per
         source per minute with the number of others.  `source` is the remote host."""
         self.auth_failures[kind] = self.auth_failures.get(kind, 0) + 1
+        self.node.stats["auth_failures"] += 1
         self.limited_log.warning(("auth", source), "refused a %s connection from %s: %s",
                                  kind, source, reason)
 
@@ -288,25 +331,32 @@ class ReplicaServer:
             host, name = peer[0], f"{peer[0]}:{peer[1]}"
         except OSError:
             host = name = "?"
-        decoder = wire.FrameDecoder(self.options.frame_bytes_max)
+        if self.connections_open >= self.connections_max:
+            # Closed before anything is read: descriptors stay for the WAL and peers.
+            self.node.stats["connections_refused"] += 1
+            self.limited_log.warning(("connections_max", host),
+                                     "refused a connection from %s: %d connections are open "
+                                     "(--connections-max)", name, self.connections_open)
+            await trio.aclose_forcefully(stream)
+            return
+        self.connections_open += 1
+        counted = True
         try:
-            with trio.fail_after(HELLO_TIMEOUT_S):
-                frames = read_frames(stream, decoder)
-                hello = None
-                async for frame in frames:
-                    hello = wire.parse_hello(frame)
-                    break
-                await frames.aclose()
-            if hello is None:
+            try:
+                with trio.fail_after(HELLO_TIMEOUT_S):
+                    stream, who, trailing = await accept(self.trust, stream, self.member_ids)
+            except HandshakeRefused as exc:
+                # A caller that never said it is a peer counts as a client.
+                self.auth_failed(host, exc.reason, kind="peer" if exc.kind == "peer" else "client")
                 return
-            if hello[0] == "peer":
-                _, cluster_id, peer_id = hello
-                if cluster_id != self.cluster_id:
-                    raise wire.ProtocolError(f"peer of another cluster {cluster_id!r}")
-                if peer_id not in self.peer_links:
-                    raise wire.ProtocolError(f"peer claims replica id {peer_id}, not another member")
-                await stream.send_all(wire.encode_frame(wire.welcome(self.cluster_id, self.replica_id)))
-                await serve_peer(self, stream, decoder, peer_id)
+            decoder = wire.FrameDecoder(self.options.frame_bytes_max)
+            if trailing:
+                decoder.feed(trailing)
+            if who.peer != CLIENT:
+                # An authenticated peer is one of a few: never counted against the cap.
+                self.connections_open -= 1
+                counted = False
+                await serve_peer(self, stream, decoder, who.peer)
             else:
                 self.client_connections += 1
                 try:
@@ -333,6 +383,8 @@ class ReplicaServer:
                                  "dropped connection from %s after an unexpected error",
                                  name, exc_info=True)
         finally:
+            if counted:
+                self.connections_open -= 1
             with trio.move_on_after(1) as scope:
                 scope.shield = True
                 await stream.aclose()
@@ -365,9 +417,12 @@ class ReplicaServer:
                     log.info("metrics on http://%s/metrics and /healthz",
                              self.options.metrics_address)
                 log.info("cypaxos replica %d serving on %s (cluster %s, data dir %s, fsync %s, "
-                         "recovered commit index %d)", self.replica_id, self.address, self.cluster_id,
-                         self.options.data_dir, "always" if self.options.fsync else "off",
+                         "peers by %s, recovered commit index %d)", self.replica_id,
+                         self.address, self.cluster_id, self.options.data_dir,
+                         "always" if self.options.fsync else "off", self.trust.mode,
                          self.node.core.commit_index)
+                if self.trust.mode == "insecure":
+                    log.warning(INSECURE_WARNING)
                 task_status.started(self)
         finally:
             self.close()

@@ -366,6 +366,8 @@ class Acceptor(_Handshake):
         self.auth = auth
         self.member_ids = member_ids
         self.peer_certificate = peer_certificate
+        #: What the caller's hello said it is ("peer" or "client"; "" before a hello).
+        self.hello_kind = ""
         # What the proof must be over; invariant: set (kind non-empty, both nonces
         # NONCE_BYTES long) exactly when a challenge was sent (AWAIT_PROOF and after).
         self._kind = b""
@@ -375,6 +377,8 @@ class Acceptor(_Handshake):
 
     def _on_frame(self, frame: tuple) -> bytes:
         if self.state is State.AWAIT_HELLO:
+            if frame[0] in ("peer", "client"):
+                self.hello_kind = frame[0]
             if frame[0] == "peer":
                 return self._on_peer_hello(*frame[1:])
             if frame[0] == "client":

@@ -119,6 +119,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics and a health "
                         "check at /healthz; plain HTTP without authentication, so bind "
                         "loopback or a private interface (default: off)")
+    trust = p.add_argument_group(
+        "who may connect", "Peers must authenticate by TLS or a cluster secret (or both); "
+        "without either, serve refuses to start unless --insecure.")
+    trust.add_argument("--tls-ca", metavar="FILE",
+                       help="mutual TLS 1.3 for every connection: the CA that signed every "
+                            "replica's and client's certificate (cypaxos certs writes it)")
+    trust.add_argument("--tls-cert", metavar="FILE",
+                       help="with --tls-ca: this replica's certificate (it must name --id)")
+    trust.add_argument("--tls-key", metavar="FILE",
+                       help="with --tls-ca: this replica's private key (mode 0600)")
+    trust.add_argument("--cluster-secret-file", metavar="FILE",
+                       help="peers prove they know the secret in FILE (the same file on every "
+                            "replica; the first line is used, every line is accepted)")
+    trust.add_argument("--token-file", metavar="FILE",
+                       help="clients may authenticate with any token in FILE")
+    trust.add_argument("--allow-anonymous-clients", action="store_true",
+                       help="accept clients that present no certificate and no token")
+    trust.add_argument("--insecure", action="store_true",
+                       help="run with neither TLS nor a cluster secret: any process that "
+                            "reaches the port can act as a peer (a test network only)")
+    trust.add_argument("--connections-max", type=int_in(1, 1 << 20), metavar="N",
+                       help="client connections plus connections still in their handshake "
+                            "(default: 1024, lowered to fit ulimit -n)")
     _add_log_options(p)
     p.set_defaults(handler=server.cmd_serve)
 

@@ -39,6 +39,7 @@ from typing import Iterable, Sequence
 from .. import wire
 from ..addresses import split_address
 from ..errors import Error
+from ..security.secrets import load_or_create_key_file
 
 __all__ = [
     "LocalCluster", "OptionsCluster", "LocalClusterError", "free_ports", "leader_of", "probe",
@@ -54,6 +55,9 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_
 """The directory holding this cypaxos package (an in-tree build or site-packages)."""
 
 _HOST = "127.0.0.1"
+AUTH_MODES = ("secret", "insecure", "none")
+SECRET_FILE = "cluster.secret"
+"""The cluster secret LocalCluster generates, in its data dir (beside the replicas')."""
 _STOP_TIMEOUT = 10.0  # seconds a replica gets to exit after SIGTERM before SIGKILL
 _POLL_INTERVAL = 0.05
 
@@ -193,6 +197,12 @@ class LocalCluster:
     `extra_args` are appended to every ``cypaxos serve`` command line (e.g.
     ``("--tick-ms", "5")``).  `cluster_id` is passed as ``--cluster-id`` if given.
 
+    `auth`: how the replicas authenticate (docs/security.md).  "secret" (the
+    default): a cluster secret generated in ``DATA_DIR/cluster.secret`` (mode 0600,
+    kept and reused with the data dir), and anonymous clients, which is safe because
+    every replica binds 127.0.0.1; "insecure": ``--insecure``; "none": no flags, for a
+    caller that passes its own in `extra_args`.
+
     The constructor starts nothing; `start_all()` (or entering the ``with`` block)
     starts every replica, and `wait_ready()` waits for a leader.
 
@@ -214,7 +224,10 @@ class LocalCluster:
         cluster_id: str | None = None,
         python: str = sys.executable,
         metrics_ports: Sequence[int] | None = None,
+        auth: str = "secret",
     ) -> None:
+        if auth not in AUTH_MODES:
+            raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}, not {auth!r}")
         if replicas < 1:
             raise ValueError("replicas must be >= 1")
         if ports is None:
@@ -236,6 +249,11 @@ class LocalCluster:
             os.makedirs(self.data_dir, exist_ok=True)
         self.fsync = fsync
         self.extra_args = tuple(extra_args)
+        self.auth = auth
+        self.secret_file = None
+        if auth == "secret":
+            self.secret_file = os.path.join(self.data_dir, SECRET_FILE)
+            load_or_create_key_file(self.secret_file, "cluster secret file")
         self.cluster_id = cluster_id
         self.python = python
         self._replicas = {
@@ -321,7 +339,15 @@ class LocalCluster:
             argv += ["--cluster-id", self.cluster_id]
         if self.metrics_ports is not None:
             argv += ["--metrics-address", self.metrics_address(replica_id)]
-        return argv + list(self.extra_args)
+        return argv + self.auth_args() + list(self.extra_args)
+
+    def auth_args(self) -> list[str]:
+        """The ``serve`` flags of `auth`."""
+        if self.auth == "secret":
+            return ["--cluster-secret-file", self.secret_file, "--allow-anonymous-clients"]
+        if self.auth == "insecure":
+            return ["--insecure"]
+        return []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -605,6 +631,11 @@ class OptionsCluster(LocalCluster):
                        **self.options)
         if self.cluster_id is not None:
             options.setdefault("cluster_id", self.cluster_id)
+        if self.auth == "secret":
+            options.setdefault("cluster_secret_file", self.secret_file)
+            options.setdefault("allow_anonymous_clients", True)
+        elif self.auth == "insecure":
+            options.setdefault("insecure", True)
         return [self.python, "-c", _OPTIONS_LAUNCHER, json.dumps(options)]
 
 

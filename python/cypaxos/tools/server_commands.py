@@ -54,6 +54,7 @@ def _replica_cluster(args) -> dict[int, str]:
 def serve_options(args):
     """The `ServerOptions` of a parsed ``cypaxos serve`` command line; ConfigError."""
     from ..replica.options import ServerOptions
+    from ..replica.trust import check_flags
 
     cluster = _replica_cluster(args)
     if args.clock_drift_ms is not None and not args.read_lease:
@@ -77,8 +78,17 @@ def serve_options(args):
         metrics_address=_address(args.metrics_address, "--metrics-address"),
         read_lease=args.read_lease,
         clock_drift_ms=args.clock_drift_ms,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        cluster_secret_file=args.cluster_secret_file,
+        token_file=args.token_file,
+        allow_anonymous_clients=args.allow_anonymous_clients,
+        insecure=args.insecure,
+        connections_max=args.connections_max,
     )
     options.core_config()   # a lease that does not fit the election timeout: ConfigError
+    check_flags(options)    # no way to authenticate peers: ConfigError
     return options
 
 
