@@ -75,8 +75,11 @@ class ModeCluster(LocalCluster):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         ports = free_ports(6)
+        # The local default is LocalCluster's own ("secret"); the other modes' flags
+        # are all in command().
         super().__init__(3, data_dir=root / "data", fsync=False, extra_args=extra_args,
-                         ports=ports[:3], metrics_ports=ports[3:])
+                         ports=ports[:3], metrics_ports=ports[3:],
+                         auth="secret" if mode == "local" else "none")
         self.mode = mode
         self.root = root
         self.certs = root / "certs"
@@ -95,16 +98,12 @@ class ModeCluster(LocalCluster):
             tokens.write_bytes(self.token + b"\n")
             tokens.chmod(0o600)
 
-    @property
-    def secret_file(self) -> Path:
-        """The cluster secret's file (the local default generates it in its data dir)."""
-        if self.mode == "local":
-            return Path(self.data_dir) / "cluster.secret"
-        return self._secret_file
-
     def cluster_secret(self) -> bytes:
-        """The cluster secret the replicas prove with (tests compute proofs with it)."""
-        return load_keys(self.secret_file, "cluster secret")[0]
+        """The cluster secret the replicas prove with (tests compute proofs with it);
+        the local default generated it in its data dir."""
+        path = self.secret_file if self.mode == "local" else self._secret_file
+        assert self.mode != "local" or path == os.path.join(self.data_dir, "cluster.secret")
+        return load_keys(path, "cluster secret")[0]
 
     def command(self, replica_id: int) -> list[str]:
         """`cypaxos serve` for replica `replica_id` in this cluster's mode."""
