@@ -7,11 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from attacks.tooling import MODES, READY_TIMEOUT_S, Client, ModeCluster
-
-MAX_SESSIONS = 64
-"""`serve --max-sessions` of every attacked cluster: small, so that a session flood
-evicts in a few dozen registrations."""
+from attacks.tooling import MAX_SESSIONS, MODES, READY_TIMEOUT_S, Client, ModeCluster
 
 
 @dataclass

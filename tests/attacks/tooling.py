@@ -40,13 +40,16 @@ from cypaxos.security.secrets import load_keys
 from cypaxos.tools.local import LocalCluster, child_env, free_ports, leader_of
 
 __all__ = [
-    "MODES", "ModeCluster", "Client", "HonestConnection", "AuthRefused", "RawConnection",
+    "MODES", "MAX_SESSIONS", "ModeCluster", "Client", "HonestConnection", "AuthRefused", "RawConnection",
     "attacker_tls_context", "tls_client_hello", "source_address", "frame", "peer_proof", "rss_kib",
     "peak_rss_kib", "reset_peak_rss", "auth_failures", "wait_converged",
     "assert_intact", "READY_TIMEOUT_S",
 ]
 
 MODES = ("tls", "secret", "local")
+MAX_SESSIONS = 64
+"""`serve --max-sessions` of every attacked cluster: small, so that a session flood
+evicts in a few dozen registrations."""
 READY_TIMEOUT_S = 60.0
 CALL_TIMEOUT_S = 30.0
 """How long an honest call may take, elections included (generous: 2 shared cores)."""
@@ -563,7 +566,8 @@ def assert_intact(cluster: ModeCluster, canaries: dict[bytes, bytes], *,
                   forbidden: Iterable[bytes] = (), ballot_below: Optional[int] = None) -> None:
     """After an attack: every replica runs, a write and a linearizable read succeed,
     every value written before reads back identical, no `forbidden` key exists, no
-    replica's ballot reached `ballot_below`, and every replica's digest is equal."""
+    replica's ballot reached `ballot_below`, every replica's digest is equal, and no
+    replica logged a traceback."""
     assert not cluster.unexpected_exits(), (cluster.unexpected_exits(),
                                             {i: cluster.log_tail(i) for i in cluster.ids})
     with Client(cluster) as client:
@@ -579,6 +583,10 @@ def assert_intact(cluster: ModeCluster, canaries: dict[bytes, bytes], *,
         ballots = {i: s["ballot"] for i, s in statuses.items()}
         assert all(b < ballot_below for b in ballots.values()), (ballots, ballot_below)
     assert not cluster.unexpected_exits(), cluster.unexpected_exits()
+    for i in cluster.ids:
+        text = cluster.log_text(i)
+        assert "Traceback" not in text and "unexpected error" not in text, (
+            f"replica {i} logged an error: " + text[text.find("Traceback") - 300:][:3000])
 
 
 def mib(kib: int) -> str:
