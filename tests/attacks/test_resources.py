@@ -18,8 +18,8 @@ import pytest
 from cypaxos import commands, wire
 from cypaxos.replica import server as replica_server
 
-from attacks.tooling import (Client, RawConnection, assert_intact, attacker_tls_context,
-                             frame, mib, peak_rss_kib, reset_peak_rss, tls_client_hello)
+from attacks.tooling import (Client, PeakGrowth, RawConnection, assert_intact,
+                             attacker_tls_context, frame, mib, tls_client_hello)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,24 +30,6 @@ their sockets and tasks, not what they send."""
 
 def _leader(target) -> int:
     return target.cluster.wait_ready(timeout=60)
-
-
-def _measure(target, replica_id: int):
-    """A context for an attack on `replica_id`: its peak RSS is reset on entry; on
-    exit `growth_kib` says how far the peak rose above the RSS at entry."""
-    pid = target.cluster.pid(replica_id)
-
-    class Measure:
-        growth_kib = 0
-
-        def __enter__(self):
-            reset_peak_rss(pid)
-            self.start = peak_rss_kib(pid)
-            return self
-
-        def __exit__(self, *exc_info):
-            self.growth_kib = peak_rss_kib(pid) - self.start
-    return Measure()
 
 
 def _pour(conn: RawConnection, total: int = 64 << 20) -> int:
@@ -82,7 +64,7 @@ def test_a_huge_first_frame_is_closed_at_once(target):
     # A few bytes of body too: a TLS record header is five bytes long.
     header = struct.pack(">I", 2**31) + bytes(8)
     contexts = [None] if target.mode != "tls" else [None, _client_context(target)]
-    with _measure(target, leader) as measure:
+    with PeakGrowth(target.cluster.pid(leader)) as measure:
         for context in contexts:
             with RawConnection(address, tls_context=context) as conn:
                 conn.send(header)
@@ -97,7 +79,7 @@ def test_a_huge_first_frame_is_closed_at_once(target):
                 sent = _pour(conn)
             # Cut off within what the sockets' buffers hold, not 2 GiB later.
             assert sent < wire.FRAME_BYTES_MAX, f"the replica took {mib(sent >> 10)}"
-    assert measure.growth_kib < 32 << 10, f"peak RSS grew by {mib(measure.growth_kib)}"
+    assert measure.kib < 32 << 10, f"peak RSS grew by {mib(measure.kib)}"
     assert_intact(cluster, target.canaries)
 
 
@@ -133,7 +115,7 @@ def test_half_sent_frames_on_hundreds_of_connections(target):
     each of them (the hello timeout), not waiting forever."""
     cluster = target.cluster
     leader = _leader(target)
-    with _measure(target, leader) as measure:
+    with PeakGrowth(target.cluster.pid(leader)) as measure:
         conns, sent = _half_frames(target, cluster.address(leader))
         try:
             with Client(cluster) as client:
@@ -144,8 +126,8 @@ def test_half_sent_frames_on_hundreds_of_connections(target):
         finally:
             for conn in conns:
                 conn.close()
-    assert measure.growth_kib < UNAUTHENTICATED_GROWTH_KIB, (
-        f"peak RSS grew by {mib(measure.growth_kib)} for {HALF_OPEN} connections "
+    assert measure.kib < UNAUTHENTICATED_GROWTH_KIB, (
+        f"peak RSS grew by {mib(measure.kib)} for {HALF_OPEN} connections "
         f"that sent {sent} bytes")
     assert_intact(cluster, target.canaries)
 
@@ -160,7 +142,7 @@ def test_half_sent_requests_from_anonymous_clients(target):
     body = bytes(64 << 10)
     data = frame(["client"]) + struct.pack(">I", 8 << 20) + body
     conns = []
-    with _measure(target, leader) as measure:
+    with PeakGrowth(target.cluster.pid(leader)) as measure:
         try:
             for _ in range(HALF_OPEN):
                 conn = RawConnection(cluster.address(leader))
@@ -174,8 +156,8 @@ def test_half_sent_requests_from_anonymous_clients(target):
                 conn.close()
     claimed_kib = HALF_OPEN * (8 << 10)
     sent_kib = HALF_OPEN * len(data) >> 10
-    assert measure.growth_kib < 64 * 1024 + 2 * sent_kib, (
-        f"peak RSS grew by {mib(measure.growth_kib)}: {mib(sent_kib)} sent, "
+    assert measure.kib < 64 * 1024 + 2 * sent_kib, (
+        f"peak RSS grew by {mib(measure.kib)}: {mib(sent_kib)} sent, "
         f"{mib(claimed_kib)} claimed")
     assert_intact(cluster, target.canaries)
 
@@ -202,14 +184,14 @@ def test_read_reply_amplification(target):
         client.put(key, os.urandom(AMPLIFIED_VALUE_BYTES))
     request = wire.read_request(1, [commands.encode_get(key)] * AMPLIFIED_COPIES, True)
     assert len(frame(request)) < 32 << 10
-    with _measure(target, leader) as measure:
+    with PeakGrowth(target.cluster.pid(leader)) as measure:
         with RawConnection(cluster.address(leader)) as conn:
             conn.send(frame(["client"]) + frame(request))
             assert conn.next_frame()[0] == "welcome"
             # Its first reply bytes (or a close) mean the reply was made.
             assert conn.readable(timeout=120), "no answer to the read"
-    assert measure.growth_kib < REPLY_GROWTH_KIB, (
-        f"peak RSS grew by {mib(measure.growth_kib)} for a "
+    assert measure.kib < REPLY_GROWTH_KIB, (
+        f"peak RSS grew by {mib(measure.kib)} for a "
         f"{mib(AMPLIFIED_VALUE_BYTES * AMPLIFIED_COPIES >> 10)} reply")
     assert_intact(cluster, target.canaries)
 

@@ -42,7 +42,7 @@ from cypaxos.tools.local import LocalCluster, child_env, free_ports, leader_of
 __all__ = [
     "MODES", "MAX_SESSIONS", "ModeCluster", "Client", "HonestConnection", "AuthRefused", "RawConnection",
     "attacker_tls_context", "tls_client_hello", "source_address", "frame", "peer_proof", "rss_kib",
-    "peak_rss_kib", "reset_peak_rss", "auth_failures", "wait_converged",
+    "peak_rss_kib", "reset_peak_rss", "PeakGrowth", "mib", "auth_failures", "wait_converged",
     "assert_intact", "READY_TIMEOUT_S",
 ]
 
@@ -537,6 +537,25 @@ def reset_peak_rss(pid: int) -> None:
         f.write("5")
 
 
+class PeakGrowth:
+    """``with PeakGrowth(pid) as growth:`` an attack; afterwards `growth.kib` is how
+    far the process's peak RSS rose above its RSS when the block began (the peak is
+    reset on entry, so a spike that is over by the end still counts)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = 0
+        self.kib = 0
+
+    def __enter__(self) -> "PeakGrowth":
+        reset_peak_rss(self.pid)
+        self.start = peak_rss_kib(self.pid)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.kib = peak_rss_kib(self.pid) - self.start
+
+
 _AUTH_LINE = re.compile(r'^cypaxos_auth_failures_total\{kind="([^"]*)"\} ([0-9.e+]+)$', re.M)
 
 
@@ -592,9 +611,3 @@ def assert_intact(cluster: ModeCluster, canaries: dict[bytes, bytes], *,
 def mib(kib: int) -> str:
     """KiB as a short MiB figure, for messages."""
     return f"{kib / 1024:.1f} MiB"
-
-
-def bytes_of(obj) -> int:
-    """A frame body's length once encoded."""
-    return len(frame(obj)) - 4
-
