@@ -13,6 +13,7 @@ the values written before, equal digests.
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -49,6 +50,8 @@ def test_every_peer_message_type_is_refused_before_it_is_decoded(target, request
             wire.parse_peer_message(message, set(cluster.ids), aim.target_id, aim.claimed)
         ballot = forged_ballot(status, aim.claimed)
         limit = ballot if limit is None else min(limit, ballot)
+    # A frame decoded after the handshake and refused would count as a bad frame.
+    bad_frames = _bad_frames(cluster)
     for aim in aims(target, request):
         status = cluster.status(aim.target_id, timeout=10)
         messages = forged_messages(target.cluster_id, status, aim.claimed)
@@ -61,6 +64,35 @@ def test_every_peer_message_type_is_refused_before_it_is_decoded(target, request
                                          f"{exc}") from None
             # All of them at once on one connection too.
             deliver(way, aim, b"".join(frame(m) for m in messages.values()), expected)
+    assert _bad_frames(cluster) == bad_frames, "a forged message was decoded"
+    assert_intact(cluster, target.canaries, forbidden=[FORGED_KEY], ballot_below=limit)
+
+
+def _bad_frames(cluster) -> dict[int, int]:
+    return {i: cluster.status(i, timeout=10)["statistics"]["bad_frames"] for i in cluster.ids}
+
+
+def test_peer_messages_on_a_client_connection_are_refused(target):
+    """A client (in the local default, anyone) sends peer messages on its client
+    connection: they are not client requests, so the replica drops the connection,
+    and none of them reaches the protocol."""
+    cluster = target.cluster
+    limit = None
+    for i in cluster.ids:
+        status = cluster.status(i, timeout=10)
+        messages = forged_messages(target.cluster_id, status, claimed_id(i))
+        ballot = forged_ballot(status, claimed_id(i))
+        limit = ballot if limit is None else min(limit, ballot)
+        for name, message in messages.items():
+            with cluster.connect(cluster.address(i)) as conn:
+                conn.send(message)
+                try:
+                    reply = conn.receive(timeout=15)
+                except socket.timeout:
+                    raise AssertionError(f"{name} on a client connection: kept open") from None
+                except OSError:   # closed or reset: dropped
+                    continue
+                raise AssertionError(f"{name} on a client connection got {reply}")
     assert_intact(cluster, target.canaries, forbidden=[FORGED_KEY], ballot_below=limit)
 
 
