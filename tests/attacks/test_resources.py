@@ -2,7 +2,8 @@
 
 A huge first frame, hundreds of connections each holding half a frame, a read that
 asks for one big value many times over, and connections opened until the replica
-refuses more: the replica's resident memory (its peak, /proc/PID/status VmHWM, reset
+refuses more (on clusters of its own, under a small descriptor limit): the
+replica's resident memory (its peak, /proc/PID/status VmHWM, reset
 before each attack) stays small, it keeps serving the clients it has and new ones
 once the attack ends, and its WAL keeps taking writes.
 """
@@ -18,8 +19,9 @@ import pytest
 from cypaxos import commands, wire
 from cypaxos.replica import server as replica_server
 
-from attacks.tooling import (Client, PeakGrowth, RawConnection, assert_intact,
-                             attacker_tls_context, frame, mib, tls_client_hello)
+from attacks.tooling import (MODES, READY_TIMEOUT_S, Client, ModeCluster, PeakGrowth,
+                             RawConnection, assert_intact, attacker_tls_context, frame, mib,
+                             tls_client_hello)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -196,7 +198,9 @@ def test_read_reply_amplification(target):
     assert_intact(cluster, target.canaries)
 
 
-CONNECTIONS_TRIED_MAX = 4000
+DESCRIPTOR_LIMIT = 256
+"""The replicas' ``ulimit -n`` in the exhaustion test: the cap must leave room in it."""
+CONNECTIONS_TRIED_MAX = 3 * DESCRIPTOR_LIMIT
 
 
 def _refused_count(client: Client) -> int:
@@ -206,32 +210,41 @@ def _refused_count(client: Client) -> int:
 @pytest.mark.xfail(not hasattr(replica_server, "CONNECTIONS_MAX"), strict=True,
                    reason="no cap on a replica's connections yet (docs/security.md, "
                    "Limits: connections per replica)")
-def test_descriptor_exhaustion(target):
-    """Unauthenticated connections opened until the replica refuses more: a client
-    connected before keeps being served (writes reach the WAL and a quorum), and new
-    clients are served once the connections close."""
-    cluster = target.cluster
-    leader = _leader(target)
+@pytest.mark.parametrize("mode", MODES)
+def test_descriptor_exhaustion(mode, tmp_path):
+    """Replicas under ``ulimit -n 256``; unauthenticated connections opened to the
+    leader until it refuses more (its connection cap, which must fit the limit): a
+    client connected before keeps being served, the leader keeps writing its WAL and
+    a snapshot file (descriptors were kept for them), and new clients are served once
+    the connections close."""
+    cluster = ModeCluster(mode, tmp_path, nofile=DESCRIPTOR_LIMIT)
     conns = []
-    with Client(cluster) as client:
-        client.put(b"before-exhaustion", b"1")
-        assert client.conn is not None and client.conn.replica_id == leader
-        refused_before = _refused_count(client)
-        try:
-            while _refused_count(client) == refused_before:
-                assert len(conns) < CONNECTIONS_TRIED_MAX, (
-                    f"{len(conns)} connections and none refused")
-                for _ in range(50):
-                    conns.append(RawConnection(cluster.address(leader)))
-            # The cap is reached and held: the client already connected is served, and
-            # its write is logged and replicated.
-            before = client.status()["wal_last_seq"]
-            client.put(b"during-exhaustion", b"2")
-            assert client.get(b"during-exhaustion") == b"2"
-            assert client.status()["wal_last_seq"] > before
-            assert client.conn.replica_id == leader, "the client had to move"
-        finally:
-            for conn in conns:
-                conn.close()
-    assert cluster.is_running(leader)
-    assert_intact(cluster, target.canaries)
+    with cluster:
+        leader = cluster.wait_ready(timeout=READY_TIMEOUT_S)
+        canaries = {b"before-exhaustion": os.urandom(100)}
+        with Client(cluster) as client:
+            client.put(b"before-exhaustion", canaries[b"before-exhaustion"])
+            leader = client.conn.replica_id
+            refused_before = _refused_count(client)
+            try:
+                while _refused_count(client) == refused_before:
+                    assert len(conns) < CONNECTIONS_TRIED_MAX, (
+                        f"{len(conns)} connections and none refused")
+                    for _ in range(25):
+                        conns.append(RawConnection(cluster.address(leader)))
+                # The cap is reached and held: the client already connected is served,
+                # its writes are logged and replicated, and a snapshot is written.
+                before = client.status()["wal_last_seq"]
+                for n in range(20):
+                    client.put(b"during-exhaustion-%d" % n, b"2")
+                assert client.get(b"during-exhaustion-19") == b"2"
+                after = client.status()
+                assert after["wal_last_seq"] > before, after
+                snapshot_index = client.call(wire.snapshot_request, leader=False)
+                assert type(snapshot_index) is int and snapshot_index > 0, snapshot_index
+                assert client.conn.replica_id == leader, "the client had to move"
+            finally:
+                for conn in conns:
+                    conn.close()
+        assert cluster.is_running(leader)
+        assert_intact(cluster, canaries)

@@ -74,7 +74,8 @@ class ModeCluster(LocalCluster):
     `root`, fsync off, a metrics endpoint per replica; `extra_args` go to every
     replica.  Its status probes authenticate as the mode's honest client does."""
 
-    def __init__(self, mode: str, root: Path, extra_args: Iterable[str] = ()) -> None:
+    def __init__(self, mode: str, root: Path, extra_args: Iterable[str] = (), *,
+                 nofile: Optional[int] = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         ports = free_ports(6)
@@ -85,6 +86,7 @@ class ModeCluster(LocalCluster):
                          auth="secret" if mode == "local" else "none")
         self.mode = mode
         self.root = root
+        self.nofile = nofile
         self.certs = root / "certs"
         self.token: Optional[bytes] = None
         self._secret_file = root / "cluster.secret"
@@ -109,7 +111,15 @@ class ModeCluster(LocalCluster):
         return load_keys(path, "cluster secret")[0]
 
     def command(self, replica_id: int) -> list[str]:
-        """`cypaxos serve` for replica `replica_id` in this cluster's mode."""
+        """`cypaxos serve` for replica `replica_id` in this cluster's mode (under a
+        descriptor limit of `nofile`, soft and hard, if given: ``ulimit -n``)."""
+        argv = self._serve_command(replica_id)
+        if self.nofile is None:
+            return argv
+        # The limit set, then exec: the replica keeps this process id.
+        return [argv[0], "-c", _UNDER_LIMIT, str(self.nofile)] + argv[1:]
+
+    def _serve_command(self, replica_id: int) -> list[str]:
         if self.mode == "local":
             return super().command(replica_id)   # the local default, whatever it is
         argv = [self.python, "-m", "cypaxos", "serve", "--id", str(replica_id),
@@ -167,6 +177,13 @@ class ModeCluster(LocalCluster):
     def log_text(self, replica_id: int) -> str:
         """Replica `replica_id`'s log so far."""
         return Path(self.log_path(replica_id)).read_text("utf-8", "replace")
+
+
+_UNDER_LIMIT = (
+    "import os, resource, sys\n"
+    "n = int(sys.argv[1])\n"
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))\n"
+    "os.execv(sys.executable, [sys.executable] + sys.argv[2:])\n")
 
 
 class HonestConnection:
