@@ -60,6 +60,14 @@ def start_cluster(python: str, data_dir: str, serve_args: list[str]) -> tuple[st
     once `status` reports a leader."""
     ports = free_ports(3)
     spec = ",".join(f"{i + 1}=127.0.0.1:{port}" for i, port in enumerate(ports))
+    help_text = subprocess.run([python, "-m", "cypaxos", "serve", "--help"],
+                               capture_output=True, text=True).stdout
+    if "--cluster-secret-file" in help_text and "--insecure" not in serve_args:
+        # A build with authentication: the peers prove a secret, as `cypaxos local`'s do.
+        secret = os.path.join(data_dir, "cluster.secret")
+        with open(os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(os.urandom(32).hex() + "\n")
+        serve_args = ["--cluster-secret-file", secret, "--allow-anonymous-clients", *serve_args]
     procs = []
     for i in range(3):
         log = open(os.path.join(data_dir, f"replica{i + 1}.log"), "wb")

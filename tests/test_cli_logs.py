@@ -142,7 +142,7 @@ def test_log_level_hides_what_is_below_it(tmp_path):
     with LocalCluster(1, ports=free_ports(1), data_dir=tmp_path, fsync=False,
                       extra_args=("--log-level", "WARNING")) as cluster:
         cluster.wait_ready(timeout=60)  # no INFO line says it serves: it is asked
-        # Bad bytes make a WARNING ("dropped connection ..."), which is shown.
+        # Bad bytes make a WARNING ("refused a client connection ..."), which is shown.
         host, port = cluster.address(1).rsplit(":", 1)
         with socket.create_connection((host, int(port))) as sock:
             sock.sendall(b"\xff\xff\xff\xff garbage")
@@ -151,7 +151,7 @@ def test_log_level_hides_what_is_below_it(tmp_path):
                 pass
         assert cluster.stop(1) == 0
     log = (tmp_path / "replica1.log").read_text()
-    assert "INFO" not in log and "WARNING" in log and "dropped connection" in log, log
+    assert "INFO" not in log and "WARNING" in log and "refused a client connection" in log, log
 
 
 def test_local_passes_its_log_settings_to_every_replica(tmp_path):

@@ -57,7 +57,7 @@ from .node import NodeOptions, ReplicaNode
 from .options import ServerOptions, default_cluster_id, load_state_machine
 from .outbox import Outbox, SocketTransport
 from .peers import peer_link, serve_peer
-from .trust import INSECURE_WARNING, HandshakeRefused, accept, load_trust
+from .trust import INSECURE_WARNING, HandshakeAbandoned, HandshakeRefused, accept, load_trust
 
 __all__ = ["ReplicaServer", "serve", "run_server", "open_listeners", "open_metrics_listeners",
            "bind", "read_frames",
@@ -314,14 +314,18 @@ class ReplicaServer:
             return True, f"leader (ballot {node.core.ballot})"
         return True, f"follower of replica {node.core.leader_id}"
 
-    def auth_failed(self, source: str, reason: str, *, kind: str = "client") -> None:
+    def auth_failed(self, source: str, reason: str, *, kind: str = "client",
+                    name: Optional[str] = None, shown_kind: Optional[str] = None) -> None:
         """Count and log a connection that failed authentication (`kind` ``peer`` or
         ``client``): counted always (`cypaxos_auth_failures_total`), logged once per
-        source per minute with the number of others.  `source` is the remote host."""
+        source per minute with the number of others.  `source` is the remote host (the
+        key), `name` what the line shows (host:port; default `source`), `shown_kind`
+        what it calls the connection (default `kind`; "" for a caller that never said)."""
+        shown_kind = kind if shown_kind is None else shown_kind
         self.auth_failures[kind] = self.auth_failures.get(kind, 0) + 1
         self.node.stats["auth_failures"] += 1
-        self.limited_log.warning(("auth", source), "refused a %s connection from %s: %s",
-                                 kind, source, reason)
+        self.limited_log.warning(("auth", source), "refused a %sconnection from %s: %s",
+                                 f"{shown_kind} " if shown_kind else "", name or source, reason)
 
     # -- accepting connections
 
@@ -345,9 +349,16 @@ class ReplicaServer:
             try:
                 with trio.fail_after(HELLO_TIMEOUT_S):
                     stream, who, trailing = await accept(self.trust, stream, self.member_ids)
+            except HandshakeAbandoned as exc:
+                if exc.received:   # a half-sent hello: as any frame cut off
+                    self.node.stats["bad_frames"] += 1
+                    self.limited_log.warning(("bad_frame", host), "dropped connection from "
+                                             "%s: closed in the middle of its hello", name)
+                return
             except HandshakeRefused as exc:
                 # A caller that never said it is a peer counts as a client.
-                self.auth_failed(host, exc.reason, kind="peer" if exc.kind == "peer" else "client")
+                self.auth_failed(host, exc.reason, kind="peer" if exc.kind == "peer" else "client",
+                                 name=name, shown_kind=exc.kind)
                 return
             decoder = wire.FrameDecoder(self.options.frame_bytes_max)
             if trailing:

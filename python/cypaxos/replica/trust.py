@@ -30,7 +30,7 @@ from ..security.secrets import load_keys
 from ..security.tls import (TLS, check_own_certificate, peer_context, peer_identity,
                             server_context)
 
-__all__ = ["Trust", "check_flags", "load_trust", "accept", "dial_peer", "HandshakeRefused",
+__all__ = ["Trust", "check_flags", "load_trust", "accept", "dial_peer", "HandshakeRefused", "HandshakeAbandoned",
            "HANDSHAKE_READ_BYTES", "NO_AUTH_MESSAGE", "INSECURE_WARNING"]
 
 log = logging.getLogger("cypaxos.server")
@@ -44,6 +44,15 @@ NO_AUTH_MESSAGE = (
 
 INSECURE_WARNING = ("--insecure: any process that reaches this replica's port can act as a "
                     "peer or a client and change what the cluster holds")
+
+
+class HandshakeAbandoned(Exception):
+    """The other side closed the connection before its handshake ended; `received`:
+    how many bytes it had sent (0: it sent nothing, a port probe)."""
+
+    def __init__(self, received: int) -> None:
+        super().__init__("the connection closed during the handshake")
+        self.received = received
 
 
 class HandshakeRefused(Exception):
@@ -97,7 +106,10 @@ def load_trust(options, cluster_id: str) -> Trust:
     tokens = load_keys(options.token_file, "token file") if options.token_file else ()
     auth = ReplicaAuth(cluster_id=cluster_id, replica_id=options.replica_id,
                        cluster_secrets=secrets, client_tokens=tokens,
-                       allow_anonymous_clients=options.allow_anonymous_clients,
+                       # Insecure mode admits anyone (docs/security.md, "The three
+                       # modes"), unless it asks clients for tokens.
+                       allow_anonymous_clients=options.allow_anonymous_clients or (
+                           not tls_on and not secrets and not tokens),
                        tls=tls_on)
     if not tls_on:
         return Trust(auth)
@@ -117,10 +129,13 @@ def _tls_reason(exc: BaseException) -> str:
     return f"TLS handshake failed: {cause or type(cause).__name__}"
 
 
-async def _run(machine: Union[Acceptor, Dialer], stream) -> None:
-    """Feed `machine` what `stream` gives until it ends; send what it says."""
+async def _run(machine: Union[Acceptor, Dialer], stream) -> int:
+    """Feed `machine` what `stream` gives until it ends; send what it says.  Returns
+    the number of bytes received."""
+    received = 0
     while machine.outcome is None:
         data = await stream.receive_some(HANDSHAKE_READ_BYTES)
+        received += len(data)
         out = machine.receive_data(data)
         if out:
             try:
@@ -129,6 +144,7 @@ async def _run(machine: Union[Acceptor, Dialer], stream) -> None:
                 if machine.outcome is None:
                     raise
                 # A refusal the other side did not wait for: the outcome stands.
+    return received
 
 
 async def accept(trust: Trust, stream: trio.abc.Stream,
@@ -150,9 +166,12 @@ async def accept(trust: Trust, stream: trio.abc.Stream,
             raise HandshakeRefused(_tls_reason(exc)) from None
         certificate = peer_identity(stream)
     acceptor = Acceptor(trust.auth, member_ids, peer_certificate=certificate)
-    await _run(acceptor, stream)
+    received = await _run(acceptor, stream)
     outcome = acceptor.outcome
     if isinstance(outcome, Refused):
+        if acceptor.closed_early:
+            # Gone before the handshake ended: nothing was refused (a probe, a crash).
+            raise HandshakeAbandoned(received)
         raise HandshakeRefused(outcome.reason, remote=outcome.remote, kind=acceptor.hello_kind)
     assert isinstance(outcome, Authenticated)
     return stream, outcome, acceptor.trailing_data

@@ -281,6 +281,8 @@ class _Handshake:
         self.state = state
         self.outcome: Optional[Outcome] = None
         self.trailing_data = b""  #: bytes after the last handshake frame (once authenticated)
+        #: The other side closed the connection before the handshake ended.
+        self.closed_early = False
         self._buffer = bytearray()
         self._random_bytes = random_bytes
 
@@ -296,6 +298,7 @@ class _Handshake:
         if self.state is State.SEND_HELLO:
             raise RuntimeError("start() first")
         if not data:
+            self.closed_early = True
             self._refuse("the connection closed during the handshake", send=False)
             return b""
         self._buffer += data
