@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+import cypaxos
 from cypaxos import commands, wire
 
 from attacks.tooling import (MAX_SESSIONS, Client, RawConnection, assert_intact, attacker_tls_context,
@@ -112,4 +113,22 @@ def test_failed_handshakes_are_counted_and_logged_once_per_source(target):
               else "requires the cluster secret")
     assert reason in mine[0], mine[0]
     assert len(new_lines) <= allowed + 5, new_lines[:20]
+    assert_intact(cluster, target.canaries)
+
+
+@pytest.mark.parametrize("target", ["local"], indirect=True)
+def test_the_client_library_reports_an_evicted_session_as_maybe_applied(target):
+    """The library's view of the same flood (the local default, where anyone may
+    register): the call after the eviction fails with SessionExpiredError, which says
+    it may have been applied; the next call goes in a new session and is applied once."""
+    cluster = target.cluster
+    with cypaxos.connect(cluster.cluster_arg, timeout=30) as kv:
+        kv.put(b"library-before-flood", b"1")
+        _flood_sessions(target)
+        with pytest.raises(cypaxos.SessionExpiredError) as info:
+            kv.put(b"library-after-flood", b"2")
+        assert info.value.maybe_applied is True
+        kv.put(b"library-after-flood", b"3")
+        assert kv.get(b"library-after-flood") == b"3"
+        assert kv.get(b"library-before-flood") == b"1"
     assert_intact(cluster, target.canaries)
