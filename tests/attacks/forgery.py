@@ -47,11 +47,16 @@ def forged_batch() -> bytes:
     return commands.pack_client_batch(1, 1 << 20, 0, [commands.encode_put(FORGED_KEY, b"x")])
 
 
+FORGED_SNAPSHOT_VALUE_BYTES = 64 << 10
+"""What FORGED_KEY holds in a forged snapshot: enough that its chunks are far past a
+handshake frame's size."""
+
+
 def forged_snapshot(cluster_id: str, index: int, promised: int) -> bytes:
     """A well-formed snapshot file of this cluster (the attacker learns the cluster id
     from any challenge or welcome) at `index`, holding FORGED_KEY."""
     state = KVStore()
-    state.apply(commands.encode_put(FORGED_KEY, b"from a forged snapshot"))
+    state.apply(commands.encode_put(FORGED_KEY, os.urandom(FORGED_SNAPSHOT_VALUE_BYTES)))
     return snapshots.encode(cluster_id, (index, promised, [[0, 1 << 20, []]], state.snapshot()))
 
 
