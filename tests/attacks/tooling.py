@@ -11,9 +11,9 @@ Modes (docs/security.md, "The three modes"):
 * ``local``: what `LocalCluster` (``cypaxos local``) starts by default: a cluster
   secret it generates in its data dir and anonymous clients.
 
-Everything speaks the wire protocol over blocking sockets (`ssl` for TLS), so the
-tests need neither Trio nor the client library (which has no TLS or tokens of its
-own to lean on) and see every byte a replica sends.
+Everything speaks the wire protocol over blocking sockets (`ssl` for TLS): the
+tests need neither Trio nor the client library, work the same in every mode, and
+see every byte a replica sends.
 """
 from __future__ import annotations
 
@@ -40,10 +40,10 @@ from cypaxos.security.secrets import load_keys
 from cypaxos.tools.local import LocalCluster, child_env, free_ports, leader_of
 
 __all__ = [
-    "MODES", "MAX_SESSIONS", "ModeCluster", "Client", "HonestConnection", "AuthRefused", "RawConnection",
-    "attacker_tls_context", "tls_client_hello", "source_address", "frame", "peer_proof", "rss_kib",
-    "peak_rss_kib", "reset_peak_rss", "PeakGrowth", "mib", "auth_failures", "wait_converged",
-    "assert_intact", "READY_TIMEOUT_S",
+    "MODES", "MAX_SESSIONS", "READY_TIMEOUT_S", "CALL_TIMEOUT_S", "ModeCluster", "Client",
+    "HonestConnection", "AuthRefused", "RawConnection", "attacker_tls_context",
+    "tls_client_hello", "source_address", "frame", "peer_proof", "rss_kib", "peak_rss_kib",
+    "reset_peak_rss", "PeakGrowth", "mib", "auth_failures", "wait_converged", "assert_intact",
 ]
 
 MODES = ("tls", "secret", "local")
@@ -53,8 +53,6 @@ evicts in a few dozen registrations."""
 READY_TIMEOUT_S = 60.0
 CALL_TIMEOUT_S = 30.0
 """How long an honest call may take, elections included (generous: 2 shared cores)."""
-
-_HOST = "127.0.0.1"
 
 
 def frame(body) -> bytes:
@@ -89,6 +87,7 @@ class ModeCluster(LocalCluster):
         self.nofile = nofile
         self.certs = root / "certs"
         self.token: Optional[bytes] = None
+        self._client_tls: Optional[ssl.SSLContext] = None
         self._secret_file = root / "cluster.secret"
         if mode == "tls":
             result = subprocess.run(
@@ -141,9 +140,11 @@ class ModeCluster(LocalCluster):
         """What an honest client dials with under TLS (None in the other modes)."""
         if self.mode != "tls":
             return None
-        return tls_files.client_context(tls_files.TLS(
-            ca=self.certs / "ca.pem", cert=self.certs / "client.pem",
-            key=self.certs / "client.key"))
+        if self._client_tls is None:
+            self._client_tls = tls_files.client_context(tls_files.TLS(
+                ca=self.certs / "ca.pem", cert=self.certs / "client.pem",
+                key=self.certs / "client.key"))
+        return self._client_tls
 
     def connect(self, address: str, timeout: float = 10.0) -> "HonestConnection":
         """A connection to `address` that authenticated as this mode's honest client."""
