@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 
+from cypaxos.security.secrets import load_or_create_key_file
 from cypaxos.storage.wal import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
 from cypaxos.tools.local import PARENT_PID_ENV, child_env, free_ports
 from cypaxos.tools.local import probe_status  # noqa: F401 - also used by test_fuzz_live
@@ -131,7 +132,13 @@ def _child_env(extra: dict | None = None) -> dict:
 class JepsenCluster:
     def __init__(self, bed: Bed, replicas: int, root: str, *, proxy: bool = False,
                  faketime: str | None = None, tick_ms: int = 10, seed: int = 0,
-                 extra_args: tuple = ()):
+                 extra_args: tuple = (), auth: str = "secret"):
+        # auth "secret": the replicas prove a cluster secret generated in `root` and
+        # admit anonymous clients (as `cypaxos local`'s do), so every fault runs over
+        # authenticated peer links; "insecure": --insecure, for tests that speak to a
+        # replica as a peer without the secret.
+        if auth not in ("secret", "insecure"):
+            raise ValueError(f"auth {auth!r}")
         self.bed = bed
         self.n = replicas
         self.root = root
@@ -142,6 +149,13 @@ class JepsenCluster:
         self.cluster_id = f"jepsen-{seed}"
         self.ids = list(range(1, replicas + 1))
         os.makedirs(root, exist_ok=True)
+        if auth == "secret":
+            self.secret_file = os.path.join(root, "cluster.secret")
+            load_or_create_key_file(self.secret_file, "cluster secret file")
+            self.auth_args = ["--cluster-secret-file", self.secret_file,
+                              "--allow-anonymous-clients"]
+        else:
+            self.auth_args = ["--insecure"]
         netns = isinstance(bed, NetnsBed)
         if netns:
             ports = {i: REPLICA_PORT for i in self.ids}
@@ -204,7 +218,7 @@ class JepsenCluster:
         r = self.replicas[i]
         # The shim records what each fsync made durable (for the power-loss nemesis);
         # past that it is exactly `python -m cypaxos serve ...`.
-        argv = [sys.executable, SHIM_SCRIPT, self.synced_log(i), "serve", "--insecure", "--id", str(i),
+        argv = [sys.executable, SHIM_SCRIPT, self.synced_log(i), "serve", *self.auth_args, "--id", str(i),
                 "--cluster", self.cluster_spec(i), "--cluster-id", self.cluster_id,
                 "--data-dir", r.data_dir, "--fsync", "always", "--tick-ms", str(self.tick_ms)]
         return self.bed.wrap(f"r{i}", argv + list(self.extra_args))
