@@ -58,7 +58,8 @@ from .options import ServerOptions, default_cluster_id, load_state_machine
 from .outbox import Outbox, SocketTransport
 from .tlsstream import TlsOutbox
 from .peers import peer_link, serve_peer
-from .trust import INSECURE_WARNING, HandshakeAbandoned, HandshakeRefused, accept, load_trust
+from .trust import (INSECURE_WARNING, HandshakeAbandoned, HandshakeRefused, accept, linger,
+                    load_trust)
 
 __all__ = ["ReplicaServer", "serve", "run_server", "open_listeners", "open_metrics_listeners",
            "bind", "read_frames",
@@ -361,6 +362,8 @@ class ReplicaServer:
                 # A caller that never said it is a peer counts as a client.
                 self.auth_failed(host, exc.reason, kind="peer" if exc.kind == "peer" else "client",
                                  name=name, shown_kind=exc.kind)
+                if exc.stream is not None:
+                    await linger(exc.stream)
                 return
             decoder = wire.FrameDecoder(self.options.frame_bytes_max)
             if trailing:

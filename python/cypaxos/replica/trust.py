@@ -31,13 +31,17 @@ from ..security.tls import (TLS, check_own_certificate, peer_context, peer_ident
                             server_context)
 from .tlsstream import TlsStream
 
-__all__ = ["Trust", "check_flags", "load_trust", "accept", "dial_peer", "HandshakeRefused", "HandshakeAbandoned",
+__all__ = ["Trust", "check_flags", "load_trust", "accept", "dial_peer", "HandshakeRefused", "HandshakeAbandoned", "linger",
            "HANDSHAKE_READ_BYTES", "NO_AUTH_MESSAGE", "INSECURE_WARNING"]
 
 log = logging.getLogger("cypaxos.server")
 
 HANDSHAKE_READ_BYTES = 4096
 """Bytes asked of the socket per read while a connection is not yet authenticated."""
+REFUSAL_LINGER_S = 0.5
+REFUSAL_LINGER_BYTES = 1 << 18
+"""How long, and how many bytes, a refused connection is read (and dropped) before it
+is closed (`linger`)."""
 NO_AUTH_MESSAGE = (
     "this replica would accept anyone as a peer: give it --tls-ca, --tls-cert and "
     "--tls-key (cypaxos certs makes them) or --cluster-secret-file FILE (the same file "
@@ -61,11 +65,13 @@ class HandshakeRefused(Exception):
     the other side refused us; `kind`: what the caller said it was ("peer",
     "client", or "" when it never got that far)."""
 
-    def __init__(self, reason: str, *, remote: bool = False, kind: str = "") -> None:
+    def __init__(self, reason: str, *, remote: bool = False, kind: str = "",
+                 stream: Optional[trio.abc.Stream] = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.remote = remote
         self.kind = kind
+        self.stream = stream   # the connection, to `linger` on before closing it
 
 
 @dataclass(frozen=True)
@@ -164,7 +170,7 @@ async def accept(trust: Trust, stream: trio.abc.Stream,
         try:
             await stream.do_handshake()
         except trio.BrokenResourceError as exc:
-            raise HandshakeRefused(_tls_reason(exc)) from None
+            raise HandshakeRefused(_tls_reason(exc), stream=stream) from None
         certificate = peer_identity(stream)
     acceptor = Acceptor(trust.auth, member_ids, peer_certificate=certificate)
     received = await _run(acceptor, stream)
@@ -173,9 +179,28 @@ async def accept(trust: Trust, stream: trio.abc.Stream,
         if acceptor.closed_early:
             # Gone before the handshake ended: nothing was refused (a probe, a crash).
             raise HandshakeAbandoned(received)
-        raise HandshakeRefused(outcome.reason, remote=outcome.remote, kind=acceptor.hello_kind)
+        raise HandshakeRefused(outcome.reason, remote=outcome.remote, kind=acceptor.hello_kind,
+                               stream=stream)
     assert isinstance(outcome, Authenticated)
     return stream, outcome, acceptor.trailing_data
+
+
+async def linger(stream: trio.abc.Stream) -> None:
+    """After a refusal: end our side and read (and drop) what the caller already sent,
+    for at most REFUSAL_LINGER_S and REFUSAL_LINGER_BYTES, so that closing with unread
+    bytes does not reset the connection before the refusal frame is read."""
+    transport = getattr(stream, "transport", stream)
+    received = 0
+    with trio.move_on_after(REFUSAL_LINGER_S):
+        try:
+            await transport.send_eof()
+            while received < REFUSAL_LINGER_BYTES:
+                data = await transport.receive_some(HANDSHAKE_READ_BYTES)
+                if not data:
+                    return
+                received += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
 
 
 async def dial_peer(trust: Trust, stream: trio.abc.Stream, peer_id: int) -> trio.abc.Stream:
