@@ -28,11 +28,16 @@ class Outbox:
     order on the connection is the order of `put`.
     """
 
-    __slots__ = ("frames", "frames_max", "fd", "writing", "wakeup", "closed")
+    __slots__ = ("frames", "frames_max", "queued_bytes", "bytes_max", "fd", "writing",
+                 "wakeup", "closed")
 
-    def __init__(self, frames_max: int) -> None:
+    def __init__(self, frames_max: int, bytes_max: int = 1 << 62) -> None:
         self.frames: list = []      # queued and not yet handed to the kernel, in order
         self.frames_max = frames_max
+        # Invariant: queued_bytes is the length of every frame in `frames` plus what
+        # the writer task took and has not finished sending.
+        self.queued_bytes = 0
+        self.bytes_max = bytes_max  # put() refuses once this many bytes wait
         self.fd = -1                # the connected socket's fd (-1: not connected)
         # The writer task owns the socket (a send_all is in progress or due): flush()
         # must not write around it.  Invariant: writing implies fd >= 0.
@@ -41,10 +46,13 @@ class Outbox:
         self.closed = False         # no more frames accepted; the writer drains and ends
 
     def put(self, frame: bytes) -> bool:
-        """Queue a frame; False if the outbox is closed or full (the caller decides)."""
-        if self.closed or len(self.frames) >= self.frames_max:
+        """Queue a frame; False if the outbox is closed or full (the caller decides):
+        `frames_max` frames, or `bytes_max` bytes, are waiting."""
+        if (self.closed or len(self.frames) >= self.frames_max
+                or self.queued_bytes >= self.bytes_max):
             return False
         self.frames.append(frame)
+        self.queued_bytes += len(frame)
         return True
 
     def flush(self) -> None:
@@ -61,10 +69,12 @@ class Outbox:
             written = 0
         if written < len(data):
             self.frames = [data[written:]]
+            self.queued_bytes = len(data) - written
             self.writing = True
             self.wakeup.set()
         else:
             frames.clear()
+            self.queued_bytes = 0
 
     def close(self) -> None:
         """Accept no more frames; the writer sends what is queued, then returns."""
@@ -86,20 +96,26 @@ class Outbox:
                     continue
                 self.writing = True
                 frames, self.frames = self.frames, []
-                await stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+                data = frames[0] if len(frames) == 1 else b"".join(frames)
+                del frames
+                await stream.send_all(data)
+                self.queued_bytes -= len(data)
         finally:
             self.writing = False
             self.fd = -1
 
 
 class Conn(Outbox):
-    """One client connection: its outbox of replies."""
+    """One client connection: its outbox of replies, and what its watchdog
+    (`cypaxos.replica.clients`) counts: requests read, replies queued."""
 
-    __slots__ = ("name",)
+    __slots__ = ("name", "requests", "replies")
 
-    def __init__(self, name: str, frames_max: int) -> None:
-        super().__init__(frames_max)
+    def __init__(self, name: str, frames_max: int, bytes_max: int = 1 << 62) -> None:
+        super().__init__(frames_max, bytes_max)
         self.name = name
+        self.requests = 0   # requests read from the connection
+        self.replies = 0    # replies queued (requests - replies: in flight, roughly)
 
 
 class SocketTransport:
@@ -110,7 +126,8 @@ class SocketTransport:
     tuple of one ACCEPT, sharing the values list, so the comparison is cheap) and
     queues it on the peer's outbox (dropped, and counted, when the link's queue is
     full: the core resends what matters).  `reply` queues a reply on the client's
-    `Conn`, cutting off a client that does not read its replies.  `flush` writes every
+    `Conn`, cutting off a client that does not read its replies (its queue holds
+    `frames_max` frames or `bytes_max` bytes); `backlog` says how many bytes wait.  `flush` writes every
     outbox that got frames since the last flush, one `os.write` each.
     """
 
@@ -137,6 +154,7 @@ class SocketTransport:
             self.stats["peer_drops"] += 1
 
     def reply(self, conn: Conn, reply: list) -> None:
+        conn.replies += 1
         if conn.put(encode_frame(reply)):
             self.dirty.add(conn)
         elif not conn.closed:
@@ -144,6 +162,10 @@ class SocketTransport:
             # buffer without bound.
             self.stats["client_drops"] += 1
             conn.close()
+
+    def backlog(self, conn: Conn) -> int:
+        """Bytes of replies queued for `conn` that its socket has not taken yet."""
+        return conn.queued_bytes
 
     def flush(self) -> None:
         dirty = self.dirty

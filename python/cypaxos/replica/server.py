@@ -179,7 +179,8 @@ class ReplicaServer:
                     incoming_bytes_max=options.snapshot_receive_bytes_max,
                     log_interval_ticks=max(1, round(LOG_REPEAT_INTERVAL_S * ticks_per_s)),
                     status={"fsync": options.fsync,
-                            "read_lease_ms": config.lease_ticks * options.tick_ms}),
+                            "read_lease_ms": config.lease_ticks * options.tick_ms},
+                    **options.client_limits()),
                 core, self.storage, self.transport, self.kick,
                 validate_state=self.validate_state)
             self.transport.stats = self.node.stats
