@@ -134,6 +134,7 @@ class ReplicaServer:
             raise ConfigError(f"--id {options.replica_id} is not in --cluster "
                               f"({', '.join(str(i) for i in sorted(options.cluster))})")
         config = options.core_config()   # ConfigError for a lease that does not fit
+        client_limits = options.client_limits()   # ... or a client bound that cannot work
         self.options = options
         self.replica_id = options.replica_id
         self.cluster = dict(options.cluster)
@@ -180,7 +181,7 @@ class ReplicaServer:
                     log_interval_ticks=max(1, round(LOG_REPEAT_INTERVAL_S * ticks_per_s)),
                     status={"fsync": options.fsync,
                             "read_lease_ms": config.lease_ticks * options.tick_ms},
-                    **options.client_limits()),
+                    **client_limits),
                 core, self.storage, self.transport, self.kick,
                 validate_state=self.validate_state)
             self.transport.stats = self.node.stats
