@@ -234,10 +234,12 @@ def test_a_client_that_does_not_read_its_replies_gets_busy(cluster):
     raw = Raw(cluster.address(replica), rcvbuf=4096)
     try:
         query = [commands.encode_get(b"unread")]
+        _wait_for(lambda: commands.decode_get(raw.ask(wire.read_request(
+                      1, query, stale=True))[2][0]), "the follower to apply the put")
         count = 200   # 50 MiB of replies: far more than the sockets hold
         before = _stats(cluster, replica)["reads_busy"]
         raw.sock.sendall(b"".join(wire.encode_frame(wire.read_request(i, query, stale=True))
-                                  for i in range(1, count + 1)))
+                                  for i in range(2, count + 2)))
         # Read nothing until the replica has refused some: its backlog is then past
         # the bound whatever the sockets hold.
         _wait_for(lambda: _stats(cluster, replica)["reads_busy"] > before,
@@ -249,7 +251,7 @@ def test_a_client_that_does_not_read_its_replies_gets_busy(cluster):
             if reply[0] == "error":
                 assert "waiting to be read" in reply[3]
         assert "busy" in codes, codes
-        assert raw.ask(wire.status_request(count + 1))[0] == "ok"
+        assert raw.ask(wire.status_request(count + 2))[0] == "ok"
     finally:
         raw.close()
 
@@ -375,3 +377,41 @@ async def test_the_watchdog_drops_a_torn_frame_not_a_slow_stream(autojump_clock)
     reading.waiting = False
     scope = await _watch_for(conn, decoder, reading, 5)
     assert not scope.cancelled
+
+
+async def test_the_watchdog_lets_a_slow_reader_drain_and_closes_a_stopped_one(autojump_clock):
+    conn, decoder, reading = Conn("c", 10), wire.FrameDecoder(), clients._Reading()
+    conn.queued_bytes = 100 << 20   # replies queued, all requests answered
+
+    async def drain():
+        while conn.queued_bytes:
+            await trio.sleep(5)   # slower than the idle timeout in all, but moving
+            conn.queued_bytes -= 1 << 20
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain)
+        scope = await _watch_for(conn, decoder, reading, 300)
+        nursery.cancel_scope.cancel()
+    assert not scope.cancelled
+    scope = await _watch_for(conn, decoder, reading, 60)   # it stopped reading
+    assert scope.cancelled and reading.expired == "idle"
+
+
+async def test_the_writer_sends_a_long_backlog_whole_in_counted_slices():
+    a, b = trio.socket.socketpair()
+    sender, receiver = trio.SocketStream(a), trio.SocketStream(b)
+    box = Outbox(1000)
+    frames = [bytes([i]) * (700 << 10) for i in range(5)]   # 3.4 MiB, in 5 frames
+    for frame in frames:
+        assert box.put(frame)
+    seen_queued = set()
+    got = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(box.run_writer, sender)
+        while len(got) < len(b"".join(frames)):
+            seen_queued.add(box.queued_bytes)
+            got += await receiver.receive_some(1 << 16)
+        box.close()
+    assert bytes(got) == b"".join(frames) and box.queued_bytes == 0
+    assert len(seen_queued) >= 3, "the backlog went down in one step"
+    await sender.aclose()
+    await receiver.aclose()

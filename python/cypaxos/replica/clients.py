@@ -4,8 +4,8 @@ connection's `Conn` (written by the node's flushes, the rest by a writer task).
 Bounded (`cypaxos.replica.limits`, docs/security.md "Limits"): the `Conn` holds at
 most `CLIENT_QUEUE_MAX` frames and `limits.hard_buffer_bytes` bytes of unsent
 replies (past either the client is cut off), and a watchdog task closes the
-connection once it has been idle (no request in flight, nothing received) for
-`client_idle_timeout_s`, or once a request frame has been incomplete for
+connection once it has been idle (no request in flight, nothing received, no reply
+bytes sent) for `client_idle_timeout_s`, or once a request frame has been incomplete for
 `frame_timeout_s`.  The watchdog wakes a few times per timeout and compares
 counters the reading loop bumps: the hot path reads no clock.
 """
@@ -41,7 +41,7 @@ async def _watch(conn: Conn, decoder: wire.FrameDecoder, reading: _Reading,
     incomplete for `frame_s` (each noticed within half the shorter timeout)."""
     period = watch_period(idle_s, frame_s)
     now = trio.current_time()
-    seen = (-1, -1)           # (bytes received, replies) at the last change
+    seen = (-1, -1, -1)       # the activity counters at their last change
     quiet_since = now
     torn_at = -1              # requests read when the torn frame was first seen
     torn_since = math.inf
@@ -57,7 +57,9 @@ async def _watch(conn: Conn, decoder: wire.FrameDecoder, reading: _Reading,
                 return
         else:
             torn_at, torn_since = -1, math.inf
-        activity = (reading.received, conn.replies)
+        # Bytes in, replies queued, or queued replies going out (a slow reader
+        # draining a backlog is not idle; one that stopped reading is).
+        activity = (reading.received, conn.replies, conn.queued_bytes)
         if activity != seen:
             seen, quiet_since = activity, now
         elif conn.requests <= conn.replies and now - quiet_since >= idle_s:

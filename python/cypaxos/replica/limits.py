@@ -20,8 +20,9 @@ __all__ = ["IDLE_TIMEOUT_S", "FRAME_TIMEOUT_S", "REPLY_BYTES_MAX", "REPLY_BYTES_
            "watch_period"]
 
 IDLE_TIMEOUT_S = 300.0
-"""A client connection with no request in flight on which nothing arrived for this
-long is closed.  The project's client keeps its connection open while idle (no
+"""A client connection with no request in flight on which nothing arrived and no
+reply went out for this long is closed (one that stopped reading a backlog of
+replies too: progress is counted per MiB sent).  The project's client keeps its connection open while idle (no
 keepalives) and, when a replica closes it, redials at its next call and resends what
 was unanswered: an idle close costs it one reconnect, never a failed call.  Five
 minutes is long enough that a client calling even once a minute never reconnects,

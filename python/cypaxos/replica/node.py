@@ -176,6 +176,7 @@ class ReplicaNode:
             for p in self.cluster if p != self.replica_id}
         self._send = transport.send
         self._reply = transport.reply
+        self._backlog = transport.backlog
 
     # ------------------------------------------------------------------ recovery
 
@@ -517,7 +518,7 @@ class ReplicaNode:
         `reply_bytes_max` is refused ``too_large`` as soon as they do, so a frame of
         gets of one big value never builds more than one reply's worth."""
         options = self.options
-        if self.transport.backlog(conn) >= options.backlog_bytes_max:
+        if self._backlog(conn) >= options.backlog_bytes_max:
             self.stats["reads_busy"] += 1
             self._reply(conn, wire.error(request_id, "busy",
                                          "replies to this connection are waiting to be read"))

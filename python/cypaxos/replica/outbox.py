@@ -15,7 +15,10 @@ import trio
 
 from ..wire import encode_frame
 
-__all__ = ["Outbox", "Conn", "SocketTransport"]
+__all__ = ["Outbox", "Conn", "SocketTransport", "SEND_CHUNK_BYTES"]
+
+SEND_CHUNK_BYTES = 1 << 20
+"""The writer task sends a long backlog in slices of this (counted as they go)."""
 
 
 class Outbox:
@@ -98,8 +101,17 @@ class Outbox:
                 frames, self.frames = self.frames, []
                 data = frames[0] if len(frames) == 1 else b"".join(frames)
                 del frames
-                await stream.send_all(data)
-                self.queued_bytes -= len(data)
+                if len(data) <= SEND_CHUNK_BYTES:
+                    await stream.send_all(data)
+                    self.queued_bytes -= len(data)
+                    continue
+                # In slices, so that queued_bytes shows a slow reader's progress (a
+                # client's watchdog tells a slow connection from a dead one by it).
+                view = memoryview(data)
+                for start in range(0, len(data), SEND_CHUNK_BYTES):
+                    part = view[start:start + SEND_CHUNK_BYTES]
+                    await stream.send_all(part)
+                    self.queued_bytes -= len(part)
         finally:
             self.writing = False
             self.fd = -1

@@ -58,8 +58,8 @@ def _add_client_limit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-idle-timeout-s", type=positive_float,
                    default=limits.IDLE_TIMEOUT_S, metavar="S",
                    help="close a client connection with no request in flight on which "
-                        "nothing arrived for this long; the client reconnects at its next "
-                        f"call (default: {limits.IDLE_TIMEOUT_S:g})")
+                        "nothing arrived and no reply went out for this long; the client "
+                        f"reconnects at its next call (default: {limits.IDLE_TIMEOUT_S:g})")
     p.add_argument("--frame-timeout-s", type=positive_float,
                    default=limits.FRAME_TIMEOUT_S, metavar="S",
                    help="close a client connection whose request frame, once begun, is "
