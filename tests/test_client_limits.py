@@ -24,6 +24,7 @@ import trio
 import cypaxos
 from cypaxos import commands, wire
 from cypaxos.addresses import split_address
+from cypaxos.client.connection import REPLY_FRAME_BYTES_MAX
 from cypaxos.errors import ConfigError, RequestError
 from cypaxos.replica import clients, limits
 from cypaxos.replica.options import ServerOptions
@@ -298,6 +299,8 @@ def test_serve_flags_and_their_checks(tmp_path):
                 ["--frame-timeout-s", "0"], ["--queries-per-read-max", "0"]):
         with pytest.raises(SystemExit):
             parser.parse_args(base + bad)
+    # Every reply a replica may send must be readable by the client.
+    assert 2 * limits.REPLY_BYTES_LIMIT <= REPLY_FRAME_BYTES_MAX
     with pytest.raises(ConfigError, match="--reply-bytes-max"):
         ServerOptions(1, {1: "127.0.0.1:7001"}, str(tmp_path),
                       reply_bytes_max=limits.REPLY_BYTES_LIMIT + 1).client_limits()
