@@ -257,6 +257,31 @@ def test_a_client_that_does_not_read_its_replies_gets_busy(cluster):
         raw.close()
 
 
+def test_a_client_whose_unsent_replies_pass_the_hard_bound_is_cut_off(cluster):
+    replica = _follower(cluster)
+    before = _stats(cluster, replica)["client_drops"]
+    raw = Raw(cluster.address(replica), rcvbuf=4096)
+    try:
+        # Status replies are not reads (never answered busy): about 2 KiB each, so
+        # these pass the hard bound (64 KiB + 1 MiB + 1 MiB) with room to spare for
+        # whatever the sockets hold.
+        count = 20000
+        raw.sock.sendall(b"".join(wire.encode_frame(wire.status_request(i))
+                                  for i in range(1, count + 1)))
+        _wait_for(lambda: _stats(cluster, replica)["client_drops"] > before,
+                  "the replica to cut the client off")
+        replies = 0
+        while raw.frame() is not None:   # what was queued, then the end
+            replies += 1
+        assert replies < count
+    finally:
+        raw.close()
+    assert "it did not read its replies" in _log(cluster, replica)
+    with cypaxos.connect(cluster.cluster_arg, timeout=30) as kv:
+        kv.put(b"after-cut-off", b"served")
+        assert kv.get(b"after-cut-off") == b"served"
+
+
 # ---------------------------------------------------------------------- snapshots
 
 def test_snapshot_requests_past_the_rate_are_refused(cluster):
@@ -352,6 +377,14 @@ async def test_the_watchdog_closes_an_idle_connection_and_only_that(autojump_clo
     reading = clients._Reading()
     scope = await _watch_for(conn, decoder, reading, 600)
     assert not scope.cancelled
+
+
+async def test_the_watchdog_ends_a_connection_cut_off_under_it(autojump_clock):
+    conn, decoder, reading = Conn("c", 10), wire.FrameDecoder(), clients._Reading()
+    conn.cut_off = True
+    conn.close()
+    scope = await _watch_for(conn, decoder, reading, 5)
+    assert scope.cancelled and reading.expired == "cut_off"
 
 
 async def test_the_watchdog_drops_a_torn_frame_not_a_slow_stream(autojump_clock):

@@ -38,7 +38,8 @@ class _Reading:
 async def _watch(conn: Conn, decoder: wire.FrameDecoder, reading: _Reading,
                  idle_s: float, frame_s: float, reader: trio.CancelScope) -> None:
     """Cancel `reader` once the connection was idle for `idle_s` or a frame has been
-    incomplete for `frame_s` (each noticed within half the shorter timeout)."""
+    incomplete for `frame_s` (each noticed within half the shorter timeout), or once
+    the connection was closed under it (a client cut off)."""
     period = watch_period(idle_s, frame_s)
     now = trio.current_time()
     seen = (-1, -1, -1)       # the activity counters at their last change
@@ -47,6 +48,12 @@ async def _watch(conn: Conn, decoder: wire.FrameDecoder, reading: _Reading,
     torn_since = math.inf
     while True:
         await trio.sleep(period)
+        if conn.closed:
+            # Cut off (it did not read its replies) or its socket failed: the reader
+            # may be waiting for bytes that never come.
+            reading.expired = "cut_off" if conn.cut_off else ""
+            reader.cancel()
+            return
         now = trio.current_time()
         if reading.waiting and decoder.buffered:
             if torn_at != conn.requests:
@@ -142,8 +149,9 @@ async def serve_client(server, stream: trio.SocketStream, decoder: wire.FrameDec
             nursery.cancel_scope.deadline = trio.current_time() + 1
     if failure is not None:
         raise failure
-    if reading.expired:
-        _expired(server, name, reading.expired)
+    why = reading.expired or ("cut_off" if conn.cut_off else "")
+    if why:
+        _expired(server, name, why)
 
 
 def _expired(server, name: str, why: str) -> None:
@@ -151,7 +159,12 @@ def _expired(server, name: str, why: str) -> None:
     closed."""
     host = name.rpartition(":")[0] or name
     options = server.options
-    if why == "idle":
+    if why == "cut_off":   # counted as client_drops where it was cut off
+        server.limited_log.warning(("client_cut_off", host),
+                                   "dropped client connection %s: it did not read its "
+                                   "replies (%d frames or --client-buffer-bytes-max bytes "
+                                   "were waiting)", name, CLIENT_QUEUE_MAX)
+    elif why == "idle":
         server.node.stats["client_idle_timeouts"] += 1
         server.limited_log.info(("client_idle", host),
                                 "closed client connection %s: idle for %g s "

@@ -175,6 +175,7 @@ class ReplicaNode:
             p: SnapshotReceiver(options.incoming_bytes_max)
             for p in self.cluster if p != self.replica_id}
         self._send = transport.send
+        self.digest_at: Optional[tuple] = None   # (applied index, its state digest)
         self._reply = transport.reply
         self._backlog = transport.backlog
 
@@ -562,6 +563,15 @@ class ReplicaNode:
             return 0
         return core.now - core.statistics()["leader_heard_tick"]
 
+    def state_digest(self) -> Any:
+        """The state machine's digest, computed once per applied index: it hashes the
+        whole state, and a client may ask for status many times a frame (the state
+        changes only by applying, restores included, both of which move the index)."""
+        applied = self.core.applied_index
+        if self.digest_at is None or self.digest_at[0] != applied:
+            self.digest_at = (applied, self.state_machine.state_digest())
+        return self.digest_at[1]
+
     def status(self) -> dict:
         """This replica's status fields (DESIGN.md section 4) and counters."""
         core = self.core
@@ -577,7 +587,7 @@ class ReplicaNode:
             "leader": self.leader_address(),
             "commit_index": core.commit_index,
             "applied_index": core.applied_index,
-            "state_digest": self.state_machine.state_digest(),
+            "state_digest": self.state_digest(),
             "snapshot_index": self.snapshot_index,
             "log_start": core.log_start,
             "wal_first_seq": storage.first_seq,

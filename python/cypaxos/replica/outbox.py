@@ -121,13 +121,14 @@ class Conn(Outbox):
     """One client connection: its outbox of replies, and what its watchdog
     (`cypaxos.replica.clients`) counts: requests read, replies queued."""
 
-    __slots__ = ("name", "requests", "replies")
+    __slots__ = ("name", "requests", "replies", "cut_off")
 
     def __init__(self, name: str, frames_max: int, bytes_max: int = 1 << 62) -> None:
         super().__init__(frames_max, bytes_max)
         self.name = name
         self.requests = 0   # requests read from the connection
         self.replies = 0    # replies queued (requests - replies: in flight, roughly)
+        self.cut_off = False   # closed because it did not read its replies
 
 
 class SocketTransport:
@@ -173,6 +174,7 @@ class SocketTransport:
             # A client that does not read its replies is cut off rather than let us
             # buffer without bound.
             self.stats["client_drops"] += 1
+            conn.cut_off = True
             conn.close()
 
     def backlog(self, conn: Conn) -> int:
