@@ -140,8 +140,9 @@ class SocketTransport:
     queues it on the peer's outbox (dropped, and counted, when the link's queue is
     full: the core resends what matters).  `reply` queues a reply on the client's
     `Conn`, cutting off a client that does not read its replies (its queue holds
-    `frames_max` frames or `bytes_max` bytes); `backlog` says how many bytes wait.  `flush` writes every
-    outbox that got frames since the last flush, one `os.write` each.
+    `frames_max` frames or `bytes_max` bytes); `backlog` says how many bytes wait.
+    `flush` writes every outbox that got frames since the last flush, one `os.write`
+    each.
     """
 
     __slots__ = ("peer_links", "dirty", "stats", "last_peer_msg", "last_peer_frame")
