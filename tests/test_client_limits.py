@@ -26,7 +26,7 @@ from cypaxos import commands, wire
 from cypaxos.addresses import split_address
 from cypaxos.client.connection import REPLY_FRAME_BYTES_MAX
 from cypaxos.errors import ConfigError, RequestError
-from cypaxos.replica import clients, limits
+from cypaxos.replica import backup, clients, limits
 from cypaxos.replica.options import ServerOptions
 from cypaxos.replica.outbox import Conn, Outbox
 from cypaxos.tools.cli import build_parser
@@ -262,10 +262,10 @@ def test_a_client_whose_unsent_replies_pass_the_hard_bound_is_cut_off(cluster):
     before = _stats(cluster, replica)["client_drops"]
     raw = Raw(cluster.address(replica), rcvbuf=4096)
     try:
-        # Status replies are not reads (never answered busy): about 2 KiB each, so
-        # these pass the hard bound (64 KiB + 1 MiB + 1 MiB) with room to spare for
-        # whatever the sockets hold.
-        count = 20000
+        # Status replies are not reads (never answered busy): about 1 KiB each, so
+        # these pass the hard bound (here its floor, 10 MiB, which leaves a backup
+        # its 8 MiB and a chunk) with room to spare for whatever the sockets hold.
+        count = 40000
         raw.sock.sendall(b"".join(wire.encode_frame(wire.status_request(i))
                                   for i in range(1, count + 1)))
         _wait_for(lambda: _stats(cluster, replica)["client_drops"] > before,
@@ -324,6 +324,9 @@ def test_serve_flags_and_their_checks(tmp_path):
                 ["--frame-timeout-s", "0"], ["--queries-per-read-max", "0"]):
         with pytest.raises(SystemExit):
             parser.parse_args(base + bad)
+    # A backup's reads stop at their own bound, below the cut-off, whatever the flags.
+    assert limits.hard_buffer_bytes(1 << 16, 1) > (backup.BACKUP_QUEUED_BYTES_MAX
+                                                   + backup.BACKUP_CHUNK_BYTES)
     # Every reply a replica may send must be readable by the client.
     assert 2 * limits.REPLY_BYTES_LIMIT <= REPLY_FRAME_BYTES_MAX
     with pytest.raises(ConfigError, match="--reply-bytes-max"):

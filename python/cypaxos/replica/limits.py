@@ -70,8 +70,12 @@ def hard_buffer_bytes(buffer_bytes_max: int, reply_bytes_max: int) -> int:
     """Unsent reply bytes at which a connection is cut off: reads stop being answered
     at `buffer_bytes_max`, so only the last reply answered below it (at most
     `reply_bytes_max` of results, plus their encoding) and small non-read replies
-    may pass it."""
-    return buffer_bytes_max + reply_bytes_max + (1 << 20)
+    may pass it; nor may a backup's reads, which stop at their own bound
+    (`replica.backup`), reach it."""
+    from .backup import BACKUP_CHUNK_BYTES, BACKUP_QUEUED_BYTES_MAX
+
+    return max(buffer_bytes_max + reply_bytes_max,
+               BACKUP_QUEUED_BYTES_MAX + BACKUP_CHUNK_BYTES) + (1 << 20)
 
 
 def watch_period(idle_timeout_s: float, frame_timeout_s: float) -> float:
