@@ -321,6 +321,9 @@ class Net:
     def reply(self, conn, reply: list) -> None:
         self.driver.replies.append((self.rid, conn, reply))
 
+    def backlog(self, conn) -> int:
+        return 0
+
     def flush(self) -> None:
         pass
 

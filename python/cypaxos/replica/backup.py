@@ -57,7 +57,7 @@ class BackupReader:
         """Queue the reply to one ``("backup_read", id, index, offset)`` request."""
         _, request_id, index, offset = request
         reply = self.server.node.transport.reply
-        if sum(map(len, conn.frames)) > BACKUP_QUEUED_BYTES_MAX:
+        if conn.queued_bytes > BACKUP_QUEUED_BYTES_MAX:   # the writer's share too
             reply(conn, wire.error(request_id, "busy", "replies are waiting to be read"))
             return
         if index != self.index or self.fd < 0:

@@ -1,5 +1,6 @@
-"""Reading frames from a Trio stream into a `cypaxos.wire.FrameDecoder` (peers and
-clients alike)."""
+"""Reading frames from a Trio stream into a `cypaxos.wire.FrameDecoder` (hellos and
+peers; a client's connection has its own loop in `replica.clients`, which counts
+what its watchdog needs)."""
 from __future__ import annotations
 
 import trio

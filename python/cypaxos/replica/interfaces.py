@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .limits import CLIENT_BUFFER_BYTES_MAX, QUERIES_PER_READ_MAX, REPLY_BYTES_MAX
+
 __all__ = ["Storage", "Transport", "NodeOptions"]
 
 
@@ -85,6 +87,9 @@ class Transport(Protocol):
     def reply(self, conn: Any, reply: list) -> None:
         """Queue a reply (`cypaxos.wire` ok/redirect/error) to a client connection."""
 
+    def backlog(self, conn: Any) -> int:
+        """Bytes of replies queued for `conn` and not yet sent (0 if unknown)."""
+
     def flush(self) -> None:
         """Write everything queued since the last flush."""
 
@@ -107,5 +112,11 @@ class NodeOptions:
     incoming_bytes_max: int = 1 << 34  # a snapshot transfer over this many bytes is refused
     log_interval_ticks: int = 6000    # a repeated warning is logged at most once per this
     status: dict = field(default_factory=dict)  # fixed status fields added by the runner
+    # What one client may cost (replica.limits, docs/security.md "Limits").
+    queries_per_read_max: int = QUERIES_PER_READ_MAX   # more in one read: too_large
+    reply_bytes_max: int = REPLY_BYTES_MAX  # a read whose results pass this: too_large
+    backlog_bytes_max: int = CLIENT_BUFFER_BYTES_MAX  # reads answered busy past this
+    snapshot_requests_max: int = 0     # snapshot requests per window (0: no bound)
+    snapshot_window_ticks: int = 6000  # the ticks of one minute: snapshot_requests_max's window
     check_invariants: bool = False    # assert the node's invariants after every drive (slow)
     fault: int = 0                    # test-only FAULT_* bits; never set in production

@@ -219,9 +219,19 @@ class ReplicaCollector:
         dropped.add_metric(["bad_frame"], stats["bad_frames"])
         dropped.add_metric(["no_hello"], stats["hello_timeouts"])
         dropped.add_metric(["slow_client"], stats["client_drops"])
+        dropped.add_metric(["frame_timeout"], stats["client_frame_timeouts"])
         dropped.add_metric(["error"], stats["connection_errors"])
         dropped.add_metric(["connections_max"], stats["connections_refused"])
         yield dropped
+        # Apart from the drops: closing idle connections is routine, not misbehaviour.
+        yield counter("cypaxos_client_idle_closes", "Client connections closed after "
+                      "--client-idle-timeout-s without a request", stats["client_idle_timeouts"])
+        refused = CounterMetricFamily("cypaxos_client_requests_refused", "Client requests "
+                                      "refused by a per-client bound", labels=["reason"])
+        refused.add_metric(["read_too_large"], stats["reads_too_large"])
+        refused.add_metric(["replies_unread"], stats["reads_busy"])
+        refused.add_metric(["snapshot_rate"], stats["snapshot_requests_refused"])
+        yield refused
         yield counter("cypaxos_peer_messages_dropped", "Messages to peers dropped because "
                       "the link's queue was full (the core resends what matters)",
                       stats["peer_drops"])

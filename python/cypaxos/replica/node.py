@@ -136,7 +136,10 @@ class ReplicaNode:
                       "snapshots_refused": 0, "snapshots_corrupt": 0,
                       "snapshot_sends_failed": 0, "transfer_chunks": 0,
                       "leader_changes": 0, "hello_timeouts": 0, "connection_errors": 0,
-                      "connections_refused": 0, "auth_failures": 0}
+                      "connections_refused": 0, "auth_failures": 0,
+                      # The bounds on one client (replica.limits): what was refused.
+                      "client_idle_timeouts": 0, "client_frame_timeouts": 0,
+                      "reads_too_large": 0, "reads_busy": 0, "snapshot_requests_refused": 0}
         # Commands per slot this replica proposed as leader (one observation a slot).
         self.batch_commands = Histogram(BATCH_COMMANDS_BUCKETS)
         # The commit index each peer last reported (ACCEPTED, HEARTBEAT_ACK): a
@@ -161,6 +164,9 @@ class ReplicaNode:
         self.snapshot_job: Optional[_SnapshotJob] = None
         self.snapshot_waiters: list = []   # (conn, request_id) answered after the next snapshot
         self.snapshot_again = False        # a snapshot was asked for while one ran
+        # Ticks at which the snapshot requests of the last window were accepted
+        # (at most snapshot_requests_max of them, oldest first).
+        self.snapshot_requests: deque = deque()
         self.pending_install: Optional[tuple] = None  # (peer, index, snapshot) waiting for the job
         self.senders: dict[int, SnapshotSender] = {}
         self.reading_snapshot = 0     # the index of a snapshot file being read for senders
@@ -170,7 +176,9 @@ class ReplicaNode:
             p: SnapshotReceiver(options.incoming_bytes_max)
             for p in self.cluster if p != self.replica_id}
         self._send = transport.send
+        self.digest_at: Optional[tuple] = None   # (applied index, its state digest)
         self._reply = transport.reply
+        self._backlog = transport.backlog
 
     # ------------------------------------------------------------------ recovery
 
@@ -432,6 +440,13 @@ class ReplicaNode:
                 self._reply(conn, wire.error(request_id, "busy", "the leader's queue is full"))
         elif op == "read":
             queries, stale = request[2], request[3]
+            if len(queries) > self.options.queries_per_read_max:
+                self.stats["reads_too_large"] += 1
+                self._reply(conn, wire.error(
+                    request_id, "too_large",
+                    f"{len(queries)} queries in one read; a replica answers at most "
+                    f"{self.options.queries_per_read_max} (--queries-per-read-max)"))
+                return
             if stale:
                 self.answer_read(conn, request_id, queries)
                 return
@@ -457,8 +472,32 @@ class ReplicaNode:
             else:
                 self._reply(conn, wire.redirect(request_id, self.leader_address()))
         else:  # snapshot
+            refusal = self.snapshot_request_refusal()
+            if refusal is not None:
+                self.stats["snapshot_requests_refused"] += 1
+                self._reply(conn, wire.error(request_id, "busy", refusal))
+                return
             self.snapshot_for([(conn, request_id)])
             self.drive()
+
+    def snapshot_request_refusal(self) -> Optional[str]:
+        """None, counting one more snapshot request in this window, or why it is
+        refused: `snapshot_requests_max` were accepted in the last window already
+        (each may write the whole state to disk)."""
+        limit = self.options.snapshot_requests_max
+        if not limit:
+            return None
+        now = self.core.now
+        window = self.options.snapshot_window_ticks
+        accepted = self.snapshot_requests
+        while accepted and accepted[0] <= now - window:
+            accepted.popleft()
+        if len(accepted) >= limit:
+            wait_s = -(-(accepted[0] + window - now) * 60 // window)   # rounded up
+            return (f"this replica takes at most {limit} snapshot requests a minute "
+                    f"(--snapshot-requests-per-minute); try again in {wait_s} s")
+        accepted.append(now)
+        return None
 
     def start_or_wake(self) -> None:
         """A client request reached the core: drive now if it is alone, else batch.
@@ -474,10 +513,36 @@ class ReplicaNode:
             self.wake()
 
     def answer_read(self, conn: Any, request_id: int, queries: list) -> None:
-        """Serve a read from the state machine (linearizable once the core said so)."""
+        """Serve a read from the state machine (linearizable once the core said so).
+
+        Bounded: a connection with more than `backlog_bytes_max` reply bytes unsent is
+        answered ``busy`` (nothing evaluated), and a read whose results pass
+        `reply_bytes_max` is refused ``too_large`` as soon as they do, so a frame of
+        gets of one big value never builds more than one reply's worth."""
+        options = self.options
+        if self._backlog(conn) >= options.backlog_bytes_max:
+            self.stats["reads_busy"] += 1
+            self._reply(conn, wire.error(request_id, "busy",
+                                         "replies to this connection are waiting to be read"))
+            return
+        budget = options.reply_bytes_max
+        results = []
+        append = results.append
         try:
             query = self.state_machine.query
-            results = [query(q) for q in queries]
+            for q in queries:
+                result = query(q)
+                budget -= len(result)
+                if budget < 0:
+                    self.stats["reads_too_large"] += 1
+                    what = (f"{len(queries)} queries' results pass" if len(queries) > 1
+                            else "the result alone passes")
+                    self._reply(conn, wire.error(
+                        request_id, "too_large",
+                        f"{what} {options.reply_bytes_max} bytes, the most a replica "
+                        f"answers in one reply (--reply-bytes-max)"))
+                    return
+                append(result)
         except Exception as exc:
             self._reply(conn, wire.error(request_id, "bad_request", f"query failed: {exc}"))
             return
@@ -499,6 +564,15 @@ class ReplicaNode:
             return 0
         return core.now - core.statistics()["leader_heard_tick"]
 
+    def state_digest(self) -> Any:
+        """The state machine's digest, computed once per applied index: it hashes the
+        whole state, and a client may ask for status many times a frame (the state
+        changes only by applying, restores included, both of which move the index)."""
+        applied = self.core.applied_index
+        if self.digest_at is None or self.digest_at[0] != applied:
+            self.digest_at = (applied, self.state_machine.state_digest())
+        return self.digest_at[1]
+
     def status(self) -> dict:
         """This replica's status fields (DESIGN.md section 4) and counters."""
         core = self.core
@@ -514,7 +588,7 @@ class ReplicaNode:
             "leader": self.leader_address(),
             "commit_index": core.commit_index,
             "applied_index": core.applied_index,
-            "state_digest": self.state_machine.state_digest(),
+            "state_digest": self.state_digest(),
             "snapshot_index": self.snapshot_index,
             "log_start": core.log_start,
             "wal_first_seq": storage.first_seq,

@@ -13,6 +13,7 @@ from ..core import Config
 from ..errors import ConfigError
 from ..statemachine import KVStore, PyStateMachine
 from ..wire import FRAME_BYTES_MAX
+from . import limits
 
 __all__ = ["ServerOptions", "default_cluster_id", "load_state_machine"]
 
@@ -87,6 +88,35 @@ class ServerOptions:
     # descriptor limit less what the WAL, snapshots and peers need.
     connections_max: int | None = None
     core: dict = field(default_factory=dict)  # overrides of cypaxos.core.Config
+    # What one client may cost the replica (replica.limits has why each default is
+    # what it is; docs/security.md "Limits").  `serve --client-idle-timeout-s` etc.
+    client_idle_timeout_s: float = limits.IDLE_TIMEOUT_S
+    frame_timeout_s: float = limits.FRAME_TIMEOUT_S
+    reply_bytes_max: int = limits.REPLY_BYTES_MAX
+    queries_per_read_max: int = limits.QUERIES_PER_READ_MAX
+    client_buffer_bytes_max: int = limits.CLIENT_BUFFER_BYTES_MAX
+    snapshot_requests_per_minute: int = limits.SNAPSHOT_REQUESTS_PER_MINUTE
+
+    def client_limits(self) -> dict:
+        """The node's share of the client bounds, as `NodeOptions` fields (ConfigError,
+        one line, for a value that cannot work)."""
+        if not 0 < self.reply_bytes_max <= limits.REPLY_BYTES_LIMIT:
+            raise ConfigError(f"--reply-bytes-max {self.reply_bytes_max} is not in "
+                              f"1..{limits.REPLY_BYTES_LIMIT} (a client could not read "
+                              "larger replies)")
+        for name in ("queries_per_read_max", "client_buffer_bytes_max",
+                     "snapshot_requests_per_minute"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
+        for name in ("client_idle_timeout_s", "frame_timeout_s"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive "
+                                  "number of seconds")
+        return dict(queries_per_read_max=self.queries_per_read_max,
+                    reply_bytes_max=self.reply_bytes_max,
+                    backlog_bytes_max=self.client_buffer_bytes_max,
+                    snapshot_requests_max=self.snapshot_requests_per_minute,
+                    snapshot_window_ticks=max(1, round(60_000 / self.tick_ms)))
 
     def core_config(self) -> Config:
         """The core's settings: ~30 ms heartbeats and 250-500 ms election timeouts;

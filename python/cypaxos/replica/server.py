@@ -56,7 +56,6 @@ from .framing import HELLO_TIMEOUT_S, read_frames, receive_into
 from .node import NodeOptions, ReplicaNode
 from .options import ServerOptions, default_cluster_id, load_state_machine
 from .outbox import Outbox, SocketTransport
-from .tlsstream import TlsOutbox
 from .peers import peer_link, serve_peer
 from .trust import (INSECURE_WARNING, HandshakeAbandoned, HandshakeRefused, accept, linger,
                     load_trust)
@@ -173,6 +172,7 @@ class ReplicaServer:
             raise ConfigError(f"--id {options.replica_id} is not in --cluster "
                               f"({', '.join(str(i) for i in sorted(options.cluster))})")
         config = options.core_config()   # ConfigError for a lease that does not fit
+        client_limits = options.client_limits()   # ... or a client bound that cannot work
         self.options = options
         self.replica_id = options.replica_id
         self.cluster = dict(options.cluster)
@@ -206,8 +206,7 @@ class ReplicaServer:
                                          segment_bytes_max=options.wal_segment_bytes)
             core = Replica(self.replica_id, sorted(self.cluster), self.state_machine,
                            config, seed=int.from_bytes(os.urandom(8), "little"))
-            link = TlsOutbox if self.trust.peer_ssl is not None else Outbox
-            self.peer_links = {p: link(PEER_QUEUE_MAX) for p in self.cluster
+            self.peer_links = {p: Outbox(PEER_QUEUE_MAX) for p in self.cluster
                                if p != self.replica_id}
             self.storage = DiskStorage(wal, store)
             self.transport = SocketTransport(self.peer_links, {})
@@ -224,7 +223,8 @@ class ReplicaServer:
                     incoming_bytes_max=options.snapshot_receive_bytes_max,
                     log_interval_ticks=max(1, round(LOG_REPEAT_INTERVAL_S * ticks_per_s)),
                     status={"fsync": options.fsync,
-                            "read_lease_ms": config.lease_ticks * options.tick_ms}),
+                            "read_lease_ms": config.lease_ticks * options.tick_ms},
+                    **client_limits),
                 core, self.storage, self.transport, self.kick,
                 validate_state=self.validate_state)
             self.transport.stats = self.node.stats

@@ -6,8 +6,8 @@ a task switch to the connection's writer task for every flush: on a leader that 
 one switch per follower per round, and under load it made bulk writes some 30%
 slower than plaintext.  `TlsStream` keeps the `ssl.SSLObject` and its two
 `ssl.MemoryBIO`s itself: `encrypt(data)` turns plaintext into the bytes for the wire
-without I/O, so `TlsOutbox.flush` (the node's end-of-round flush) encrypts what the
-round queued and writes it with the same non-blocking `os.write` as a plaintext
+without I/O, so an outbox's `flush` (`cypaxos.replica.outbox`: the node's
+end-of-round flush) encrypts what the round queued and writes it with the same non-blocking `os.write` as a plaintext
 outbox; only what the kernel does not take goes through the writer task.
 
 Order on the wire is the order the SSLObject produced its records: everything it
@@ -23,9 +23,7 @@ from typing import Optional
 
 import trio
 
-from .outbox import Conn, Outbox
-
-__all__ = ["TlsStream", "TlsOutbox", "TlsConn", "TLS_RECEIVE_BYTES"]
+__all__ = ["TlsStream", "TLS_RECEIVE_BYTES"]
 
 TLS_RECEIVE_BYTES = 1 << 18
 """Bytes asked of the socket per read (ciphertext)."""
@@ -122,74 +120,3 @@ class TlsStream(trio.abc.Stream):
     async def aclose(self) -> None:
         """Close the connection (without a close_notify: frames end it)."""
         await self.transport.aclose()
-
-
-class TlsOutbox(Outbox):
-    """An `Outbox` whose connection is a `TlsStream`: `frames` hold plaintext frames;
-    `flush` encrypts them and writes the records straight to the socket; `unsent` is
-    the wire bytes the kernel did not take, which the writer task sends first."""
-
-    __slots__ = ("tls", "unsent")
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.tls: Optional[TlsStream] = None
-        self.unsent = b""
-
-    def flush(self) -> None:
-        frames = self.frames
-        if not frames or self.writing or self.fd < 0:
-            return
-        data = self.tls.encrypt(frames[0] if len(frames) == 1 else b"".join(frames))
-        frames.clear()
-        try:
-            written = os.write(self.fd, data)
-        except OSError:
-            written = 0   # full (EAGAIN) or broken: the writer waits or fails
-        if written < len(data):
-            self.unsent = data[written:]
-            self.writing = True
-            self.wakeup.set()
-
-    def discard(self) -> None:
-        super().discard()
-        self.unsent = b""
-
-    async def run_writer(self, stream) -> None:
-        if not isinstance(stream, TlsStream):
-            raise TypeError("a TlsOutbox writes to a TlsStream")
-        self.tls = stream
-        transport = stream.transport
-        self.fd = transport.socket.fileno()
-        self.writing = bool(self.frames or self.unsent)
-        try:
-            while True:
-                if not self.frames and not self.unsent:
-                    self.writing = False
-                    if self.closed:
-                        return
-                    self.wakeup = trio.Event()
-                    await self.wakeup.wait()
-                    continue
-                self.writing = True
-                data, self.unsent = self.unsent, b""
-                if self.frames:
-                    frames, self.frames = self.frames, []
-                    data += stream.encrypt(b"".join(frames))
-                await transport.send_all(data)
-        finally:
-            self.writing = False
-            self.fd = -1
-
-
-class TlsConn(TlsOutbox):
-    """One client connection under TLS: its outbox of replies (as `Conn`)."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str, frames_max: int, *args, **kwargs) -> None:
-        super().__init__(frames_max, *args, **kwargs)
-        self.name = name
-
-
-assert set(Conn.__slots__) == {"name"}   # TlsConn mirrors Conn

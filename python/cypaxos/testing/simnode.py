@@ -181,6 +181,9 @@ class SimTransport:
     def reply(self, conn, reply: list) -> None:
         self.sim.to_client(self.rid, conn, reply)
 
+    def backlog(self, conn) -> int:
+        return 0   # delivered at once
+
     def flush(self) -> None:
         pass
 

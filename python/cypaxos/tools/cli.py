@@ -51,6 +51,39 @@ def _add_log_options(p: argparse.ArgumentParser) -> None:
                         f"${logs.FORMAT_ENV}, else text)")
 
 
+def _add_client_limit_options(p: argparse.ArgumentParser) -> None:
+    """serve: what one client may cost the replica (cypaxos.replica.limits)."""
+    from ..replica import limits
+
+    p.add_argument("--client-idle-timeout-s", type=positive_float,
+                   default=limits.IDLE_TIMEOUT_S, metavar="S",
+                   help="close a client connection with no request in flight on which "
+                        "nothing arrived and no reply went out for this long; the client "
+                        f"reconnects at its next call (default: {limits.IDLE_TIMEOUT_S:g})")
+    p.add_argument("--frame-timeout-s", type=positive_float,
+                   default=limits.FRAME_TIMEOUT_S, metavar="S",
+                   help="close a client connection whose request frame, once begun, is "
+                        f"not complete within this (default: {limits.FRAME_TIMEOUT_S:g})")
+    p.add_argument("--reply-bytes-max", type=int_in(1, limits.REPLY_BYTES_LIMIT),
+                   default=limits.REPLY_BYTES_MAX, metavar="B",
+                   help="refuse (too_large) a read whose results add up to more than "
+                        "this; the client asks again in halves (default: 16 MiB)")
+    p.add_argument("--queries-per-read-max", type=int_in(1, 1 << 24),
+                   default=limits.QUERIES_PER_READ_MAX, metavar="N",
+                   help="refuse (too_large) a read request of more queries than this "
+                        f"(default: {limits.QUERIES_PER_READ_MAX})")
+    p.add_argument("--client-buffer-bytes-max", type=int_in(1 << 16, 1 << 40),
+                   default=limits.CLIENT_BUFFER_BYTES_MAX, metavar="B",
+                   help="reply bytes queued for one client and not yet sent: past this "
+                        "its reads are answered busy, and past it by more than one "
+                        "reply it is cut off (default: 32 MiB)")
+    p.add_argument("--snapshot-requests-per-minute", type=int_in(1, 1 << 20),
+                   default=limits.SNAPSHOT_REQUESTS_PER_MINUTE, metavar="N",
+                   help="snapshot requests this replica accepts per minute, from all "
+                        "clients; more are answered busy "
+                        f"(default: {limits.SNAPSHOT_REQUESTS_PER_MINUTE})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the whole command line."""
     parser = _Parser(prog=PROG,
@@ -142,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     trust.add_argument("--connections-max", type=int_in(1, 1 << 20), metavar="N",
                        help="client connections plus connections still in their handshake "
                             "(default: 1024, lowered to fit ulimit -n)")
+    _add_client_limit_options(p)
     _add_log_options(p)
     p.set_defaults(handler=server.cmd_serve)
 

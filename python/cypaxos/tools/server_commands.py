@@ -87,10 +87,22 @@ def serve_options(args):
         allow_anonymous_clients=args.allow_anonymous_clients,
         insecure=args.insecure,
         connections_max=args.connections_max,
+        **client_limit_options(args),
     )
     options.core_config()   # a lease that does not fit the election timeout: ConfigError
+    options.client_limits()
     check_flags(options)    # no way to authenticate peers: ConfigError
     return options
+
+
+def client_limit_options(args) -> dict:
+    """The `ServerOptions` fields of serve's client bounds (--client-idle-timeout-s...)."""
+    return dict(client_idle_timeout_s=args.client_idle_timeout_s,
+                frame_timeout_s=args.frame_timeout_s,
+                reply_bytes_max=args.reply_bytes_max,
+                queries_per_read_max=args.queries_per_read_max,
+                client_buffer_bytes_max=args.client_buffer_bytes_max,
+                snapshot_requests_per_minute=args.snapshot_requests_per_minute)
 
 
 def _address(value: str | None, flag: str) -> str | None:
