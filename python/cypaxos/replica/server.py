@@ -40,10 +40,12 @@ import trio
 from .. import logs, wire
 from ..addresses import split_address
 from ..core import Replica
-from ..errors import ConfigError, DataDirError, Error, IdentityMismatchError, WalCorruptError
+from ..errors import (ConfigError, DataDirError, Error, IdentityMismatchError, StorageError,
+                      WalCorruptError)
 from ..groups import BaseExceptionGroup, expected_error
 from ..storage import snapshots
 from ..storage.datadir import open_data_dir
+from ..storage.wal import describe_error
 from .clients import serve_client
 from .disk import DiskStorage, replayed_records
 from .framing import HELLO_TIMEOUT_S, read_frames, receive_into
@@ -209,12 +211,18 @@ class ReplicaServer:
         self.wake.set()
 
     async def driver(self) -> None:
+        """Drive the node when it asks; stop the replica once its storage failed."""
         node = self.node
         while True:
             await self.wake.wait()
             self.wake = trio.Event()
             if node.fatal is not None:
-                raise node.fatal
+                # An Error, so that `cypaxos serve` says it in one line (no traceback).
+                raise StorageError(
+                    f"replica {self.replica_id} stopped: storage failed: "
+                    f"{describe_error(node.fatal)} (a replica never runs on storage it "
+                    "cannot write; once it can, restart it: it recovers from its data "
+                    "dir)") from node.fatal
             node.drive()
             await trio.lowlevel.checkpoint()
 
