@@ -11,7 +11,9 @@ of its own that the test can break once a leader is elected:
 * a failing disk: an ext4 image on a loop device, shut down under the replica with
   ``EXT4_IOC_SHUTDOWN`` (every write and fsync after it: EIO);
 * a file system that turns read-only: the same, mounted ``errors=remount-ro``, told
-  it found an error (``/sys/fs/ext4/DEV/trigger_fs_error``): EROFS from then on.
+  it found an error (``/sys/fs/ext4/DEV/trigger_fs_error``): EROFS from then on;
+* a snapshot directory nothing can be created in (``chattr +i``: EPERM, even for
+  root), with snapshots every 256 KiB of WAL: the snapshot path fails, not the WAL.
 
 A client writes throughout and keeps every acknowledged key.  The broken replica must
 exit 1 with one line naming the file that failed (no traceback, no other error line);
@@ -122,10 +124,12 @@ def mounts(new_cluster):
         m.unmount_all()
 
 
-def start_cluster(new_cluster, mounts, mount_one):
-    """A 3-replica cluster (fsync always, 1 MiB segments) whose replicas' data dirs
-    are file systems `mount_one(path)` mounts; started, with a leader."""
-    cluster = new_cluster(extra_args=("--wal-segment-bytes", str(SEGMENT_BYTES)))
+def start_cluster(new_cluster, mounts, mount_one, *extra_args: str):
+    """A 3-replica cluster (fsync always, 1 MiB segments, `extra_args`) whose
+    replicas' data dirs are file systems `mount_one(path)` mounts; started, with a
+    leader."""
+    cluster = new_cluster(
+        extra_args=("--wal-segment-bytes", str(SEGMENT_BYTES), *extra_args))
     for replica_id in cluster.ids:
         mount_one(cluster.replica_data_dir(replica_id))
     cluster.start_all()
@@ -209,7 +213,7 @@ def assert_stopped_with_one_line(cluster, victim: int, error: str) -> str:
     assert errors == [lines[-1]], log
     path = re.escape(cluster.replica_data_dir(victim) + os.sep)
     pattern = (rf"cypaxos: error: replica {victim} stopped: storage failed: "
-               rf"{error}.*: {path}\S+ ")
+               rf"{error}.* {path}\S+ ")
     assert re.match(pattern, lines[-1]), lines[-1]
     return lines[-1]
 
@@ -290,3 +294,26 @@ def test_a_failing_disk_stops_one_replica_and_the_others_keep_writing(
 
     assert cluster.leader_id() == leader   # the role this test is about, as it starts
     run_broken_disk(cluster, victim, error, break_disk=break_disk, repair=repair)
+
+
+def test_a_snapshot_that_cannot_be_written_stops_the_replica(new_cluster, mounts):
+    cluster = start_cluster(new_cluster, mounts, lambda path: mounts.tmpfs(path, ROOMY),
+                            "--snapshot-bytes", str(256 << 10))
+    leader = cluster.wait_ready(timeout=TIMEOUT_S)
+    victim = next(i for i in cluster.ids if i != leader)
+    snapshots = os.path.join(cluster.replica_data_dir(victim), "snapshots")
+
+    def forbid():
+        result = _run("chattr", "+i", snapshots)
+        if result.returncode != 0:
+            pytest.skip(f"chattr +i does not work here: {result.stderr.strip()}")
+
+    def repair():
+        result = _run("chattr", "-i", snapshots)
+        assert result.returncode == 0, result.stderr
+
+    try:
+        run_broken_disk(cluster, victim, "cannot write snapshot file", break_disk=forbid,
+                        repair=repair)
+    finally:
+        _run("chattr", "-i", snapshots)   # or the directory outlives the test
