@@ -22,7 +22,10 @@ is usable again (room made, or the file system mounted again) the replica restar
 catches up, and every acknowledged write reads back with every replica's state digest
 equal.
 
-They need root (to mount) and Linux; elsewhere they skip, saying why.
+They need root (to mount) and Linux; elsewhere they skip, saying why.  One more, run
+everywhere, breaks a one-replica server's WAL in process (its segment's fd swapped
+for a read-only one) and checks that a write error met while answering a client
+stops the server, rather than only that client's connection.
 """
 from __future__ import annotations
 
@@ -36,8 +39,15 @@ import sys
 import time
 
 import pytest
+import trio
 
 import cypaxos
+from cypaxos.errors import StorageError
+from cypaxos.groups import BaseExceptionGroup, expected_error
+from cypaxos.replica.options import ServerOptions
+from cypaxos.replica.server import serve
+from cypaxos.storage.wal import segment_name
+from cypaxos.tools.local import free_ports
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -317,3 +327,26 @@ def test_a_snapshot_that_cannot_be_written_stops_the_replica(new_cluster, mounts
                         repair=repair)
     finally:
         _run("chattr", "-i", snapshots)   # or the directory outlives the test
+
+
+async def test_a_write_error_met_while_answering_a_client_stops_the_server(tmp_path):
+    address = f"127.0.0.1:{free_ports(1)[0]}"
+    data_dir = tmp_path / "replica1"
+    options = ServerOptions(replica_id=1, cluster={1: address}, data_dir=str(data_dir))
+    segment = data_dir / "wal" / segment_name(1)
+    with trio.fail_after(TIMEOUT_S), pytest.raises(BaseExceptionGroup) as raised:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve, options)
+            async with cypaxos.open_client([address], timeout=TIMEOUT_S) as kv:
+                await kv.put(b"key", b"written")
+                # The segment's fd now refuses writes (EBADF), as a dying disk would.
+                read_only = os.open(segment, os.O_RDONLY)
+                os.dup2(read_only, server.storage.wal._fd)
+                os.close(read_only)
+                # A lone request is driven from the client's connection: its append
+                # and flush fail there.  The server stops (cancelling this put).
+                await kv.put(b"key", b"never acknowledged")
+    error = expected_error(raised.value, StorageError)
+    assert isinstance(error, StorageError), raised.value
+    assert str(error).startswith(
+        f"replica 1 stopped: storage failed: Bad file descriptor: {segment} "), error
