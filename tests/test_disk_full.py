@@ -71,13 +71,16 @@ class Mounts:
     def __init__(self) -> None:
         self.points: list[str] = []
         self.images: dict[str, str] = {}   # mount point -> its ext4 image
+        self.devices: dict[str, str] = {}  # mount point -> the loop device mounted there
 
-    def _mount(self, *argv: str) -> None:
-        result = _run("mount", *argv)
+    def _may(self, result: subprocess.CompletedProcess, what: str) -> None:
         if result.returncode != 0:
             if not self.points:   # the first mount tells whether this host allows any
-                pytest.skip(f"cannot mount here: {' '.join(result.stderr.split())}")
-            raise AssertionError(f"mount {' '.join(argv)}: {result.stderr.strip()}")
+                pytest.skip(f"cannot {what} here: {' '.join(result.stderr.split())}")
+            raise AssertionError(f"{what}: {result.stderr.strip()}")
+
+    def _mount(self, *argv: str) -> None:
+        self._may(_run("mount", *argv), f"mount {' '.join(argv)}")
         self.points.append(argv[-1])
 
     def tmpfs(self, path: str, size: int) -> None:
@@ -100,8 +103,19 @@ class Mounts:
         os.rmdir(os.path.join(path, "lost+found"))   # a fresh data dir holds nothing else
 
     def mount_image(self, path: str) -> None:
+        """Mount the image of `path` from a loop device of its own.
+
+        Never ``mount -o loop``: it reuses a loop device still bound to the image,
+        and an unmounted file system can live on, broken (after a lazy unmount, or
+        as a copy of the mount in another process's mount namespace: ``ip netns
+        exec`` copies every mount), so mounting that device again could bring back
+        the broken file system instead of reading the image.
+        """
         os.makedirs(path, exist_ok=True)
-        self._mount("-o", "loop,errors=remount-ro", self.images[path], path)
+        result = _run("losetup", "--find", "--show", self.images[path])
+        self._may(result, "attach a loop device")
+        device = self.devices[path] = result.stdout.strip()
+        self._mount("-o", "errors=remount-ro", device, path)
 
     def check_image(self, path: str) -> None:
         """fsck the unmounted ext4 image of `path`, as an operator would."""
@@ -113,10 +127,16 @@ class Mounts:
         if result.returncode != 0:
             _run("umount", "-l", path)   # never leave a mount behind a failed test
         self.points.remove(path)
+        device = self.devices.pop(path, None)
+        if device is not None:
+            _run("losetup", "-d", device)   # detached once nothing holds it
 
     def unmount_all(self) -> None:
         for path in reversed(list(self.points)):
             self.unmount(path)
+        for device in self.devices.values():   # attached, but its mount failed
+            _run("losetup", "-d", device)
+        self.devices.clear()
 
 
 @pytest.fixture
