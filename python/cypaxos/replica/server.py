@@ -387,7 +387,9 @@ class ReplicaServer:
             try:
                 self.storage.close()
             except Exception as exc:  # the process is ending; say so, don't mask the cause
-                log.error("closing the WAL failed: %s", exc)
+                # After a storage failure this is its echo: the stop's line says why.
+                level = logging.DEBUG if self.node.fatal is not None else logging.ERROR
+                log.log(level, "closing the WAL failed: %s", exc)
             self.data_dir.close()
 
 
