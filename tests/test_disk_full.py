@@ -257,7 +257,7 @@ def wait_converged(cluster) -> dict:
                 {(s["applied_index"], s["state_digest"]) for s in statuses.values()}) == 1:
             return statuses
         if time.monotonic() > deadline:
-            raise AssertionError(f"replicas did not converge: " + repr(
+            raise AssertionError("replicas did not converge: " + repr(
                 {i: s and (s["role"], s["applied_index"], s["state_digest"])
                  for i, s in statuses.items()}))
         time.sleep(0.1)
