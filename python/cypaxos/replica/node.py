@@ -53,6 +53,12 @@ The rules, each with one owner:
   incoming file; a complete file is read back, verified (checksum, cluster id, the
   state restores into a scratch state machine) and only then written as a durable
   snapshot and installed, restated and compacted like one of our own.
+* **Storage faults fail-stop** (DESIGN.md section 8).  A storage error
+  (`STORAGE_ERRORS`: a full disk, EIO, a read-only file system) raised in any input
+  or reported to a completion sets `fatal` and wakes the runner, which stops the
+  replica.  From then on the node does nothing (`drive`, `tick` and the completions
+  return at once): nothing that waited for the failed write leaves, and no input's
+  handler (a peer's connection, a client's) ever sees the error.
 
 Test-only faults (`NodeOptions.fault`, never set in production) break one rule each,
 so that the simulator can prove it notices: `FAULT_RELEASE_BEFORE_DURABLE`,
@@ -60,6 +66,7 @@ so that the simulator can prove it notices: `FAULT_RELEASE_BEFORE_DURABLE`,
 """
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 from collections import deque
@@ -67,6 +74,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from .. import wire
 from ..core import NOT_LEADER, PROPOSED, BatchError, MessageError, Replica
+from ..errors import StorageError
 from ..logs import RateLimitedLog
 from ..protocol import REC_ACCEPT
 from ..storage import snapshots
@@ -76,7 +84,7 @@ from .transfer import Ack, SnapshotReceiver, SnapshotSender, TransferError, Veri
 
 __all__ = ["Storage", "Transport", "NodeOptions", "ReplicaNode",
            "FAULT_RELEASE_BEFORE_DURABLE", "FAULT_INSTALL_UNVERIFIED",
-           "FAULT_COMPACT_BEFORE_DURABLE"]
+           "FAULT_COMPACT_BEFORE_DURABLE", "STORAGE_ERRORS"]
 
 log = logging.getLogger("cypaxos.server")  # the name in log lines, kept across moves
 
@@ -84,11 +92,30 @@ FAULT_RELEASE_BEFORE_DURABLE = 1   # messages_after_persist leave with their rec
 FAULT_INSTALL_UNVERIFIED = 2       # a received snapshot is installed without verification
 FAULT_COMPACT_BEFORE_DURABLE = 4   # the WAL is truncated before the snapshot is durable
 
+STORAGE_ERRORS = (OSError, StorageError)
+"""What storage raises when it cannot write (the node then fail-stops: `fatal`)."""
+
 _SESSION_HEADER = struct.Struct("<QQ")
 _SNAPSHOT_CHUNK = wire.SNAPSHOT_CHUNK   # module globals: read for every peer message
 _SNAPSHOT_ACK = wire.SNAPSHOT_ACK
 _ACCEPTED = wire.ACCEPTED
 _HEARTBEAT_ACK = wire.HEARTBEAT_ACK
+
+
+def _fail_stop(method):
+    """For an input that may write to storage (a completion, a transfer's chunk): it
+    does nothing once `fatal` is set, and a storage error raised inside becomes
+    `fatal` instead of reaching the caller (a worker task, a peer's connection)."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if self.fatal is not None:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except STORAGE_ERRORS as exc:
+            self.fail(exc)
+            return None
+    return guarded
 
 
 class _SnapshotJob:
@@ -191,25 +218,32 @@ class ReplicaNode:
 
     def drive(self) -> None:
         """Handle everything the core has to say now, sync inline if this replica
-        does, and flush."""
+        does, and flush.  Does nothing once storage failed (`fatal`)."""
+        if self.fatal is not None:
+            return
         core = self.core
         storage = self.storage
-        while True:
-            while (rd := core.ready()) is not None:
-                self.handle_ready(rd)
-            if not self.after or storage.sync_in_flight:
-                break
-            if not self.sync_inline():
-                storage.start_sync()   # records appended while we were syncing inline
-                break
-            # What needs no sync leaves first; then the sync, in this thread.
-            self.transport.flush()
-            try:
-                storage.sync()
-            except BaseException as exc:
-                self.fail(exc)
-                return
-            self.release_durable()
+        try:
+            while True:
+                while (rd := core.ready()) is not None:
+                    self.handle_ready(rd)
+                if not self.after or storage.sync_in_flight:
+                    break
+                if not self.sync_inline():
+                    storage.start_sync()   # records appended while we were syncing inline
+                    break
+                # What needs no sync leaves first; then the sync, in this thread.
+                self.transport.flush()
+                try:
+                    storage.sync()
+                except BaseException as exc:
+                    self.fail(exc)
+                    return
+                self.release_durable()
+        except STORAGE_ERRORS as exc:
+            # Mid-Ready: what it had left to send depended on the failed write.
+            self.fail(exc)
+            return
         self.transport.flush()
         if self.options.check_invariants:
             self.check_invariants()
@@ -355,6 +389,8 @@ class ReplicaNode:
         next sync if records arrived meanwhile, and drives the core.  Never raises: a
         failure is handed to the runner through `fatal`.
         """
+        if self.fatal is not None:
+            return
         try:
             if error is not None:
                 raise error
@@ -367,14 +403,18 @@ class ReplicaNode:
             self.fail(exc)
 
     def fail(self, exc: BaseException) -> None:
-        """Storage failed: the replica must stop (the runner raises `fatal`)."""
+        """Storage failed: the replica must stop (the runner raises `fatal`, the
+        first failure: later ones are its consequences)."""
         if self.fatal is None:
             self.fatal = exc
         self.wake()
 
     def tick(self) -> None:
         """One tick of logical time: the core's, the transfers' timers, and a snapshot
-        when enough was written or applied since the last (the caller drives)."""
+        when enough was written or applied since the last (the caller drives).
+        Does nothing once storage failed (`fatal`)."""
+        if self.fatal is not None:
+            return
         core = self.core
         core.tick()
         if core.leader_id != self.last_leader_id:
@@ -391,7 +431,10 @@ class ReplicaNode:
         if self.snapshot_job is None and self.pending_install is None and (
                 self.wal_bytes_since_snapshot >= self.options.snapshot_bytes
                 or core.applied_index - self.snapshot_index >= self.options.snapshot_slots):
-            self.take_snapshot()
+            try:
+                self.take_snapshot()
+            except STORAGE_ERRORS as exc:   # writing the restatement
+                self.fail(exc)
 
     # ------------------------------------------------------------------ peers
 
@@ -472,12 +515,18 @@ class ReplicaNode:
             else:
                 self._reply(conn, wire.redirect(request_id, self.leader_address()))
         else:  # snapshot
+            if self.fatal is not None:
+                return   # never answered: the replica is stopping
             refusal = self.snapshot_request_refusal()
             if refusal is not None:
                 self.stats["snapshot_requests_refused"] += 1
                 self._reply(conn, wire.error(request_id, "busy", refusal))
                 return
-            self.snapshot_for([(conn, request_id)])
+            try:
+                self.snapshot_for([(conn, request_id)])
+            except STORAGE_ERRORS as exc:   # writing the restatement
+                self.fail(exc)
+                return
             self.drive()
 
     def snapshot_request_refusal(self) -> Optional[str]:
@@ -639,6 +688,7 @@ class ReplicaNode:
         job.restate_end = storage.last_seq
         self.wal_bytes_since_snapshot = 0
 
+    @_fail_stop
     def on_snapshot_written(self, index: int, error: Optional[BaseException]) -> None:
         """A snapshot file is durable (or could not be written: the replica stops)."""
         job = self.snapshot_job
@@ -715,6 +765,7 @@ class ReplicaNode:
             self.reading_snapshot = index
             self.storage.read_snapshot(index)
 
+    @_fail_stop
     def on_snapshot_read(self, index: int, data: Optional[bytes],
                          error: Optional[BaseException]) -> None:
         """A snapshot file read for sending is in (or could not be read: not sent)."""
@@ -771,6 +822,7 @@ class ReplicaNode:
 
     # ------------------------------------------------------------------ transfer: receiving
 
+    @_fail_stop
     def on_snapshot_chunk(self, peer: int, index: int, offset: int, total: int,
                           data: bytes) -> None:
         receiver = self.receivers[peer]
@@ -801,6 +853,7 @@ class ReplicaNode:
         self._send(peer, (wire.SNAPSHOT_ACK, self.replica_id, ack.index, ack.next_offset))
         self.transport.flush()
 
+    @_fail_stop
     def on_incoming_written(self, peer: int, error: Optional[BaseException]) -> None:
         """The write started by `write_incoming` for `peer` ended."""
         if error is not None:
@@ -812,6 +865,7 @@ class ReplicaNode:
         else:
             self.send_ack(peer, out)
 
+    @_fail_stop
     def on_incoming_read(self, peer: int, data: Optional[bytes],
                          error: Optional[BaseException]) -> None:
         """The whole incoming file from `peer` is read back: verify it, then install."""

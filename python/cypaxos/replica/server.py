@@ -45,11 +45,13 @@ import trio
 from .. import logs, wire
 from ..addresses import split_address
 from ..core import Replica
-from ..errors import ConfigError, DataDirError, Error, IdentityMismatchError, WalCorruptError
+from ..errors import (ConfigError, DataDirError, Error, IdentityMismatchError, StorageError,
+                      WalCorruptError)
 from ..groups import BaseExceptionGroup, expected_error
 from ..security.identity import CLIENT
 from ..storage import snapshots
 from ..storage.datadir import open_data_dir
+from ..storage.wal import describe_error
 from .clients import serve_client
 from .disk import DiskStorage, replayed_records
 from .framing import HELLO_TIMEOUT_S, read_frames, receive_into
@@ -254,12 +256,18 @@ class ReplicaServer:
         self.wake.set()
 
     async def driver(self) -> None:
+        """Drive the node when it asks; stop the replica once its storage failed."""
         node = self.node
         while True:
             await self.wake.wait()
             self.wake = trio.Event()
             if node.fatal is not None:
-                raise node.fatal
+                # An Error, so that `cypaxos serve` says it in one line (no traceback).
+                raise StorageError(
+                    f"replica {self.replica_id} stopped: storage failed: "
+                    f"{describe_error(node.fatal)} (a replica never runs on storage it "
+                    "cannot write; once it can, restart it: it recovers from its data "
+                    "dir)") from node.fatal
             node.drive()
             await trio.lowlevel.checkpoint()
 
@@ -450,7 +458,9 @@ class ReplicaServer:
             try:
                 self.storage.close()
             except Exception as exc:  # the process is ending; say so, don't mask the cause
-                log.error("closing the WAL failed: %s", exc)
+                # After a storage failure this is its echo: the stop's line says why.
+                level = logging.DEBUG if self.node.fatal is not None else logging.ERROR
+                log.log(level, "closing the WAL failed: %s", exc)
             self.data_dir.close()
 
 

@@ -143,6 +143,7 @@ _crc32c = google_crc32c.value  # the C version takes bytes only (not memoryview)
 __all__ = [
     "Wal",
     "segment_name",
+    "describe_error",
     "CRC32C_IS_C",
     "SEGMENT_MAGIC",
     "SEGMENT_VERSION",
@@ -211,6 +212,16 @@ def _data_end(data: bytes, start: int) -> int:
             return lo + len(data[lo:pos].rstrip(b"\x00"))
         pos = lo
     return start
+
+
+def describe_error(exc: BaseException) -> str:
+    """An I/O error as words: ``No space left on device: /data/wal/spare.tmp``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        words = exc.strerror
+        if exc.errno and os.strerror(exc.errno) != words:   # "fdatasync failed"
+            words += f" ({os.strerror(exc.errno)})"
+        return words + (f": {exc.filename}" if exc.filename else "")
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _sync_fds(fd: int, dir_fd: int) -> None:
@@ -361,6 +372,8 @@ class _Spare:
             if not self._cancelled:
                 os.fsync(self._fd)  # zeros, size and blocks durable before any rename
         except BaseException as exc:
+            if isinstance(exc, OSError) and exc.filename is None:
+                exc.filename = self.path  # a full disk shows here first: say where
             self._error = exc
 
     def ready(self) -> bool:
@@ -438,9 +451,9 @@ class Wal:
         self._written_seq = 0  # highest seq handed to the OS; those above are in _buf
         self._recovered_seq = 0  # highest seq found by recovery; replay() ends there
         self._dir_dirty = False  # a segment was created since the dir was last fsynced
-        # (target seq, dir fd or -1) of the fsync in the sync thread, from submit_sync
-        # until finish_sync; None when there is none.
-        self._sync_job: tuple[int, int] | None = None
+        # (target seq, dir fd or -1, first seq of its segment) of the fsync in the sync
+        # thread, from submit_sync until finish_sync; None when there is none.
+        self._sync_job: tuple[int, int, int] | None = None
         # The native thread that runs our fsyncs (cypaxos.fsyncthread: no GIL hand-offs),
         # started by the first submit_sync.
         self._sync_thread: FsyncThread | None = None
@@ -763,7 +776,8 @@ class Wal:
             try:
                 write_all(self._fd, buf)
             except BaseException as e:
-                self._fail(e)  # part of buf may be in the file: appending on would tear it
+                # Part of buf may be in the file: appending on would tear it.
+                self._fail(e, self._segment_path(self._segments[-1]))
                 raise
             buf.clear()
             self._written_seq = self._next_seq - 1
@@ -785,14 +799,14 @@ class Wal:
             try:
                 os.fdatasync(old)
             except BaseException as e:
-                self._fail(e)
+                self._fail(e, self._segment_path(self._segments[-1]))
                 raise
             self.fsync_count += 1
         first = self._next_seq
         try:
             self._fd = self._new_segment(first)
         except BaseException as e:
-            self._fail(e)
+            self._fail(e, self._segment_path(first))
             raise
         self._segments.append(first)
         self._seg_bytes = SEGMENT_HEADER_SIZE
@@ -867,7 +881,7 @@ class Wal:
             try:
                 _sync_fds(self._fd, dir_fd)
             except BaseException as e:
-                self._fail(e)
+                self._fail(e, self._segment_path(self._segments[-1]))
                 raise
             self.fsync_count += 1
         if target > self.durable_seq:
@@ -906,7 +920,7 @@ class Wal:
         if self._sync_thread is None:
             self._sync_thread = FsyncThread()
         self._sync_thread.submit(fd, dir_fd)
-        self._sync_job = (target, dir_fd)
+        self._sync_job = (target, dir_fd, self._segments[-1])
         return True
 
     def sync_fileno(self) -> int:
@@ -941,7 +955,7 @@ class Wal:
     def abandon_sync(self, error: BaseException | None) -> None:
         """End the fsync in flight with `error` (None: it succeeded) without asking the
         sync thread: for an adapter whose wait failed.  `finish_sync` calls it too."""
-        target, dir_fd = self._sync_job
+        target, dir_fd, segment = self._sync_job
         self._sync_job = None
         if error is None:
             self.fsync_count += 1
@@ -950,7 +964,7 @@ class Wal:
         else:
             if dir_fd >= 0:
                 self._dir_dirty = True
-            self._fail(error)
+            self._fail(error, self._segment_path(segment))
         retired, self._retired_fds = self._retired_fds, []
         for old in retired:
             os.close(old)
@@ -967,10 +981,17 @@ class Wal:
         """True once `close()` ran."""
         return self._closed
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, file: str) -> None:
+        """Make the Wal unusable after `exc` (an error writing or syncing `file`)."""
+        if isinstance(exc, OSError) and exc.filename is None:
+            # Errors of fd calls (write, fdatasync) name no file; the one line a
+            # stopping replica leaves must say which (DESIGN.md section 8).
+            exc.filename = file
         if self._failed is None:
             self._failed = exc
-            log.error("wal %s is unusable after an I/O error: %r", self.path, exc)
+            # Debug only: the error is raised to (or handed to) the caller, whose
+            # report is the one line (a replica's: it stops, saying why).
+            log.debug("wal %s is unusable after an I/O error: %r", self.path, exc)
 
     def check_usable(self) -> None:
         """Raise ValueError if closed, StorageError if a write or fsync failed."""
@@ -978,8 +999,8 @@ class Wal:
             raise ValueError(f"wal {self.path} is closed")
         if self._failed is not None:
             raise StorageError(
-                f"wal {self.path} is unusable after an I/O error: {self._failed!r}"
-            ) from self._failed
+                f"wal {self.path} is unusable after an I/O error: "
+                f"{describe_error(self._failed)}") from self._failed
 
     # ---------------------------------------------------------------- compaction, close
 
@@ -997,7 +1018,7 @@ class Wal:
                 try:
                     os.fsync(self._dir_fd)
                 except BaseException as e:
-                    self._fail(e)
+                    self._fail(e, self.path)
                     raise
         return deleted
 
