@@ -17,7 +17,6 @@ import struct
 import pytest
 
 from cypaxos import commands, wire
-from cypaxos.replica import server as replica_server
 
 from attacks.tooling import (MODES, READY_TIMEOUT_S, Client, ModeCluster, PeakGrowth,
                              RawConnection, assert_intact, attacker_tls_context, frame, mib,
@@ -171,9 +170,6 @@ AMPLIFIED_COPIES = 1200
 REPLY_GROWTH_KIB = 256 << 10
 
 
-@pytest.mark.xfail(strict=True, reason="no bound on the bytes of one reply or on a "
-                   "client's queued replies yet (docs/security.md, Limits: bytes per "
-                   "reply, split or refused)")
 @pytest.mark.parametrize("target", ["local"], indirect=True)
 def test_read_reply_amplification(target):
     """An anonymous client stores one big value, then sends one small read asking for
@@ -207,9 +203,6 @@ def _refused_count(client: Client) -> int:
     return client.status()["statistics"].get("connections_refused", 0)
 
 
-@pytest.mark.xfail(not hasattr(replica_server, "CONNECTIONS_MAX"), strict=True,
-                   reason="no cap on a replica's connections yet (docs/security.md, "
-                   "Limits: connections per replica)")
 @pytest.mark.parametrize("mode", MODES)
 def test_descriptor_exhaustion(mode, tmp_path):
     """Replicas under ``ulimit -n 256``; unauthenticated connections opened to the
