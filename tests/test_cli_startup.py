@@ -135,7 +135,8 @@ def test_a_read_only_snapshot_dir_stops_the_replica_with_one_line(tmp_path):
         log = f.read()
     assert "Traceback" not in log, log
     last = log.strip().splitlines()[-1]
-    assert last.startswith("cypaxos: error: cannot write snapshot file "), log
+    assert last.startswith("cypaxos: error: replica 1 stopped: storage failed: cannot write "
+                           "snapshot file "), log
     assert snapshots in last
 
     # At start-up, a leftover temporary file it cannot remove: one line, exit 1.
