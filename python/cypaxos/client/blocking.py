@@ -20,7 +20,7 @@ from ..addresses import Addresses, parse_addresses
 from ..errors import ClosedError
 from .api import Bytes, Client, open_client
 from .backup import BackupInfo
-from .store import Compare, KeyValue, Op, TxnResult
+from .store import Compare, KeyValue, Op, TxnResult, items_list
 
 __all__ = ["BlockingClient", "connect"]
 
@@ -140,10 +140,10 @@ class BlockingClient:
             timeout: Optional[float] = None) -> TxnResult:
         """An atomic transaction: `success` if every `compare` holds, else `failure`
         (see `Client.txn`)."""
-        return self._call(self._client.txn,
-                          None if compare is None else list(compare),
-                          None if success is None else list(success),
-                          None if failure is None else list(failure), timeout=timeout)
+        # Lists, made here: a generator must not be consumed in the loop's thread.
+        return self._call(self._client.txn, items_list(compare, "compare"),
+                          items_list(success, "success"), items_list(failure, "failure"),
+                          timeout=timeout)
 
     def delete(self, key: Bytes, *, timeout: Optional[float] = None) -> bool:
         """Remove `key`; True if it existed (see `Client.delete`)."""

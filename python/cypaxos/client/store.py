@@ -160,6 +160,17 @@ def _specs(items: Optional[Iterable[Any]], kind: type[Union[Compare, Op]],
     return specs
 
 
+def items_list(items: Optional[Iterable[Any]], what: str) -> Optional[list[Any]]:
+    """`items` (a transaction's compares or operations) as a list, or None; a single
+    Compare or Op (a missing pair of brackets) is a TypeError."""
+    if items is None:
+        return None
+    if isinstance(items, (Compare, Op, str, bytes)):
+        kind = "Compare" if what == "compare" else "Op"
+        raise TypeError(f"{what} must be a list of {kind}, not one {type(items).__name__}")
+    return list(items)
+
+
 def _malformed(exc: ValueError) -> ClientError:
     return ClientError(f"malformed result from the cluster: {exc}", maybe_applied=True)
 
@@ -308,8 +319,8 @@ class StoreCalls:
         Returns a `TxnResult`; a put naming a lease that does not exist refuses the
         whole transaction with `RequestError` (nothing changed).
         """
-        success_list = list(success) if success is not None else []
-        failure_list = list(failure) if failure is not None else []
+        success_list = items_list(success, "success") or []
+        failure_list = items_list(failure, "failure") or []
         command = encode_txn(compare, success_list, failure_list)
         result = await self._call(command, True, False, timeout)
         return decode_txn(result, [op._spec[1] for op in success_list],
