@@ -8,6 +8,7 @@ pushes the history window forward, so it reads its own early revision only.
 """
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -287,3 +288,100 @@ def test_arguments_are_checked_at_once(cluster):
     assert repr(Op.put(b"k", b"v")) == "Op.put(b'k', b'v')"
     assert repr(Compare.revision(b"k", "<", 3)) == "Compare.revision(b'k', '<', 3)"
     assert Op.get("k") == Op.get(b"k") and Compare.absent("k") == Compare.absent(b"k")
+
+
+# ------------------------------------------------------------- the command line
+
+def cli(cluster, *args, stdin: bytes | None = None):
+    from test_cli import run_cli
+    return run_cli(args[0], "--cluster", cluster.cluster_arg, "--timeout", "30", *args[1:],
+                   input=stdin)
+
+
+def test_cli_range(cluster):
+    with cypaxos.connect(cluster.cluster_arg, timeout=30) as kv:
+        kv.put_many([(b"cr/a", b"1"), (b"cr/b", b"two words"), (b"cr/c", b"\xff\tx\n"),
+                     (b"cr/d", b"4")])
+        expected = kv.range(prefix=b"cr/")
+    result = cli(cluster, "range", "--prefix", "cr/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode() == "cr/a\t1\ncr/b\ttwo words\ncr/c\t\\xff\\tx\\n\ncr/d\t4\n"
+    result = cli(cluster, "range", "cr/b", "cr/d", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["kvs"] == [
+        {"key": "cr/b", "value": "two words", "revision": expected[1].revision},
+        {"key": "cr/c", "value": {"hex": "ff09780a"}, "revision": expected[2].revision}]
+    assert doc["revision"] >= expected[-1].revision
+    result = cli(cluster, "range", "cr/", "--limit", "1")
+    assert result.stdout == b"cr/a\t1\n", result.stderr
+    # As of a past revision: before cr/d was written (put_many applies in order).
+    result = cli(cluster, "range", "--prefix", "cr/", "--revision",
+                 str(expected[3].revision - 1), "--json")
+    assert [x["key"] for x in json.loads(result.stdout)["kvs"]] == ["cr/a", "cr/b", "cr/c"]
+    result = cli(cluster, "range", "--prefix", "cr/nothing")
+    assert (result.returncode, result.stdout) == (0, b"")
+
+
+def test_cli_range_errors(cluster):
+    from test_cli import assert_one_error_line
+    assert_one_error_line(cli(cluster, "range", "--prefix", "p", "a"), 2, contains="not both")
+    assert_one_error_line(cli(cluster, "range", "--limit", "0"), 2, contains="positive")
+    assert_one_error_line(cli(cluster, "range", "--revision", str(2**62)), 4,
+                          contains="in the future")
+
+
+def test_cli_txn(cluster, tmp_path):
+    txn = tmp_path / "txn.json"
+    txn.write_text(json.dumps({
+        "compare": [{"key": "ct/k", "absent": True}],
+        "success": [{"put": "ct/k", "value": {"hex": "00ff"}}, {"get": "ct/k"},
+                    {"delete": "ct/none"}],
+        "failure": [{"get": "ct/k"}],
+    }))
+    result = cli(cluster, "txn", str(txn), "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    rev = doc["revision"]
+    assert doc == {"succeeded": True, "revision": rev, "results": [
+        None, {"key": "ct/k", "value": {"hex": "00ff"}, "revision": rev}, False]}
+    # The same again: the compare fails, the failure branch runs, exit 1.
+    result = cli(cluster, "txn", str(txn))
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.decode() == f"failed at revision {rev}\nget\tct/k\t\\x00\\xff\t{rev}\n"
+    # From stdin, compares on value and revision.
+    spec = {"compare": [{"key": "ct/k", "value": {"hex": "00ff"}, "op": "=="},
+                        {"key": "ct/k", "revision": rev, "op": "=="}],
+            "success": [{"put": "ct/k", "value": "next"}, {"delete": "ct/k"}]}
+    result = cli(cluster, "txn", "-", stdin=json.dumps(spec).encode())
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert lines[0].startswith("succeeded at revision ") and lines[1:] == [
+        "put\tct/k", "delete\tct/k\tdeleted"]
+    with cypaxos.connect(cluster.cluster_arg, timeout=30) as kv:
+        assert kv.get(b"ct/k", with_revision=True) == (None, 0)
+
+
+@pytest.mark.parametrize("doc, code, message", [
+    ("{", 2, "is not JSON"),
+    ('{"compares": []}', 2, "unknown field compares"),
+    ('{"compare": [{"key": "k", "value": "v"}]}', 2, "lacks op"),
+    ('{"compare": [{"key": "k", "value": "v", "op": "="}]}', 2, "operator"),
+    ('{"compare": [{"key": "k", "absent": false}]}', 2, "absent must be true"),
+    ('{"success": [{"put": "k"}]}', 2, "lacks value"),
+    ('{"success": [{"put": "k", "value": {"hex": "zz"}}]}', 2, "not hex"),
+    ('{"success": [{"frob": "k"}]}', 2, "must be"),
+    ('{"success": [{"put": "ct2/k", "value": "v", "lease": 987654}]}', 4,
+     "lease 987654 does not exist"),
+])
+def test_cli_txn_errors(cluster, tmp_path, doc, code, message):
+    from test_cli import assert_one_error_line
+    path = tmp_path / "t.json"
+    path.write_text(doc)
+    assert_one_error_line(cli(cluster, "txn", str(path)), code, contains=message)
+
+
+def test_cli_txn_missing_file(cluster, tmp_path):
+    from test_cli import assert_one_error_line
+    assert_one_error_line(cli(cluster, "txn", str(tmp_path / "nope.json")), 2,
+                          contains="cannot read txn file")
