@@ -385,3 +385,30 @@ def test_cli_txn_missing_file(cluster, tmp_path):
     from test_cli import assert_one_error_line
     assert_one_error_line(cli(cluster, "txn", str(tmp_path / "nope.json")), 2,
                           contains="cannot read txn file")
+
+
+def test_the_clients_range_decoder_agrees_with_the_reference():
+    """`decode_range_page` (the scan's fast decoder) against `commands.decode_range`
+    on a store's real replies, every truncation of one, and trailing bytes."""
+    from cypaxos import commands
+    from cypaxos.client.store import decode_range_page
+    from cypaxos.statemachine import KVStore
+
+    store = KVStore()
+    store.apply_many([commands.encode_put(b"k%03d" % i, bytes([i]) * (i % 7))
+                      for i in range(200)])
+    replies = [store.query(commands.encode_range(b"k", limit=n)) for n in (0, 1, 3)]
+    replies.append(store.query(commands.encode_range(b"k", reply_bytes_max=300)))
+    replies.append(store.query(commands.encode_range(b"k", revision=10**6)))  # future
+    for reply in replies:
+        ref = commands.decode_range(reply)
+        assert decode_range_page(reply) == (ref.status, ref.revision, ref.compact_revision,
+                                            ref.more, ref.items)
+    short = replies[2]
+    for cut in range(len(short)):
+        with pytest.raises(ValueError):
+            decode_range_page(short[:cut])
+    with pytest.raises(ValueError, match="trailing"):
+        decode_range_page(short + b"\x00")
+    with pytest.raises(ValueError, match="count"):
+        decode_range_page(short[:18] + (10**6).to_bytes(4, "little") + short[22:])

@@ -8,6 +8,7 @@ mean; docs/internals.md ("Key-value commands") has the byte formats.
 """
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple, Optional, Union
 
@@ -207,6 +208,39 @@ def decode_txn(result: bytes, success_keys: Sequence[bytes],
     return TxnResult(raw.succeeded, results, raw.revision)
 
 
+_RANGE_REPLY = struct.Struct("<BQQBI")   # status, revision, compact_revision, more, count
+_RANGE_ITEM = struct.Struct("<IIQ")      # klen, vlen, mod_revision
+_new_tuple = tuple.__new__
+
+
+def decode_range_page(result: bytes) -> tuple[int, int, int, bool, list[KeyValue]]:
+    """(status, revision, compact_revision, more, items) of a range reply: what
+    `commands.decode_range` returns, in about half its time (a scan's keys are decoded
+    here, one by one, and this loop is most of the client's cost per key).
+    ValueError if malformed."""
+    try:
+        status, revision, compact, more, count = _RANGE_REPLY.unpack_from(result, 0)
+        if status > _cmd.QUERY_FUTURE_REVISION or more > 1:
+            raise ValueError("range result has a bad header")
+        if count * _RANGE_ITEM.size > len(result) - _RANGE_REPLY.size:
+            raise ValueError("range result count does not fit the result")
+        pos = _RANGE_REPLY.size
+        unpack = _RANGE_ITEM.unpack_from
+        items: list[KeyValue] = [None] * count   # type: ignore[list-item]
+        for i in range(count):
+            klen, vlen, mod = unpack(result, pos)
+            start = pos + 16
+            kend = start + klen
+            pos = kend + vlen
+            items[i] = _new_tuple(KeyValue, (result[start:kend], result[kend:pos], mod))
+    except struct.error:
+        raise ValueError("range result is truncated") from None
+    if pos != len(result):
+        raise ValueError("range result is truncated" if pos > len(result)
+                         else "range result has trailing bytes")
+    return status, revision, compact, bool(more), items
+
+
 def range_bounds(start: Optional[Bytes], end: Optional[Bytes],
                  prefix: Optional[Bytes]) -> tuple[bytes, Optional[bytes]]:
     """`[start, end)` of a range call (end None: no upper bound); ValueError if a
@@ -289,21 +323,21 @@ class StoreCalls:
                                       revision=at, reply_bytes_max=reply_bytes_max)
             result = await self._call(query, False, False, left)
             try:
-                page = _cmd.decode_range(result)
+                status, revision_read, compact, more, page = decode_range_page(result)
             except ValueError as exc:
                 raise _malformed(exc) from None
-            if page.status == _cmd.QUERY_COMPACTED:
-                raise CompactedError(at, page.compact_revision)
-            if page.status == _cmd.QUERY_FUTURE_REVISION:
+            if status == _cmd.QUERY_COMPACTED:
+                raise CompactedError(at, compact)
+            if status == _cmd.QUERY_FUTURE_REVISION:
                 raise RequestError(f"revision {at} is in the future: the store is at "
-                                   f"revision {page.revision}")
-            items.extend(page.items)
+                                   f"revision {revision_read}")
+            items.extend(page)
             # Every page after the first reads at the first one's revision, so the
             # pages join into one view of the store.
-            at = page.revision
-            if not page.more or not page.items or (want and len(items) >= want):
+            at = revision_read
+            if not more or not page or (want and len(items) >= want):
                 return items, at
-            lo = page.items[-1].key + b"\x00"
+            lo = page[-1].key + b"\x00"
 
     async def txn(self, compare: Optional[Iterable[Compare]] = None,
                   success: Optional[Iterable[Op]] = None,
