@@ -15,7 +15,9 @@ Prints one JSON object:
 * `txn`: for each concurrency in `--tasks`, that many tasks each running
   `txn([Compare.revision(k, "==", r)], [Op.put(k, v)], [Op.get(k)])` on a key of
   its own, one after another, for `--seconds`: txn/s (all replicated);
-* `txn_contended`: the same on one shared key: txn/s and the share that succeeded.
+* `txn_contended`: the same on one shared key: txn/s and the share that succeeded;
+* `put_baseline`: plain `kv.put` at the same concurrencies, in the same run, to read
+  the txn figures against.
 """
 from __future__ import annotations
 
@@ -102,13 +104,31 @@ async def _txn(kv, tasks: int, seconds: float, shared: bool) -> dict:
     return out
 
 
+async def _puts(kv, tasks: int, seconds: float) -> dict:
+    count = [0]
+    deadline = trio.current_time() + seconds
+
+    async def worker(i: int) -> None:
+        key = b"bench/put/%04d" % i
+        while trio.current_time() < deadline:
+            await kv.put(key, b"%d" % count[0])
+            count[0] += 1
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for i in range(tasks):
+            nursery.start_soon(worker, i)
+    return {"tasks": tasks, "put_per_s": round(count[0] / (time.perf_counter() - t0))}
+
+
 async def run(addresses: str, args) -> dict:
     async with open_client(addresses, timeout=60) as kv:
         await _load(kv, args.keys, args.value_bytes)
         result = {"range": await _range(kv, args.keys, args.scans),
                   "range_limit_100": await _range_limit(kv, args.seconds),
                   "txn": [await _txn(kv, t, args.seconds, False) for t in args.tasks],
-                  "txn_contended": await _txn(kv, max(args.tasks), args.seconds, True)}
+                  "txn_contended": await _txn(kv, max(args.tasks), args.seconds, True),
+                  "put_baseline": [await _puts(kv, t, args.seconds) for t in args.tasks]}
     return result
 
 
