@@ -288,6 +288,9 @@ def test_arguments_are_checked_at_once(cluster):
     assert repr(Op.put(b"k", b"v")) == "Op.put(b'k', b'v')"
     assert repr(Compare.revision(b"k", "<", 3)) == "Compare.revision(b'k', '<', 3)"
     assert Op.get("k") == Op.get(b"k") and Compare.absent("k") == Compare.absent(b"k")
+    assert len({Op.get("k"), Op.get(b"k"), Op.delete("k")}) == 2
+    with pytest.raises(AttributeError):
+        Op.get("k")._spec = ("delete", b"k")
 
 
 # ------------------------------------------------------------- the command line

@@ -72,10 +72,14 @@ class Compare:
     `Compare.revision` or `Compare.absent` (arguments are checked at once)."""
 
     __slots__ = ("_spec",)
+    _spec: tuple[Any, ...]
 
     def __init__(self, spec: tuple[Any, ...]) -> None:
         """Internal: use the class methods."""
-        self._spec = spec
+        object.__setattr__(self, "_spec", spec)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
 
     @classmethod
     def value(cls, key: Bytes, op: str, value: Bytes) -> "Compare":
@@ -110,10 +114,14 @@ class Op:
     (arguments are checked at once)."""
 
     __slots__ = ("_spec",)
+    _spec: tuple[Any, ...]
 
     def __init__(self, spec: tuple[Any, ...]) -> None:
         """Internal: use the class methods."""
-        self._spec = spec
+        object.__setattr__(self, "_spec", spec)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
 
     @classmethod
     def put(cls, key: Bytes, value: Bytes, lease: Optional[int] = None) -> "Op":
