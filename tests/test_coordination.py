@@ -334,6 +334,18 @@ def test_cli_range_errors(cluster):
                           contains="in the future")
 
 
+def test_cli_against_a_cluster_that_is_down(tmp_path):
+    from test_cli import assert_one_error_line, run_cli
+    from cypaxos.tools.local import free_ports
+    dead = f"127.0.0.1:{free_ports(1)[0]}"
+    assert_one_error_line(run_cli("range", "--cluster", dead, "--timeout", "10"), 3,
+                          contains="connection refused")
+    path = tmp_path / "t.json"
+    path.write_text('{"success": [{"put": "k", "value": "v"}]}')
+    assert_one_error_line(run_cli("txn", "--cluster", dead, "--timeout", "10", str(path)),
+                          3, contains="connection refused")
+
+
 def test_cli_txn(cluster, tmp_path):
     txn = tmp_path / "txn.json"
     txn.write_text(json.dumps({
