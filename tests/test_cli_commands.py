@@ -28,7 +28,7 @@ sys.path.insert(0, str(EXAMPLES))
 import ledger  # noqa: E402 - the example state machine of docs/examples
 
 COMMANDS = ("serve", "local", "demo", "put", "get", "delete", "cas", "submit", "query",
-            "status", "snapshot", "bench", "certs")
+            "status", "snapshot", "bench", "certs", "range", "txn")
 
 
 # ------------------------------------------------------------- help and version

@@ -22,18 +22,29 @@ def script(addresses: str) -> bytes | None:
         kv.cas(b"k", b"v", b"w")
         info: cypaxos.BackupInfo = kv.backup("/tmp/x.cpxbak")
         print(info.index + info.size_bytes)
+        value, revision = kv.get(b"k", with_revision=True)
+        items: list[cypaxos.KeyValue] = kv.range(prefix=b"k", limit=10, revision=revision)
+        result: cypaxos.TxnResult = kv.txn(
+            [cypaxos.Compare.revision(b"k", "==", revision), cypaxos.Compare.absent(b"j")],
+            [cypaxos.Op.put(b"k", b"w"), cypaxos.Op.get(b"k")], [cypaxos.Op.delete(b"j")])
+        print(items[0].revision + result.revision, result.succeeded, value)
         return kv.get(b"k")
 
 async def trio_code(addresses: list[str]) -> bool:
     tls = cypaxos.TLS(ca="ca.pem", cert="client.pem", key="client.key")
     async with cypaxos.open_client(addresses, tls=tls, token="a" * 8 + "0123456789abcdef" * 2) as kv:
         await kv.put(b"k", b"v")
+        first: list[cypaxos.KeyValue] = await kv.range(b"a", b"b")
+        done = await kv.txn(success=[cypaxos.Op.put(b"k", b"v", lease=None)])
+        print(first, done.revision)
         return await kv.delete(b"k")
 
 try:
     script("127.0.0.1:7001")
 except cypaxos.TimeoutError as exc:
     flag: bool = exc.maybe_applied
+except cypaxos.CompactedError as exc:
+    oldest: int = exc.compact_revision
 '''
 
 

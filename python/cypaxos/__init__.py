@@ -17,8 +17,9 @@ client API::
 """
 from cypaxos.client import BackupInfo, BlockingClient, Client, connect, open_client
 from cypaxos.security.tls import TLS
+from cypaxos.client.store import Compare, KeyValue, Op, TxnResult
 from cypaxos.errors import (
-    ClientError, ClosedError, CommandError, ConfigError, DataDirError, Error,
+    ClientError, ClosedError, CommandError, CompactedError, ConfigError, DataDirError, Error,
     IdentityMismatchError, RequestError, SessionExpiredError, StorageError, TimeoutError,
     UnavailableError, WalCorruptError,
 )
@@ -28,7 +29,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "connect", "open_client", "Client", "BlockingClient", "BackupInfo", "TLS",
-    "Error", "ClientError", "ClosedError", "CommandError", "ConfigError", "DataDirError",
+    "KeyValue", "TxnResult", "Compare", "Op",
+    "Error", "ClientError", "ClosedError", "CommandError", "CompactedError", "ConfigError",
+    "DataDirError",
     "IdentityMismatchError", "RequestError", "SessionExpiredError", "StorageError",
     "TimeoutError", "UnavailableError", "WalCorruptError", "__version__",
 ]

@@ -98,3 +98,19 @@ class RequestError(ClientError):
 
 class ClosedError(ClientError):
     """The client was closed while the call was pending."""
+
+
+class CompactedError(RequestError):
+    """A read as of `revision` asked for history the store no longer retains.
+
+    The store keeps a bounded window of recent changes; `compact_revision` is the
+    oldest revision it can still read as of (the newest whose later changes are all
+    kept).  Nothing
+    was applied.
+    """
+
+    def __init__(self, revision: int, compact_revision: int) -> None:
+        super().__init__(f"revision {revision} is compacted: the store retains history "
+                         f"from revision {compact_revision} on")
+        self.revision = revision
+        self.compact_revision = compact_revision

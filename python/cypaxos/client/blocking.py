@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Optional, ParamSpec, TypeVar, Union
+from typing import Any, Literal, Optional, ParamSpec, TypeVar, Union, overload
 
 import trio
 
@@ -22,6 +22,7 @@ from ..security.tls import TLSSettings
 from .api import Bytes, Client, running
 from .backup import BackupInfo
 from .connection import credentials
+from .store import Compare, KeyValue, Op, TxnResult, items_list
 
 __all__ = ["BlockingClient", "connect"]
 
@@ -112,10 +113,43 @@ class BlockingClient:
         """Set `key` to `value` (see `Client.put`)."""
         return self._call(self._client.put, key, value, timeout=timeout)
 
-    def get(self, key: Bytes, *, stale: bool = False,
-            timeout: Optional[float] = None) -> Optional[bytes]:
-        """The value of `key` or None (see `Client.get`)."""
+    @overload
+    def get(self, key: Bytes, *, stale: bool = False, with_revision: Literal[False] = False,
+            timeout: Optional[float] = None) -> Optional[bytes]: ...
+
+    @overload
+    def get(self, key: Bytes, *, stale: bool = False, with_revision: Literal[True],
+            timeout: Optional[float] = None) -> tuple[Optional[bytes], int]: ...
+
+    def get(self, key: Bytes, *, stale: bool = False, with_revision: bool = False,
+            timeout: Optional[float] = None
+            ) -> Union[Optional[bytes], tuple[Optional[bytes], int]]:
+        """The value of `key` or None; `(value, revision)` with `with_revision=True`
+        (see `Client.get`)."""
+        if with_revision:
+            return self._call(self._client.get, key, stale=stale, with_revision=True,
+                              timeout=timeout)
         return self._call(self._client.get, key, stale=stale, timeout=timeout)
+
+    def range(self, start: Optional[Bytes] = None, end: Optional[Bytes] = None, *,
+              prefix: Optional[Bytes] = None, limit: Optional[int] = None,
+              revision: Optional[int] = None,
+              timeout: Optional[float] = None) -> list[KeyValue]:
+        """The keys in `[start, end)` or with `prefix`, in key order, as `KeyValue`s
+        (see `Client.range`)."""
+        return self._call(self._client.range, start, end, prefix=prefix, limit=limit,
+                          revision=revision, timeout=timeout)
+
+    def txn(self, compare: Optional[Iterable[Compare]] = None,
+            success: Optional[Iterable[Op]] = None,
+            failure: Optional[Iterable[Op]] = None, *,
+            timeout: Optional[float] = None) -> TxnResult:
+        """An atomic transaction: `success` if every `compare` holds, else `failure`
+        (see `Client.txn`)."""
+        # Lists, made here: a generator must not be consumed in the loop's thread.
+        return self._call(self._client.txn, items_list(compare, "compare"),
+                          items_list(success, "success"), items_list(failure, "failure"),
+                          timeout=timeout)
 
     def delete(self, key: Bytes, *, timeout: Optional[float] = None) -> bool:
         """Remove `key`; True if it existed (see `Client.delete`)."""

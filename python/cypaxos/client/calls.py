@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable
-from typing import Any, Optional, TypeVar, Union
+from typing import Any, Literal, Optional, TypeVar, Union, overload
 
 from .. import clientops as _ops
 from .. import commands as _cmd
@@ -35,6 +35,7 @@ from ..addresses import Addresses, parse_addresses
 from ..clientops import Op as _Op
 from ..errors import ClientError, ClosedError, ConfigError, RequestError
 from .session import ClientSession, SessionSettings
+from .store import StoreCalls
 
 __all__ = ["ClientCalls", "Bytes", "COMMAND_BYTES_MAX"]
 
@@ -91,7 +92,7 @@ def _decode(decoder: Callable[[Any], _T], result: Any) -> _T:
                           maybe_applied=True) from None
 
 
-class ClientCalls:
+class ClientCalls(StoreCalls):
     """The public calls of a cypaxos client over a `ClientSession` (see the module doc).
 
     Many callers may call concurrently: their commands are pipelined and batched.
@@ -179,13 +180,28 @@ class ClientCalls:
         swapped: bool = _decode(_cmd.decode_bool, await self._call(command, True, False, timeout))
         return swapped
 
+    @overload
     async def get(self, key: Bytes, *, stale: bool = False,
-                  timeout: Optional[float] = None) -> Optional[bytes]:
+                  with_revision: Literal[False] = False,
+                  timeout: Optional[float] = None) -> Optional[bytes]: ...
+
+    @overload
+    async def get(self, key: Bytes, *, stale: bool = False,
+                  with_revision: Literal[True],
+                  timeout: Optional[float] = None) -> tuple[Optional[bytes], int]: ...
+
+    async def get(self, key: Bytes, *, stale: bool = False, with_revision: bool = False,
+                  timeout: Optional[float] = None
+                  ) -> Union[Optional[bytes], tuple[Optional[bytes], int]]:
         """The value of `key`, or None if absent.
 
         Linearizable by default (confirmed by the leader with a quorum); `stale=True`
         answers from the connected replica's current state, which may lag.
+        `with_revision=True` returns `(value, revision)` instead, `revision` being the
+        key's last change (0 if absent).
         """
+        if with_revision:
+            return await self._get_with_revision(_as_bytes(key, "key"), stale, timeout)
         result = await self._call(_cmd.encode_get(_as_bytes(key, "key")), False, stale,
                                   timeout)
         value: Optional[bytes] = _decode(_cmd.decode_get, result)

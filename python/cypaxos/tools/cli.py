@@ -22,6 +22,7 @@ from ..security import certs
 from . import bench, config
 from . import client_commands as client
 from . import server_commands as server
+from . import store_commands
 from .argtypes import PORT_MAX, int_in, name_in, positive_float
 from .client_commands import CLUSTER_ENV, DEFAULT_CLUSTER
 from .exits import (EXIT_INTERRUPTED, EXIT_NO, EXIT_REFUSED, EXIT_STATUS_SUMMARY,
@@ -308,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE", help="where to write the backup")
     p.set_defaults(handler=client.cmd_backup)
 
+    store_commands.add_parsers(client_parser)   # range, txn
+
     p = sub.add_parser(
         "restore", help="seed a new replica's data dir from a backup file",
         description="Check FILE (written by cypaxos backup) and seed the empty data dir "
@@ -382,7 +385,7 @@ def _exit_status(exc: BaseException, args) -> int:
     if isinstance(exc, ClientError):
         message = str(exc) or type(exc).__name__
         if exc.maybe_applied and "applied" not in message and args.command in (
-                "put", "delete", "cas", "submit"):
+                "put", "delete", "cas", "submit", "txn"):
             message += " (the command may have been applied)"
         error(message)
         return EXIT_UNAVAILABLE
