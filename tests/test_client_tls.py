@@ -16,6 +16,7 @@ import pytest
 import trio
 
 import cypaxos
+from cypaxos.security.tlsstream import TlsStream
 from cypaxos.client.connection import PLAIN, credentials, describe, dial
 from cypaxos.client.dialing import DialError
 from cypaxos.errors import ConfigError, UnavailableError
@@ -113,7 +114,7 @@ async def test_client_certificate(nursery, cluster_certs):
     conn = await try_dial(address, credentials(tls=files(cluster_certs, "client")))
     assert not isinstance(conn, DialError), conn.reason
     assert (conn.cluster_id, conn.replica_id) == (CLUSTER, 2)
-    assert isinstance(conn.stream, trio.SSLStream) and conn.stream.version() == "TLSv1.3"
+    assert isinstance(conn.stream, TlsStream) and conn.stream.version() == "TLSv1.3"
     assert replica.outcomes[0].method.value == "certificate"
 
 
@@ -159,18 +160,17 @@ async def test_user_built_context(nursery, cluster_certs):
     assert not isinstance(conn, DialError), conn.reason
 
 
-async def test_a_tls_connection_that_breaks_later_says_so(nursery, cluster_certs):
+async def test_a_tls_connection_that_breaks_later_ends_its_stream(nursery, cluster_certs):
     replica = FakeReplica(1, server_tls=files(cluster_certs, "replica-1"), hang_up=True)
     address = await serve(nursery, replica)
     with trio.fail_after(TIMEOUT_S):
         conn = await dial(address, timeout_s=TIMEOUT_S,
                           credentials=credentials(tls=files(cluster_certs, "client")))
-        with pytest.raises(trio.BrokenResourceError) as info:
-            while await conn.stream.receive_some(65536):
-                pass
-            raise trio.BrokenResourceError("closed with a close_notify")
+        # A hang-up without a close_notify is the end of the stream, as on plain TCP
+        # (the framing catches a frame cut off by it), and the client says that.
+        while await conn.stream.receive_some(65536):
+            pass
         await conn.aclose()
-    assert describe(info.value) == "connection closed by the replica"
 
 
 # ---------------------------------------------------------------- it fails, clearly

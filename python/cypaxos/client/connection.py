@@ -1,8 +1,8 @@
 """A client's connection to one replica, for Trio: dial, handshake, frames.
 
 `dial(address, credentials=...)` opens a TCP connection, then, if the credentials
-hold an `ssl.SSLContext`, TLS (a `trio.SSLStream` around the stream, its handshake
-within the same timeout), then runs the client's side of the cypaxos handshake
+hold an `ssl.SSLContext`, TLS (a `cypaxos.security.tlsstream.TlsStream` around the
+stream, its handshake within the same timeout), then runs the client's side of the cypaxos handshake
 (`cypaxos.client.dialing.Handshake` over `Dialer.client(token=..., tls=...,
 peer_certificate=...)`) and returns a `Connection` whose frame decoder holds whatever
 followed the welcome; every way it can fail is a `cypaxos.client.dialing.DialError`.
@@ -29,6 +29,7 @@ from ..security.handshake import Dialer
 from ..security.identity import Identity
 from ..security.secrets import check_key
 from ..security.tls import TLSSettings, client_context, peer_identity
+from ..security.tlsstream import TlsStream
 from .dialing import DialError, Handshake, connect_failure, describe_os_error, tls_failure
 
 __all__ = ["DialError", "Connection", "Credentials", "credentials", "dial", "request_once",
@@ -193,7 +194,7 @@ async def dial(address: str, *, timeout_s: float,
             if context is None:
                 handshake = Handshake(credentials.dialer())
             else:
-                stream = trio.SSLStream(stream, context, server_hostname=host)
+                stream = TlsStream(stream, context, server_side=False, server_hostname=host)
                 try:
                     await stream.do_handshake()
                 except trio.BrokenResourceError as exc:

@@ -14,7 +14,7 @@ import os
 import trio
 
 from ..wire import encode_frame
-from .tlsstream import TlsStream
+from ..security.tlsstream import TlsStream
 
 __all__ = ["Outbox", "Conn", "SocketTransport", "SEND_CHUNK_BYTES"]
 
@@ -48,7 +48,7 @@ class Outbox:
         self.writing = False
         self.wakeup = trio.Event()
         self.closed = False         # no more frames accepted; the writer drains and ends
-        # Under TLS (`tlsstream.TlsStream`): `frames` hold plaintext, flushes encrypt
+        # Under TLS (`cypaxos.security.tlsstream.TlsStream`): `frames` hold plaintext, flushes encrypt
         # them, and `unsent` holds the wire bytes the kernel did not take (the writer
         # sends them first).  Without TLS, unsent stays empty: a remainder goes back
         # into `frames`, which are the wire bytes.
@@ -108,7 +108,7 @@ class Outbox:
     async def run_writer(self, stream) -> None:
         """Send on `stream` whatever `flush` could not, until closed or the send fails.
 
-        `stream` is a `trio.SocketStream` or a `tlsstream.TlsStream`; either way the
+        `stream` is a `trio.SocketStream` or a `cypaxos.security.tlsstream.TlsStream`; either way the
         bytes go to the socket underneath, encrypted here or by `flush` under TLS.
         """
         tls = stream if isinstance(stream, TlsStream) else None

@@ -9,7 +9,7 @@ peers.  A replica with neither TLS nor a cluster secret refuses to start unless
 modes").
 
 `accept` and `dial_peer` are the Trio I/O around the sans-I/O machines of
-`cypaxos.security.handshake`: TLS first when configured (`tlsstream.TlsStream`, whose
+`cypaxos.security.handshake`: TLS first when configured (`cypaxos.security.tlsstream.TlsStream`, whose
 records the outboxes write in the round), then the handshake frames.  Nothing is read past what the machines need: reads during the
 handshake are HANDSHAKE_READ_BYTES at most, and a machine refuses any frame longer
 than `HANDSHAKE_FRAME_BYTES_MAX` before its body arrives, so an unauthenticated caller
@@ -29,7 +29,7 @@ from ..security.handshake import Acceptor, Authenticated, Dialer, Refused, Repli
 from ..security.secrets import load_keys
 from ..security.tls import (TLS, check_own_certificate, peer_context, peer_identity,
                             server_context)
-from .tlsstream import TlsStream
+from ..security.tlsstream import TlsStream
 
 __all__ = ["Trust", "check_flags", "load_trust", "accept", "dial_peer", "HandshakeRefused", "HandshakeAbandoned", "linger",
            "HANDSHAKE_READ_BYTES", "NO_AUTH_MESSAGE", "INSECURE_WARNING"]

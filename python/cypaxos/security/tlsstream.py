@@ -1,5 +1,8 @@
-"""TLS for a replica's connections, over memory buffers, so a round's frames are
-encrypted and written in the round.
+"""TLS over memory buffers, for replicas and clients alike: the one Trio stream in
+this package (everything else in `cypaxos.security` is without I/O).
+
+A replica's outboxes use it so that a round's frames are encrypted and written in the
+round; a client uses it for the same stream with less machinery per send.
 
 `trio.SSLStream` would do the TLS, but only through its own `send_all`, which means
 a task switch to the connection's writer task for every flush: on a leader that is
@@ -50,6 +53,10 @@ class TlsStream(trio.abc.Stream):
     def getpeercert(self):
         """The other side's verified certificate, as `ssl.SSLObject.getpeercert()`."""
         return self._ssl.getpeercert()
+
+    def version(self) -> Optional[str]:
+        """The TLS version agreed ("TLSv1.3"), as `ssl.SSLObject.version()`."""
+        return self._ssl.version()
 
     def encrypt(self, data: bytes) -> bytes:
         """The wire bytes for `data` (and for anything else TLS has to send now)."""
