@@ -67,14 +67,16 @@ def test_mutated_bodies_agree_with_cbor2(value, data):
             body[at:at] = bytes([data.draw(st.integers(0, 255))])
     body = bytes(body)
     got = fast_outcome(body)
-    assert got is FALLBACK or got == cbor2_outcome(body)
+    assert got is FALLBACK or repr(got) == repr(cbor2_outcome(body))
     # Through the wire module the outcome is exactly cbor2's, fast path or not.
     expected = cbor2_outcome(body)
     try:
         outcome = ("value", wire.decode_body(body))
     except wire.ProtocolError:
         outcome = "error"
-    assert outcome == ("error" if expected[0] == "error" else expected)
+    # By repr: a mutated body may hold a NaN, which two decodes give as two floats
+    # that never compare equal.
+    assert repr(outcome) == repr("error" if expected[0] == "error" else expected)
 
 
 def test_random_bytes_agree_with_cbor2():
