@@ -199,7 +199,7 @@ async def _dial(address: str, host: str, port: int, credentials: Credentials,
             except (OSError, EOFError) as exc:   # ssl.SSLError is an OSError
                 raise tls_failure(exc, host) from None
             assert tls_transport is not None
-            conn.transport = tls_transport   # type: ignore[assignment]
+            conn.transport = tls_transport
             ssl_object = tls_transport.get_extra_info("ssl_object")
             handshake = Handshake(credentials.dialer(peer_identity(ssl_object)), tls=True)
         await _handshake(conn, handshake)
