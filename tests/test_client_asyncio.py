@@ -4,27 +4,39 @@ Every test here is written with anyio (task groups, timeouts, sleeps) and runs o
 per event loop (`backend`: "trio", then "asyncio") through `anyio.run`, against real
 replica processes (`LocalCluster`), over TCP and TLS: `cypaxos.open_client` picks the
 wiring of the loop it is called in (the Trio `Client` or the asyncio
-`AsyncioClient`), and both must behave the same.  The Trio-only tests of the client's
-protocol against fake replicas are tests/test_client.py's.
+`AsyncioClient`), and both must behave the same.  The fake replicas of
+tests/test_client.py serve the tests of the protocol's corners from a Trio loop of
+their own, in a thread.
 """
 from __future__ import annotations
 
+import functools
+import gc
 import inspect
 import os
+import threading
+import time
+import types
 
 import anyio
 import pytest
+import trio
 
 import cypaxos
-from cypaxos import commands
+from cypaxos import commands, wire
 from cypaxos.client import Client, SessionSettings, open_client
 from cypaxos.client.aio import AsyncioClient
 from cypaxos.errors import (
-    ClosedError, CommandError, RequestError, TimeoutError, UnavailableError,
+    ClientError, ClosedError, CommandError, RequestError, SessionExpiredError, TimeoutError,
+    UnavailableError,
 )
 from cypaxos.security.secrets import generate_key
 
 from conftest import READY_TIMEOUT_S
+from test_client import (
+    DEFAULT, DROP, SILENT, FakeReplica, is_registration, kv_results, refuse_batches_with,
+    start_fake,
+)
 
 CLIENT_TIMEOUT_S = 20.0
 """Generous: the machine running the tests may be busy."""
@@ -411,4 +423,451 @@ def test_tls_client_certificate(new_cluster, backend):
                                                        "replica requires a client "
                                                        "certificate"):
                 await kv.put(b"k", b"v")
+    run(backend, body)
+
+
+# ---------------------------------------------------------------------------
+# Against fake replicas (tests/test_client.py's, served by a Trio loop of their own
+# in a thread, so that the client's loop may be either): batching, resends,
+# refusals, deadlines, closing
+
+
+class FakeHost:
+    """Fake replicas (`test_client.FakeReplica`) and other servers, served by a Trio
+    loop in a background thread; `start(**kwargs)` returns a started fake."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(30)
+
+    async def _main(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._ready.set()
+            await trio.sleep_forever()
+
+    def _run(self, afn, *args):
+        return trio.from_thread.run(afn, *args, trio_token=self._token)
+
+    def start(self, **kwargs) -> FakeReplica:
+        """A fake replica (FakeReplica's arguments), listening."""
+        return self._run(functools.partial(start_fake, self._nursery, **kwargs))
+
+    def answering_like(self, answer: bytes) -> str:
+        """A TCP server that answers whatever it is sent with `answer`, then closes."""
+        async def handler(stream):
+            await stream.receive_some(1024)
+            await stream.send_all(answer)
+            await stream.aclose()
+
+        async def start():
+            listeners = await self._nursery.start(trio.serve_tcp, handler, 0)
+            return "127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
+        return self._run(start)
+
+    def close(self) -> None:
+        trio.from_thread.run_sync(self._nursery.cancel_scope.cancel, trio_token=self._token)
+        self._thread.join(30)
+
+
+@pytest.fixture
+def fakes():
+    host = FakeHost()
+    yield host
+    host.close()
+
+
+def test_a_server_that_is_not_a_replica_is_named_so(fakes, backend):
+    http = fakes.answering_like(b"HTTP/1.1 400 Bad Request\r\n"
+                                b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    tls = fakes.answering_like(bytes.fromhex("15030300020246"))  # a TLS alert
+
+    async def body():
+        async with open_client([http], timeout=60) as kv:
+            with anyio.fail_after(30):   # every address definitively failed: at once
+                with pytest.raises(UnavailableError) as info:
+                    await kv.put(b"k", b"v")
+            assert str(info.value) == ("no replica reachable: %s: not a cypaxos replica "
+                                       "(it answered 'HTTP/1.1 400 Bad Request')" % http)
+            assert not info.value.maybe_applied
+        async with open_client([tls, http], timeout=60) as kv:
+            status = await kv.status()
+        assert status[0]["error"] == "not a cypaxos replica without TLS (it answered in TLS)"
+        assert status[1]["error"].startswith("not a cypaxos replica (it answered 'HTTP/1.1")
+        assert not status[0]["reachable"] and not status[1]["reachable"]
+    run(backend, body)
+
+
+def test_batches_carry_consecutive_seqs_and_acked(fakes, backend):
+    fake = fakes.start()
+
+    async def body():
+        async with open_client(fake.address) as kv:
+            async def put(i):
+                await kv.put(b"k%d" % i, b"v%d" % i)
+            for _ in range(3):
+                async with anyio.create_task_group() as tg:
+                    for i in range(300):
+                        tg.start_soon(put, i)
+            assert await kv.get(b"k299") == b"v299"
+            stats = kv.statistics()
+        batches = fake.submits()
+        assert stats["commands"] == 900
+        assert stats["registrations"] == len(fake.registrations()) == 1
+        assert stats["submit_requests"] == len(batches) + 1 < 900 // 10   # batched
+        assert {b.session_id for b in batches} == {kv.session_id}
+        seq = 1
+        for b in batches:
+            assert b.first_seq == seq and b.acked_seq < b.first_seq
+            seq += len(b.commands)
+        assert seq == 901
+        assert batches[-1].acked_seq >= 600
+    run(backend, body)
+
+
+def test_retry_busy_and_dropped_connections_resend_the_same_bytes(fakes, backend):
+    retried, busy, dropped = fakes.start(), fakes.start(), fakes.start()
+    answered = []
+
+    def retry_once(fake, request_id, batch):
+        if not answered:
+            answered.append(batch)
+            return wire.ok(request_id, kv_results(1, commands.RESULT_RETRY))
+        return DEFAULT
+    retried.submit_hook = retry_once
+    busy_left = [3]
+
+    def busy_thrice(fake, request_id, batch):
+        if busy_left[0]:
+            busy_left[0] -= 1
+            return wire.error(request_id, "busy", "queue full")
+        return DEFAULT
+    busy.submit_hook = busy_thrice
+    drops = []
+
+    def drop_third(fake, request_id, batch):
+        # Drop the connection on the third submit, once: the first three are unanswered.
+        if len(fake.submits()) == 3 and not drops:
+            drops.append(1)
+            return DROP
+        return SILENT if not drops else DEFAULT
+    dropped.submit_hook = drop_third
+
+    async def body():
+        async with open_client(retried.address) as kv:
+            await kv.put(b"a", b"1")
+            assert kv.statistics()["retry_results"] == 1
+        sent = [r[2] for r in retried.requests
+                if r[0] == "submit" and not is_registration(r[2])]
+        assert sent == [answered[0], answered[0]]
+        async with open_client(busy.address) as kv:
+            start = time.monotonic()
+            await kv.put(b"k", b"v")
+            assert time.monotonic() - start >= 0.02 + 0.04   # backed off
+            assert kv.statistics()["busy_replies"] == 3
+        async with open_client(dropped.address) as kv:
+            async with anyio.create_task_group() as tg:
+                for i in range(3):
+                    tg.start_soon(kv.put, b"k%d" % i, b"v")
+                    with anyio.fail_after(5):   # three separate batches
+                        while len(dropped.submits()) < i + 1:
+                            await anyio.sleep(0.005)
+            stats = kv.statistics()
+        sent = [r[2] for r in dropped.requests
+                if r[0] == "submit" and not is_registration(r[2])]
+        assert len(sent) == 6 and sent[3:] == sent[:3]   # byte for byte, seq order
+        assert dropped.connections == 2 and stats["resent_batches"] == 3
+    run(backend, body)
+
+
+def test_duplicate_resend_applied_once(fakes, backend):
+    fake = fakes.start()
+    first = []
+
+    def hook(fake, request_id, batch):
+        if not first:
+            first.append(fake.apply(batch))   # applied, then the answer is "lost"
+            return DROP
+        return DEFAULT
+    fake.submit_hook = hook
+
+    async def body():
+        async with open_client(fake.address) as kv:
+            assert await kv.cas(b"c", None, b"1") is True   # not False: applied once
+            assert await kv.get(b"c") == b"1"
+    run(backend, body)
+
+
+def test_refused_command_and_expired_session(fakes, backend):
+    fake = fakes.start()
+    bad = b"Pbad"
+    fake.submit_hook = refuse_batches_with(bad)
+    expiring = fakes.start(max_sessions=1)
+
+    async def body():
+        async with open_client(fake.address) as kv:
+            await kv.put(b"z", b"0")
+            old_session = kv.session_id
+            results = {}
+
+            async def call(name, command):
+                try:
+                    results[name] = await kv.submit(command)
+                except ClientError as exc:
+                    results[name] = exc
+            async with anyio.create_task_group() as tg:   # one batch: one round
+                tg.start_soon(call, "a", commands.encode_put(b"a", b"1"))
+                tg.start_soon(call, "bad", bad)
+                tg.start_soon(call, "b", commands.encode_put(b"b", b"2"))
+            assert results["a"] == b"" and results["b"] == b""
+            assert isinstance(results["bad"], RequestError)
+            assert not results["bad"].maybe_applied
+            assert kv.session_id != old_session
+            assert kv.statistics()["session_restarts"] == 1
+            await kv.put(b"c", b"3")
+            assert [await kv.get(k) for k in (b"a", b"b", b"c")] == [b"1", b"2", b"3"]
+        new = [b for b in fake.submits() if b.session_id != old_session]
+        assert new[0].first_seq == 1
+        async with open_client(expiring.address) as kv:
+            await kv.put(b"a", b"1")
+            first_session = kv.session_id
+            expiring.register()   # another client's registration evicts ours
+            with pytest.raises(SessionExpiredError) as info:
+                await kv.put(b"b", b"2")
+            assert info.value.maybe_applied
+            await kv.put(b"c", b"3")  # in a new session
+            assert kv.session_id not in (None, first_session)
+            assert [await kv.get(k) for k in (b"a", b"b", b"c")] == [b"1", None, b"3"]
+    run(backend, body)
+
+
+def test_reads_batched_and_oversized_replies(fakes, backend):
+    fake = fakes.start()
+    huge = []
+
+    def hook(fake, request_id, queries, stale):
+        # The first read of the second part is answered with a frame over what a
+        # client accepts.
+        if huge == [0]:
+            huge[0] = 1
+            return wire.ok(request_id, [b"\x01" + b"x" * (70 << 20)] * len(queries))
+        return DEFAULT
+    fake.read_hook = hook
+
+    async def body():
+        async with open_client(fake.address, timeout=20) as kv:
+            await kv.put(b"k", b"v")
+            results = {}
+
+            async def get(i):
+                results[i] = await kv.get(b"k")
+            async with anyio.create_task_group() as tg:
+                for i in range(100):
+                    tg.start_soon(get, i)
+            assert set(results.values()) == {b"v"} and len(results) == 100
+            assert kv.statistics()["read_requests"] < 10   # batched
+
+            async def bad():
+                with pytest.raises(RequestError, match="unknown query"):
+                    await kv.query(b"?")
+            results.clear()
+            async with anyio.create_task_group() as tg:   # one bad query among good ones
+                for i in range(32):
+                    tg.start_soon(get, i)
+                tg.start_soon(bad)
+            assert set(results.values()) == {b"v"} and len(results) == 32
+            assert await kv.get(b"k", stale=True) == b"v"
+            huge.append(0)
+            results.clear()
+            async with anyio.create_task_group() as tg:
+                for i in range(8):
+                    tg.start_soon(get, i)
+            assert list(results.values()) == [b"v"] * 8
+            # Dropped the connection, then asked one query per request.
+            assert kv.statistics()["connections"] == 2
+    run(backend, body)
+
+
+def test_redirects_and_no_leader(fakes, backend):
+    leader = fakes.start(replica_id=2)
+    follower = fakes.start(replica_id=1, cluster=leader)
+    follower.submit_hook = lambda f, rid, batch: wire.redirect(rid, leader.address)
+    lost = [fakes.start(replica_id=1)]
+    lost.append(fakes.start(replica_id=2, cluster=lost[0]))
+    for fake in lost:
+        fake.submit_hook = lambda f, rid, batch: wire.redirect(rid, None)
+        fake.hook_registrations = True
+    other = fakes.start(replica_id=2, cluster_id="other")
+    ours = fakes.start(replica_id=1, cluster_id="ours")
+    ours.submit_hook = lambda f, rid, batch: wire.redirect(rid, other.address)
+
+    async def body():
+        async with open_client([follower.address]) as kv:
+            await kv.put(b"k", b"v")
+            stats = kv.statistics()
+            assert stats["redirects"] == 1 and stats["connected_to"] == leader.address
+            assert leader.address in kv.addresses   # learned
+        assert len(leader.submits()) == 1
+        async with open_client([f.address for f in lost], timeout=0.5) as kv:
+            with pytest.raises(UnavailableError, match="^no leader within") as info:
+                await kv.put(b"k", b"v")
+        assert not info.value.maybe_applied
+        async with open_client([ours.address], timeout=0.5) as kv:
+            with pytest.raises(TimeoutError, match="cluster 'other'"):
+                await kv.put(b"k", b"v")
+        assert not other.requests
+    run(backend, body)
+
+
+def test_timeouts_cancels_and_stalls(fakes, backend):
+    fake = fakes.start()
+    fake.submit_hook = lambda f, rid, batch: SILENT
+    fake.read_hook = lambda f, rid, queries, stale: SILENT
+    silent = fakes.start(welcome=False)   # accepts, never welcomes
+    stuck = fakes.start(replica_id=1)
+    stuck.submit_hook = lambda f, rid, batch: SILENT
+    good = fakes.start(replica_id=2, cluster=stuck)
+    leaving = fakes.start(replica_id=1, cluster=stuck)
+    leaving.submit_hook = lambda f, rid, batch: wire.error(rid, "shutting_down", "bye")
+
+    async def body():
+        async with open_client(fake.address, timeout=0.3) as kv:
+            with pytest.raises(TimeoutError) as info:
+                await kv.put(b"k", b"v")
+            assert info.value.maybe_applied
+            with pytest.raises(TimeoutError) as info:
+                await kv.get(b"k", timeout=0.1)
+            assert not info.value.maybe_applied
+            with anyio.fail_after(5):
+                with pytest.raises(TimeoutError) as info:
+                    await kv.put_many([(b"k%d" % i, b"v") for i in range(100)])
+            assert info.value.maybe_applied
+            out = await kv.query_many([commands.encode_get(b"k")] * 3, timeout=0.1,
+                                      return_exceptions=True)
+            assert all(isinstance(e, TimeoutError) and not e.maybe_applied for e in out)
+            with anyio.move_on_after(0.1) as scope:
+                await kv.put_many([(b"c%d" % i, b"v") for i in range(100)], timeout=5)
+            assert scope.cancelled_caught
+            with anyio.move_on_after(0.1) as scope:
+                await kv.put(b"cancelled", b"v", timeout=5)
+            assert scope.cancelled_caught
+            assert kv.statistics()["queued_commands"] == 0
+            fake.submit_hook = None
+            fake.read_hook = None
+            # The earlier batches go again first: same session.
+            await kv.put_many([(b"after", b"1")], timeout=5)
+            assert await kv.get_many([b"after", b"k0", b"cancelled"], timeout=5) == \
+                [b"1", b"v", b"v"]
+        async with open_client(silent.address, timeout=0.3) as kv:
+            with pytest.raises(UnavailableError) as info:
+                await kv.put(b"k", b"v")
+            assert not info.value.maybe_applied
+        async with open_client([stuck.address, good.address], timeout=5,
+                               settings=SessionSettings(stall_timeout_s=0.2)) as kv:
+            for i in range(3):
+                await kv.put(b"k%d" % i, b"v")
+            assert kv.statistics()["connected_to"] == good.address
+            assert kv.statistics()["stalls"] <= 1
+        async with open_client([leaving.address, good.address], timeout=5) as kv:
+            for i in range(3):
+                await kv.put(b"s%d" % i, b"v")
+            assert kv.statistics()["connected_to"] == good.address
+    run(backend, body)
+
+
+def test_queued_calls_that_time_out_are_never_sent_and_close_fails_the_rest(fakes, backend):
+    fake = fakes.start()
+    fake.submit_hook = lambda f, rid, batch: SILENT
+
+    async def body():
+        outcome = []
+        async with anyio.create_task_group() as tg:
+            async with open_client(fake.address, timeout=30) as kv:
+                async def put(i):
+                    try:
+                        await kv.put(b"k%d" % i, b"v")
+                    except ClosedError as exc:
+                        outcome.append(exc)
+                # Fill the window of in-flight batches, one put per batch.
+                for i in range(64):
+                    tg.start_soon(put, i)
+                    with anyio.fail_after(5):
+                        while kv.statistics()["outstanding_batches"] < i + 1:
+                            await anyio.sleep(0.001)
+                with pytest.raises(TimeoutError) as info:
+                    await kv.put(b"k999", b"v", timeout=0.1)
+                assert not info.value.maybe_applied
+                assert kv.statistics()["queued_commands"] == 0   # removed from the queue
+            # Leaving the block closed the client: the 64 waiting puts fail.
+        with pytest.raises(ClosedError):
+            await kv.put(b"k", b"v")
+        assert len(outcome) == 64 and all(exc.maybe_applied for exc in outcome)
+        assert len(fake.submits()) == 64
+        assert all(b"k999" not in r[2] for r in fake.requests)
+    run(backend, body)
+
+
+def test_status_snapshot_and_bulk_calls(fakes, backend):
+    fake = fakes.start(replica_id=4)
+    refusing = fakes.start()
+    bad = b"Pbad"
+    refusing.submit_hook = refuse_batches_with(bad)
+
+    async def body():
+        async with open_client([fake.address, "127.0.0.1:9"]) as kv:
+            status = await kv.status()
+            snap = await kv.snapshot()
+        assert status[0]["reachable"] and status[0]["id"] == 4
+        assert status[0]["role"] == "leader" and status[0]["address"] == fake.address
+        assert status[1] == {"address": "127.0.0.1:9", "reachable": False,
+                             "error": "connection refused"}
+        assert snap[0]["reachable"] and "bad_request" in snap[0]["error"]
+        assert not snap[1]["reachable"]
+        settings = SessionSettings(queue_commands_max=100)
+        async with open_client(fake.address, settings=settings) as kv:
+            await kv.put_many([(b"q%d" % i, b"%d" % i) for i in range(1000)])
+            assert await kv.get_many([b"q%d" % i for i in range(1000)]) == \
+                [b"%d" % i for i in range(1000)]
+        # Nothing queued beyond the bound at any time: a batch never exceeds it.
+        assert max(len(b.commands) for b in fake.submits()) <= 100
+        assert len(fake.submits()) < 100
+        async with open_client(refusing.address) as kv:
+            good = commands.encode_put(b"a", b"1")
+            out = await kv.submit_many([good, bad, good], return_exceptions=True)
+            assert out[0] == b"" and out[2] == b"" and isinstance(out[1], RequestError)
+            with pytest.raises(RequestError):
+                await kv.submit_many([good, bad])
+            with pytest.raises(TypeError):
+                await kv.put_many([(b"k", 5)])
+            assert await kv.get(b"a") == b"1"
+    run(backend, body)
+
+
+def test_raised_errors_leave_nothing_uncollectable(fakes, backend):
+    # Ops are not tracked by the cyclic GC: an op keeping the exception its caller
+    # raised would leak a frame per failed call.
+    fake = fakes.start()
+    bad = b"Pbad"
+    fake.submit_hook = refuse_batches_with(bad)
+
+    def frames_alive():
+        gc.collect()
+        return sum(type(o) is types.TracebackType for o in gc.get_objects())
+
+    async def body():
+        async with open_client(fake.address) as kv:
+            good = commands.encode_put(b"a", b"1")
+            for _ in range(5):   # warm up (first-time allocations)
+                with pytest.raises(RequestError):
+                    await kv.submit(bad)
+            before = frames_alive()
+            for _ in range(100):
+                with pytest.raises(RequestError):
+                    await kv.submit(bad)
+                with pytest.raises(RequestError):
+                    await kv.submit_many([good, bad])
+            assert frames_alive() - before < 20
     run(backend, body)
