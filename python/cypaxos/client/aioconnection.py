@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import ssl
 from typing import Any, Callable, Optional
 
 from .. import wire
 from ..addresses import split_address
 from ..errors import ConfigError
+from ..groups import BaseExceptionGroup
 from ..security.tls import peer_identity
 from .connection import (
     PLAIN, REPLY_FRAME_BYTES_MAX, Credentials, _closed_after_tls,
@@ -179,6 +181,36 @@ async def _handshake(conn: AioConnection, handshake: Handshake) -> None:
         raise
 
 
+async def _connect(host: str, port: int, loop: asyncio.AbstractEventLoop
+                   ) -> tuple[asyncio.BaseTransport, AioConnection]:
+    """TCP to each address `host` resolves to in turn, until one takes the connection.
+
+    If every one fails, the OSError raised has the per-address errors as its cause
+    (an exception group), as Trio's has, so that `connect_failure` can tell "refused
+    by every address" (definitive) from the rest; `loop.create_connection` would
+    merge them into one message instead.
+    """
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    errors: list[OSError] = []
+    for family, type_, proto, _, address in infos:
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            return await loop.create_connection(lambda: AioConnection(loop), sock=sock)
+        except OSError as exc:
+            sock.close()
+            errors.append(exc)
+        except BaseException:
+            sock.close()
+            raise
+    if len(errors) == 1:
+        raise errors[0]
+    failure = OSError(f"all attempts to connect to {host}:{port} failed")
+    failure.__cause__ = BaseExceptionGroup("connect failed", errors)
+    raise failure
+
+
 async def _dial(address: str, host: str, port: int, credentials: Credentials,
                 loop: asyncio.AbstractEventLoop) -> AioConnection:
     context = credentials.ssl_context
@@ -186,8 +218,7 @@ async def _dial(address: str, host: str, port: int, credentials: Credentials,
     handshake = None
     try:
         try:
-            transport, conn = await loop.create_connection(lambda: AioConnection(loop),
-                                                           host, port)
+            transport, conn = await _connect(host, port, loop)
         except OSError as exc:
             raise connect_failure(exc) from None
         if context is None:
