@@ -14,7 +14,6 @@ import functools
 import gc
 import inspect
 import os
-import threading
 import time
 import types
 
@@ -33,6 +32,7 @@ from cypaxos.errors import (
 from cypaxos.security.secrets import generate_key
 
 from conftest import READY_TIMEOUT_S
+from triothread import TrioThread
 from test_client import (
     DEFAULT, DROP, SILENT, FakeReplica, is_registration, kv_results, refuse_batches_with,
     start_fake,
@@ -432,29 +432,13 @@ def test_tls_client_certificate(new_cluster, backend):
 # refusals, deadlines, closing
 
 
-class FakeHost:
+class FakeHost(TrioThread):
     """Fake replicas (`test_client.FakeReplica`) and other servers, served by a Trio
     loop in a background thread; `start(**kwargs)` returns a started fake."""
 
-    def __init__(self) -> None:
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
-        self._thread.start()
-        assert self._ready.wait(30)
-
-    async def _main(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self._ready.set()
-            await trio.sleep_forever()
-
-    def _run(self, afn, *args):
-        return trio.from_thread.run(afn, *args, trio_token=self._token)
-
     def start(self, **kwargs) -> FakeReplica:
         """A fake replica (FakeReplica's arguments), listening."""
-        return self._run(functools.partial(start_fake, self._nursery, **kwargs))
+        return self.run(functools.partial(start_fake, self.nursery, **kwargs))
 
     def answering_like(self, answer: bytes) -> str:
         """A TCP server that answers whatever it is sent with `answer`, then closes."""
@@ -464,13 +448,9 @@ class FakeHost:
             await stream.aclose()
 
         async def start():
-            listeners = await self._nursery.start(trio.serve_tcp, handler, 0)
+            listeners = await self.nursery.start(trio.serve_tcp, handler, 0)
             return "127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
-        return self._run(start)
-
-    def close(self) -> None:
-        trio.from_thread.run_sync(self._nursery.cancel_scope.cancel, trio_token=self._token)
-        self._thread.join(30)
+        return self.run(start)
 
 
 @pytest.fixture
