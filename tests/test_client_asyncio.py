@@ -30,6 +30,7 @@ from cypaxos.errors import (
     UnavailableError,
 )
 from cypaxos.security.secrets import generate_key
+from cypaxos.tools.local import free_ports
 
 from conftest import READY_TIMEOUT_S
 from triothread import TrioThread
@@ -850,4 +851,57 @@ def test_raised_errors_leave_nothing_uncollectable(fakes, backend):
                 with pytest.raises(RequestError):
                     await kv.submit_many([good, bad])
             assert frames_alive() - before < 20
+    run(backend, body)
+
+
+def test_a_replica_naming_an_unreachable_leader_means_no_leader(fakes, backend):
+    # A quorum lost: the replica left up still names the leader it last heard of,
+    # which refuses connections.  That is "no leader", not "connection refused".
+    dead = "127.0.0.1:%d" % free_ports(1)[0]
+    follower = fakes.start(replica_id=1)
+    follower.submit_hook = lambda f, rid, batch: wire.redirect(rid, dead)
+    follower.read_hook = lambda f, rid, queries, stale: wire.redirect(rid, dead)
+    follower.hook_registrations = True
+
+    async def body():
+        async with open_client([follower.address], timeout=1.0) as kv:
+            with pytest.raises(UnavailableError) as info:
+                await kv.put(b"k", b"v")
+            assert str(info.value) == (
+                f"no leader within 1 s: no quorum, or an election in progress "
+                f"({follower.address} names {dead} as the leader, which is unreachable "
+                f"(connection refused))")
+            assert not info.value.maybe_applied
+            with pytest.raises(UnavailableError, match="^no leader within 0.5 s"):
+                await kv.get(b"k", timeout=0.5)
+            assert kv.statistics()["fail_fast"] == 0   # a replica was up the whole time
+    run(backend, body)
+
+
+def test_a_call_queued_while_no_replica_is_up_goes_once_one_is(fakes, backend):
+    port = free_ports(1)[0]
+    # A second address that accepts and never answers: dials there time out, which
+    # is no proof that the cluster is down, so the call waits instead of failing fast.
+    silent = fakes.start(welcome=False)
+
+    async def body():
+        async with open_client(["127.0.0.1:%d" % port, silent.address], timeout=10,
+                               settings=SessionSettings(connect_timeout_s=0.1)) as kv:
+            done = anyio.Event()
+
+            async def put():
+                await kv.put(b"k", b"v")
+                done.set()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(put)
+                with anyio.fail_after(5):
+                    while not (kv.statistics()["queued_commands"]
+                               and kv.statistics()["connect_failures"]):
+                        await anyio.sleep(0.005)
+                # (From a worker thread: the fakes' loop is not this one.)
+                fake = await anyio.to_thread.run_sync(functools.partial(fakes.start,
+                                                                        port=port))
+                with anyio.fail_after(5):
+                    await done.wait()
+        assert len(fake.submits()) == 1
     run(backend, body)
