@@ -633,7 +633,7 @@ def test_reads_batched_and_oversized_replies(fakes, backend):
         # The first read of the second part is answered with a frame over what a
         # client accepts.
         if huge == [0]:
-            huge[0] = 1
+            huge[0] = sum(r[0] == "read" for r in fake.requests)   # this one's number
             return wire.ok(request_id, [b"\x01" + b"x" * (70 << 20)] * len(queries))
         return DEFAULT
     fake.read_hook = hook
@@ -669,6 +669,8 @@ def test_reads_batched_and_oversized_replies(fakes, backend):
             assert list(results.values()) == [b"v"] * 8
             # Dropped the connection, then asked one query per request.
             assert kv.statistics()["connections"] == 2
+        after = [r for r in fake.requests if r[0] == "read"][huge[0]:]
+        assert after and [len(r[2]) for r in after] == [1] * len(after)
     run(backend, body)
 
 

@@ -218,8 +218,8 @@ class AsyncioClient(ClientCalls):
         self._send_timer = None
         self._flush()
 
-    def _on_data(self) -> None:
-        """Feed the replies read to the session (the protocol has fed the decoder)."""
+    def _on_data(self, data: bytes) -> None:
+        """Feed what was read to the decoder, and the replies to the session."""
         conn = self._conn
         if conn is None:
             return
@@ -228,6 +228,7 @@ class AsyncioClient(ClientCalls):
         now = self._loop.time()
         answered = False
         try:
+            decoder.feed(data)
             while (obj := decoder.next_frame()) is not None:
                 session.reply_received(wire.parse_reply(obj), now)
                 answered = True
@@ -308,8 +309,8 @@ class AsyncioClient(ClientCalls):
             self._conn = conn
             conn.on_resume = self._kick
             try:
-                conn.attach(self._on_data, self._on_lost)
-                self._on_data()   # what came with the welcome
+                # What came with the welcome, then what came before this.
+                self._on_data(conn.attach(self._on_data, self._on_lost))
                 if self._conn is conn:
                     self._kick()   # what was queued while there was no connection
                 await conn.closed

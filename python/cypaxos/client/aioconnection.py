@@ -6,7 +6,7 @@ The asyncio twin of `cypaxos.client.connection`, over a plain `asyncio.Protocol`
 connection, then, if the credentials hold an `ssl.SSLContext`, TLS on it
 (`loop.start_tls`, the same context and server_hostname as the Trio client), then
 runs the same sans-I/O `cypaxos.client.dialing.Handshake` and returns an
-`AioConnection` whose frame decoder holds whatever followed the welcome; every way it
+`AioConnection` that gives out first whatever followed the welcome; every way it
 can fail is a `DialError`, with the reasons the Trio client gives.  `request_once`
 is the one-request connection of `status` and `snapshot`.
 """
@@ -35,9 +35,9 @@ class AioConnection(asyncio.Protocol):
     """An asyncio connection to a replica (the protocol object of its transport).
 
     Until `attach`, what arrives is buffered for `receive()` (the handshake, or
-    `request_once`).  After `attach(on_data, on_lost)`, every read is fed to `decoder`
-    and `on_data()` is called; `on_lost(reason)` is called once when the connection
-    ends.  `cluster_id` and `replica_id` are what the replica said in the welcome.
+    `request_once`).  After `attach(on_data, on_lost)`, every read is given to
+    `on_data(data)` (which feeds `decoder`); `on_lost(reason)` is called once when the
+    connection ends.  `cluster_id` and `replica_id` are what the replica said in the welcome.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -51,7 +51,7 @@ class AioConnection(asyncio.Protocol):
         self._eof = False
         self._error: Optional[BaseException] = None
         self._waiter: Optional[asyncio.Future[None]] = None
-        self._on_data: Optional[Callable[[], None]] = None
+        self._on_data: Optional[Callable[[bytes], None]] = None
         self._on_lost: Optional[Callable[[str], None]] = None
         self.paused = False
         """The transport's write buffer is over its high-water mark."""
@@ -67,8 +67,7 @@ class AioConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         on_data = self._on_data
         if on_data is not None:
-            self.decoder.feed(data)
-            on_data()
+            on_data(data)
         else:
             self._buffer.append(data)
             self._wake()
@@ -122,19 +121,20 @@ class AioConnection(asyncio.Protocol):
         self._buffer.clear()
         return data
 
-    def attach(self, on_data: Callable[[], None], on_lost: Callable[[str], None]) -> None:
-        """From now on feed reads to `decoder` and call `on_data()`; `on_lost(reason)`
-        when the connection ends (at once if it has already)."""
-        if self._buffer:
-            for data in self._buffer:
-                self.decoder.feed(data)
-            self._buffer.clear()
+    def attach(self, on_data: Callable[[bytes], None],
+               on_lost: Callable[[str], None]) -> bytes:
+        """From now on call `on_data(data)` with each read (the caller feeds `decoder`)
+        and `on_lost(reason)` when the connection ends (at once if it has already).
+        Returns what arrived before and was not taken by `receive()`."""
+        data = b"".join(self._buffer)
+        self._buffer.clear()
         if self.closed.done():
             error = self._error
             on_lost("connection closed by the replica" if error is None else describe(error))
-            return
+            return data
         self._on_data = on_data
         self._on_lost = on_lost
+        return data
 
     def write(self, data: bytes) -> None:
         """Queue `data` for sending (the transport sends what it can at once)."""
@@ -251,7 +251,8 @@ async def _dial(address: str, host: str, port: int, credentials: Credentials,
     conn.cluster_id = handshake.cluster_id
     conn.replica_id = handshake.replica_id
     if handshake.trailing_data:
-        conn.decoder.feed(handshake.trailing_data)
+        # Frames after the welcome: given out first, by `receive()` or `attach`.
+        conn._buffer.insert(0, handshake.trailing_data)
     return conn
 
 
