@@ -10,6 +10,7 @@ their own, in a thread.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import inspect
@@ -907,3 +908,21 @@ def test_a_call_queued_while_no_replica_is_up_goes_once_one_is(fakes, backend):
                     await done.wait()
         assert len(fake.submits()) == 1
     run(backend, body)
+
+
+def test_a_bug_in_the_asyncio_client_fails_its_calls_and_leaves_the_block(fakes):
+    # The asyncio sender and reader are loop callbacks, whose exceptions the loop would
+    # only log: the calls would wait for their deadline, and nobody would hear why.
+    fake = fakes.start()
+
+    async def body():
+        with pytest.raises(RuntimeError, match="a bug"):
+            async with open_client(fake.address, timeout=60) as kv:
+                await kv.put(b"k", b"v")
+
+                def broken(now):
+                    raise RuntimeError("a bug")
+                kv._session.requests_to_send = broken
+                with pytest.raises(ClosedError):
+                    await asyncio.wait_for(kv.put(b"k", b"w"), 30)
+    asyncio.run(body())

@@ -81,6 +81,7 @@ class AsyncioClient(ClientCalls):
         self._idle: Optional[asyncio.Future[None]] = None   # the idle connection loop
         self._room: list[asyncio.Future[None]] = []          # callers waiting for room
         self._task: Optional[asyncio.Task[None]] = None
+        self._failure: Optional[BaseException] = None   # raised when the block ends
 
     async def aclose(self) -> None:
         """Close the client: pending calls fail with ClosedError, the connection closes."""
@@ -191,6 +192,20 @@ class AsyncioClient(ClientCalls):
     def _flush(self) -> None:
         """Write what the session says to send; plan the next flush."""
         self._flush_pending = False
+        try:
+            self._send()
+        except Exception as exc:
+            self._crash(exc)
+
+    def _crash(self, exc: Exception) -> None:
+        """A bug in a callback of the client's: its calls fail (ClosedError) rather
+        than wait for their deadline, and `exc` leaves the `open_client` block (the
+        event loop would only have logged it)."""
+        if self._failure is None:
+            self._failure = exc
+        self._close()
+
+    def _send(self) -> None:
         conn = self._conn
         if conn is None or conn.paused:
             return   # resume_writing flushes again
@@ -220,6 +235,12 @@ class AsyncioClient(ClientCalls):
 
     def _on_data(self, data: bytes) -> None:
         """Feed what was read to the decoder, and the replies to the session."""
+        try:
+            self._receive(data)
+        except Exception as exc:
+            self._crash(exc)
+
+    def _receive(self, data: bytes) -> None:
         conn = self._conn
         if conn is None:
             return
@@ -267,6 +288,12 @@ class AsyncioClient(ClientCalls):
         self._expire_pending = False
         if self._session.closed:
             return
+        try:
+            self._expire_now()
+        except Exception as exc:
+            self._crash(exc)
+
+    def _expire_now(self) -> None:
         at = self._session.expire(self._loop.time())
         timer = self._expire_timer
         if timer is not None:
@@ -334,6 +361,8 @@ async def open_asyncio_client(addresses: Addresses, *, timeout: float = 5.0,
         # A bug in the connection loop: the calls fail (ClosedError) rather than hang;
         # the exception is raised when the block ends.
         if not task.cancelled() and task.exception() is not None:
+            if client._failure is None:
+                client._failure = task.exception()
             client._close()
     task.add_done_callback(crashed)
     try:
@@ -345,3 +374,7 @@ async def open_asyncio_client(addresses: Addresses, *, timeout: float = 5.0,
         except asyncio.CancelledError:
             if not task.cancelled():
                 raise   # the caller's own cancellation
+        except Exception:
+            pass   # client._failure: raised below
+        if client._failure is not None:
+            raise client._failure
