@@ -102,11 +102,13 @@ class AsyncioClient(ClientCalls):
 
         from .backup import backup_to_file
 
+        addresses = list(self._session.addresses)   # taken here, not in the thread
+        seconds = self._timeout if timeout is None else timeout
+
         def run() -> "BackupInfo":
-            return trio.run(lambda: backup_to_file(
-                list(self._session.addresses), os.fspath(path),
-                timeout=self._timeout if timeout is None else timeout,
-                credentials=self._credentials))
+            return trio.run(lambda: backup_to_file(addresses, os.fspath(path),
+                                                   timeout=seconds,
+                                                   credentials=self._credentials))
         return await asyncio.to_thread(run)
 
     # -- what ClientCalls needs ------------------------------------------------
