@@ -926,3 +926,38 @@ def test_a_bug_in_the_asyncio_client_fails_its_calls_and_leaves_the_block(fakes)
                 with pytest.raises(ClosedError):
                     await asyncio.wait_for(kv.put(b"k", b"w"), 30)
     asyncio.run(body())
+
+
+def test_evicted_sessions_and_quorum_loss(new_cluster, backend):
+    """With `serve --max-sessions 1`, a second client's registration evicts the first
+    client's session: its next write fails SessionExpiredError instead of being
+    applied in a recreated session.  Then, with a quorum lost, calls say so."""
+    cluster = new_cluster(fsync=False, extra_args=("--max-sessions", "1"))
+    cluster.start_all()
+
+    async def body():
+        async with open_client(cluster.cluster_arg, timeout=10) as first, \
+                open_client(cluster.cluster_arg, timeout=10) as second:
+            leader = await wait_leader(first)
+            assert await first.cas(b"once", None, b"first") is True
+            await second.put(b"other", b"x")           # registers: evicts `first`'s
+            with pytest.raises(SessionExpiredError) as info:
+                await first.put(b"late", b"1")
+            assert info.value.maybe_applied
+            assert await first.get(b"late") is None      # not applied
+            await first.put(b"later", b"2")              # a new session
+            assert first.statistics()["registrations"] == 2
+            assert await second.get(b"later") == b"2"
+            # The leader and one follower die; the last replica is up, alone.
+            other = next(i for i in cluster.ids if i != leader["id"])
+            cluster.kill(leader["id"])
+            cluster.kill(other)
+            with pytest.raises(UnavailableError) as info:
+                await first.put(b"quorum", b"2", timeout=3)
+            assert str(info.value).startswith("no leader within 3 s: no quorum"), info.value
+            assert info.value.maybe_applied   # sent (redirected, or lost with the leader)
+            with pytest.raises(UnavailableError) as info:
+                await first.get(b"quorum", timeout=2)
+            assert str(info.value).startswith("no leader within 2 s: no quorum"), info.value
+            assert not info.value.maybe_applied
+    run(backend, body)
