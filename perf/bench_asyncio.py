@@ -10,6 +10,7 @@ speed falls on both), each in a fresh event loop with a fresh `open_client`:
 
     python perf/bench_asyncio.py --rounds 3 --duration 5
     python perf/bench_asyncio.py --rounds 3 --duration 5 --fsync off --json
+    python perf/bench_asyncio.py --rounds 3 --duration 5 --tls --json
 
 The report gives every run's figures and the median of each loop.
 """
@@ -29,9 +30,10 @@ from cypaxos.tools.local import LocalCluster, free_ports
 VALUE = b"v" * 64
 
 
-async def pipelined(addresses: str, callers: int, warmup: float, duration: float) -> float:
+async def pipelined(addresses: str, callers: int, warmup: float, duration: float,
+                    tls=None) -> float:
     """Writes per second from `callers` tasks each putting one key at a time."""
-    async with cypaxos.open_client(addresses, timeout=30) as kv:
+    async with cypaxos.open_client(addresses, timeout=30, tls=tls) as kv:
         counts = [0] * callers
         start = end = 0.0
 
@@ -51,9 +53,10 @@ async def pipelined(addresses: str, callers: int, warmup: float, duration: float
         return sum(counts) / duration
 
 
-async def latency(addresses: str, warmup: float, duration: float) -> tuple[float, float]:
+async def latency(addresses: str, warmup: float, duration: float,
+                  tls=None) -> tuple[float, float]:
     """p50 and p99 of one put at a time, in ms."""
-    async with cypaxos.open_client(addresses, timeout=30) as kv:
+    async with cypaxos.open_client(addresses, timeout=30, tls=tls) as kv:
         samples = []
         start = time.perf_counter() + warmup
         end = start + duration
@@ -77,13 +80,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--callers", type=int, default=256)
     parser.add_argument("--fsync", choices=("always", "off"), default="always")
+    parser.add_argument("--tls", action="store_true",
+                        help="mutual TLS on every connection (LocalCluster(tls=True))")
     parser.add_argument("--json", action="store_true", help="print the runs as JSON")
     args = parser.parse_args()
     runs: dict[str, dict[str, list]] = {b: {"writes_per_s": [], "p50_ms": [], "p99_ms": []}
                                         for b in ("trio", "asyncio")}
     with tempfile.TemporaryDirectory() as data_dir:
         cluster = LocalCluster(3, ports=free_ports(3), data_dir=data_dir,
-                               fsync=args.fsync == "always")
+                               fsync=args.fsync == "always", tls=args.tls)
+        tls = cluster.client_tls if args.tls else None
         try:
             cluster.start_all()
             cluster.wait_ready(timeout=60)
@@ -91,9 +97,9 @@ def main() -> None:
                 order = ("trio", "asyncio") if r % 2 == 0 else ("asyncio", "trio")
                 for backend in order:
                     rate = anyio.run(pipelined, cluster.cluster_arg, args.callers,
-                                     args.warmup, args.duration, backend=backend)
+                                     args.warmup, args.duration, tls, backend=backend)
                     p50, p99 = anyio.run(latency, cluster.cluster_arg, args.warmup,
-                                         args.duration, backend=backend)
+                                         args.duration, tls, backend=backend)
                     runs[backend]["writes_per_s"].append(round(rate))
                     runs[backend]["p50_ms"].append(round(p50, 3))
                     runs[backend]["p99_ms"].append(round(p99, 3))
