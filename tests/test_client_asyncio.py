@@ -768,8 +768,11 @@ def test_queued_calls_that_time_out_are_never_sent_and_close_fails_the_rest(fake
 
     async def body():
         outcome = []
+        # No stall may end the connection while the window fills (on a busy machine
+        # that can take a while): every batch stays outstanding on the one connection.
+        settings = SessionSettings(stall_timeout_s=120)
         async with anyio.create_task_group() as tg:
-            async with open_client(fake.address, timeout=30) as kv:
+            async with open_client(fake.address, timeout=60, settings=settings) as kv:
                 async def put(i):
                     try:
                         await kv.put(b"k%d" % i, b"v")
@@ -778,7 +781,7 @@ def test_queued_calls_that_time_out_are_never_sent_and_close_fails_the_rest(fake
                 # Fill the window of in-flight batches, one put per batch.
                 for i in range(64):
                     tg.start_soon(put, i)
-                    with anyio.fail_after(5):
+                    with anyio.fail_after(20):
                         while kv.statistics()["outstanding_batches"] < i + 1:
                             await anyio.sleep(0.001)
                 with pytest.raises(TimeoutError) as info:
