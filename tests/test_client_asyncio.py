@@ -308,8 +308,12 @@ def test_timeouts_and_close(new_cluster, backend):
 
     async def body():
         outcome = []
+        # No stall may end the connection to the frozen leader before the last put
+        # is sent (no replica would take it then).
+        settings = SessionSettings(stall_timeout_s=120)
         async with anyio.create_task_group() as tg:
-            async with open_client(cluster.cluster_arg, timeout=CLIENT_TIMEOUT_S) as kv:
+            async with open_client(cluster.cluster_arg, timeout=CLIENT_TIMEOUT_S,
+                                   settings=settings) as kv:
                 await wait_leader(kv)
                 await kv.put(b"down", b"1")
                 # Frozen replicas: a command is sent and never answered.
