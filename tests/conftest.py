@@ -4,7 +4,8 @@ free loopback ports, with their data under the test's temporary directory.
 `tests/` is on sys.path (``pythonpath = ["tests"]`` in pyproject.toml), so the test
 modules import the fault harness as the package it is (``from jepsen.cluster import
 ...``), the transcript runner as ``transcript`` and the Trio-side waits on a cluster
-as ``clusterwait``.
+as ``clusterwait`` and the Trio loop in a thread that serves another loop's client
+as ``triothread``.
 """
 from __future__ import annotations
 

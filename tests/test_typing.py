@@ -39,6 +39,11 @@ async def trio_code(addresses: list[str]) -> bool:
         print(first, done.revision)
         return await kv.delete(b"k")
 
+async def asyncio_code(addresses: str) -> list[bytes | None]:
+    async with cypaxos.open_client(addresses, timeout=5.0) as kv:   # under asyncio.run
+        await kv.put_many([(b"a", b"1")])
+        return await kv.get_many([b"a", b"b"])
+
 try:
     script("127.0.0.1:7001")
 except cypaxos.TimeoutError as exc:

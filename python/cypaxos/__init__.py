@@ -9,7 +9,7 @@ client API::
         kv.put(b"k", b"v")
         kv.get(b"k")            # linearizable
 
-    async with cypaxos.open_client(["127.0.0.1:7001", ...]) as kv:   # Trio
+    async with cypaxos.open_client(["127.0.0.1:7001", ...]) as kv:   # Trio or asyncio
         await kv.put(b"k", b"v")
 
     tls = cypaxos.TLS(ca="ca.pem", cert="client.pem", key="client.key")

@@ -1,4 +1,4 @@
-"""The cypaxos client: `open_client` (Trio) and `connect` (blocking), over one session.
+"""The cypaxos client: `open_client` (Trio or asyncio), `connect` (blocking), one session.
 
 * `cypaxos.client.session`: `ClientSession`, the client's protocol without I/O
   (sessions, numbering, batches, the in-flight window, resends, redirects, reads,
@@ -9,6 +9,9 @@
 * `cypaxos.client.api`: the Trio `Client` and `open_client`, wired with
   `cypaxos.client.connection` (dial, frames) and `cypaxos.client.dialing` (the
   opening handshake and what a failed dial means, sans-I/O);
+* `cypaxos.client.aio`: `AsyncioClient`, what `open_client` yields under asyncio: the
+  same calls and session, wired with `cypaxos.client.aioconnection` (an asyncio
+  Protocol; imported only when asyncio runs it);
 * `cypaxos.client.blocking`: `BlockingClient`, a `Client` in a background thread;
 * `cypaxos.client.backup`: `Client.backup`, a consistent copy of the state to a file.
 

@@ -1,4 +1,5 @@
-"""The Trio client: `open_client(addresses)` yields a `Client`.
+"""The Trio client: `open_client(addresses)` yields a `Client` (under asyncio it
+yields the `AsyncioClient` of `cypaxos.client.aio` instead).
 
 `Client` is the Trio wiring of a `ClientSession` (`cypaxos.client.session`: every
 protocol decision, no I/O) behind the calls of `ClientCalls`
@@ -23,8 +24,9 @@ from __future__ import annotations
 import os
 from contextlib import asynccontextmanager
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Union, cast
 
+import sniffio
 import trio
 
 from .. import wire
@@ -280,7 +282,10 @@ async def open_client(addresses: Addresses, *, timeout: float = 5.0,
                       settings: Optional[SessionSettings] = None,
                       tls: Optional[TLSSettings] = None,
                       token: Union[bytes, str, None] = None) -> AsyncIterator[Client]:
-    """Open a `Client` to the cluster at `addresses` (Trio); close it on exit.
+    """Open a `Client` to the cluster at `addresses`; close it on exit.
+
+    Under Trio it is a `Client`; under asyncio an `AsyncioClient`
+    (`cypaxos.client.aio`), with the same methods and meaning.
 
     `addresses`: a comma-separated "host:port" string or a list of them, any replicas
     of the cluster.  `timeout`: the default deadline of every call, in seconds.
@@ -294,6 +299,13 @@ async def open_client(addresses: Addresses, *, timeout: float = 5.0,
     `UnavailableError` from the calls.  Leaving the block fails pending calls with
     `ClosedError`; an exception raised in the block leaves it as itself.
     """
+    if sniffio.current_async_library() == "asyncio":
+        from .aio import open_asyncio_client
+        async with open_asyncio_client(addresses, timeout=timeout, settings=settings,
+                                       tls=tls, token=token) as aio_client:
+            # The same methods as a Client (typed so for the caller's code).
+            yield cast(Client, aio_client)
+        return
     async with running(lambda: Client(addresses, timeout=timeout, settings=settings,
                                       tls=tls, token=token)) as client:
         yield client
