@@ -388,7 +388,7 @@ peerish = st.tuples(st.integers(0, 10), st.sampled_from([1, 2, 3]),
 @settings(max_examples=1000)
 @given(cbor_values | peerish)
 def test_fuzz_parsers(obj):
-    for parser in (parse, wire.parse_hello, wire.parse_welcome, wire.parse_client_request,
+    for parser in (parse, wire.parse_welcome, wire.parse_client_request,
                    wire.parse_reply):
         try:
             result = parser(obj)
@@ -399,26 +399,6 @@ def test_fuzz_parsers(obj):
 
 # ---------------------------------------------------------------------------
 # Hello and welcome
-
-def test_hello():
-    assert wire.parse_hello(wire.peer_hello("c-7", 3)) == ("peer", "c-7", 3)
-    assert wire.parse_hello(wire.client_hello()) == ("client",)
-    assert wire.parse_hello(["peer", "x", 65535]) == ("peer", "x", 65535)
-    decoder = wire.FrameDecoder()
-    decoder.feed(wire.encode_frame(wire.peer_hello("c-7", 3)))
-    assert wire.parse_hello(decoder.next_frame()) == ("peer", "c-7", 3)
-
-
-@pytest.mark.parametrize("obj", [
-    None, [], "peer", ["peer"], ["peer", "c"], ["peer", "c", 3, 0], ["peer", "c", 0],
-    ["peer", "c", 65536], ["peer", "c", True], ["peer", True, 3], ["peer", 7, 3],
-    ["peer", "", 3], ["peer", "x" * 129, 3], ["peer", b"c", 3], ["client", 1], ["CLIENT"],
-    [b"client"], ["welcome", "c", 3], [["peer"], "c", 3],
-])
-def test_bad_hello(obj):
-    with pytest.raises(ProtocolError):
-        wire.parse_hello(obj)
-
 
 def test_welcome():
     assert wire.welcome("c-7", 3) == ["welcome", "c-7", 3]

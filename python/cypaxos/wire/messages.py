@@ -1,8 +1,9 @@
 """Message shapes on the wire (docs/internals.md, "Peer messages" and "Wire").
 
-Sans-I/O: the shell checks each decoded frame body with `parse_hello`,
-`parse_peer_message`, `parse_client_request` or `parse_reply` before acting on it;
-every violation raises `ProtocolError` (then close the connection, with one log line).
+Sans-I/O: the shell checks each decoded frame body with `parse_peer_message`,
+`parse_client_request` or `parse_reply` before acting on it; every violation raises
+`ProtocolError` (then close the connection, with one log line).  The frames before
+those, the handshake, are `cypaxos.security.handshake`'s.
 
 Message numbers come from cypaxos.protocol, the one table the core compiles in too.
 """
@@ -18,7 +19,7 @@ __all__ = [
     "PREPARE", "PROMISE", "NACK", "ACCEPT", "ACCEPTED", "HEARTBEAT", "HEARTBEAT_ACK",
     "CATCHUP_REQ", "CHOSEN", "SNAPSHOT_CHUNK", "SNAPSHOT_ACK", "PREVOTE", "PREVOTE_ACK",
     "MESSAGE_NAMES", "parse_peer_message", "encode_peer_message",
-    "peer_hello", "client_hello", "parse_hello", "welcome", "parse_welcome",
+    "client_hello", "welcome", "parse_welcome",
     "submit_request", "read_request", "status_request", "snapshot_request",
     "backup_request", "backup_read_request",
     "parse_client_request", "ERROR_CODES", "ok", "redirect", "error", "parse_reply",
@@ -136,13 +137,9 @@ def encode_peer_message(message):
 # ---------------------------------------------------------------------------
 # Hello and welcome
 
-def peer_hello(cluster_id, replica_id):
-    """The first frame's body a replica sends when it dials a peer."""
-    return ["peer", cluster_id, replica_id]
-
-
 def client_hello():
-    """The first frame's body a client sends."""
+    """The first frame's body of a client without a key (`cypaxos.security.handshake`
+    has every handshake frame; this one is for probes that speak the wire directly)."""
     return ["client"]
 
 
@@ -155,21 +152,6 @@ CLUSTER_ID_CHARS_MAX = 128
 
 def _is_cluster_id(value):
     return type(value) is str and 0 < len(value) <= CLUSTER_ID_CHARS_MAX
-
-
-def parse_hello(obj):
-    """Check a connection's first frame: ("peer", cluster_id, replica_id) or ("client",).
-
-    The caller compares cluster_id with its own and replica_id with the membership.
-    """
-    if type(obj) is list and obj:
-        if obj[0] == "peer" and len(obj) == 3:
-            if _is_cluster_id(obj[1]) and _is_replica_id(obj[2]):
-                return ("peer", obj[1], obj[2])
-            raise ProtocolError("peer hello with a bad cluster id or replica id")
-        if obj[0] == "client" and len(obj) == 1:
-            return ("client",)
-    raise ProtocolError("first frame is neither ['peer', cluster_id, replica_id] nor ['client']")
 
 
 def welcome(cluster_id, replica_id):
