@@ -26,10 +26,15 @@ from typing import Optional
 
 import trio
 
-__all__ = ["TlsStream", "TLS_RECEIVE_BYTES"]
+__all__ = ["TlsStream", "TLS_RECEIVE_BYTES", "TLS_RECORD_BYTES"]
 
 TLS_RECEIVE_BYTES = 1 << 18
-"""Bytes asked of the socket per read (ciphertext)."""
+"""Bytes asked of the socket per read (ciphertext), at most."""
+TLS_RECORD_BYTES = 17 << 10
+"""A TLS record's most bytes on the wire (16 KiB of data and its overhead), rounded up:
+a read for `max_bytes` asks the socket for at least this, so one record always fits,
+and for no more than `max_bytes` otherwise (a caller reading the handshake in small
+pieces buffers no more than that)."""
 
 
 class TlsStream(trio.abc.Stream):
@@ -72,7 +77,7 @@ class TlsStream(trio.abc.Stream):
                 break
             except ssl.SSLWantReadError:
                 await self._send_pending()
-                data = await self.transport.receive_some(TLS_RECEIVE_BYTES)
+                data = await self.transport.receive_some(TLS_RECORD_BYTES)
                 if not data:
                     raise trio.BrokenResourceError("connection closed during the TLS "
                                                    "handshake") from None
@@ -100,6 +105,7 @@ class TlsStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
         """Decrypted bytes, at most `max_bytes`; b"" at the end of the connection."""
         limit = max_bytes or TLS_RECEIVE_BYTES
+        socket_bytes = min(TLS_RECEIVE_BYTES, max(limit, TLS_RECORD_BYTES))
         chunks = []
         count = 0
         while count < limit:
@@ -108,7 +114,7 @@ class TlsStream(trio.abc.Stream):
             except ssl.SSLWantReadError:
                 if chunks:
                     break
-                data = await self.transport.receive_some(TLS_RECEIVE_BYTES)
+                data = await self.transport.receive_some(socket_bytes)
                 if not data:
                     # No close_notify: a frame cut off by it is caught by the framing.
                     return b""
