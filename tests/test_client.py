@@ -695,13 +695,19 @@ def test_blocking_client_unavailable():
 
 async def test_queued_commands_that_time_out_are_never_sent(nursery):
     fake = await start_fake(nursery)
-    fake.submit_hook = lambda f, rid, batch: SILENT
-    async with open_client(fake.address, timeout=30) as kv:
+    # No stall may end the connection while the window fills (on a busy machine that
+    # can take a while): every batch stays outstanding on the one connection.
+    settings = SessionSettings(stall_timeout_s=120)
+    async with open_client(fake.address, timeout=60, settings=settings) as kv:
+        # Registered first: a put queued while the registration is in flight would
+        # share the next batch with the one after it.
+        await kv.put(b"warm", b"up")
+        fake.submit_hook = lambda f, rid, batch: SILENT
         async with trio.open_nursery() as n:
             # Fill the window of in-flight batches, one put per batch.
             for i in range(64):
                 n.start_soon(kv.put, b"k%d" % i, b"v")
-                with trio.fail_after(5):
+                with trio.fail_after(20):
                     while kv.statistics()["outstanding_batches"] < i + 1:
                         await trio.sleep(0.001)
             with pytest.raises(TimeoutError) as info:
@@ -709,7 +715,7 @@ async def test_queued_commands_that_time_out_are_never_sent(nursery):
             assert kv.statistics()["queued_commands"] == 0   # removed from the queue
             n.cancel_scope.cancel()
     assert not info.value.maybe_applied
-    assert len(fake.submits()) == 64
+    assert len(fake.submits()) == 1 + 64
     assert all(b"k999" not in r[2] for r in fake.requests)
 
 
