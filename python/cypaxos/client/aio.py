@@ -36,7 +36,7 @@ from ..addresses import Addresses
 from ..clientops import Op
 from ..security.tls import TLSSettings
 from .aioconnection import AioConnection, describe, dial, request_once
-from .calls import ClientCalls, Entry
+from .calls import ClientCalls, Entry, fill_entry
 from .connection import Credentials, credentials
 from .dialing import DialError
 from .session import SessionSettings
@@ -177,14 +177,7 @@ class AsyncioClient(ClientCalls):
             except (DialError, asyncio.TimeoutError) as exc:
                 entry["error"] = describe(exc)
             else:
-                entry["reachable"] = True
-                entry["id"] = replica_id
-                if reply[0] == "ok":
-                    make_entry(entry, reply[2])
-                elif reply[0] == "error":
-                    entry["error"] = f"{reply[2]}: {reply[3]}"
-                else:
-                    entry["error"] = f"redirected to {reply[2]}"
+                fill_entry(entry, replica_id, reply, make_entry)
             return entry
 
         return list(await asyncio.gather(*(ask(a) for a in list(self._session.addresses))))

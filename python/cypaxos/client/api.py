@@ -32,7 +32,7 @@ import trio
 from .. import wire
 from ..addresses import Addresses
 from ..clientops import Op
-from .calls import COMMAND_BYTES_MAX, Bytes, ClientCalls, Entry
+from .calls import COMMAND_BYTES_MAX, Bytes, ClientCalls, Entry, fill_entry
 from ..security.tls import TLSSettings
 from .connection import (
     RECEIVE_BYTES, Connection, Credentials, DialError, credentials, describe, dial,
@@ -151,14 +151,7 @@ class Client(ClientCalls):
             except (DialError, trio.TooSlowError) as exc:
                 entry["error"] = describe(exc)
             else:
-                entry["reachable"] = True
-                entry["id"] = replica_id
-                if reply[0] == "ok":
-                    make_entry(entry, reply[2])
-                elif reply[0] == "error":
-                    entry["error"] = f"{reply[2]}: {reply[3]}"
-                else:
-                    entry["error"] = f"redirected to {reply[2]}"
+                fill_entry(entry, replica_id, reply, make_entry)
             entries[index] = entry
 
         async with trio.open_nursery() as nursery:

@@ -35,7 +35,7 @@ from ..addresses import Addresses, parse_addresses
 from ..clientops import Op as _Op
 from ..errors import ClientError, ClosedError, ConfigError, RequestError
 from .session import ClientSession, SessionSettings
-from .store import StoreCalls
+from .store import StoreCalls, _as_bytes
 
 __all__ = ["ClientCalls", "Bytes", "COMMAND_BYTES_MAX"]
 
@@ -56,14 +56,18 @@ Entry = dict[str, Any]
 """One replica's entry in `status()` or `snapshot()`."""
 
 
-def _as_bytes(value: Bytes, what: str) -> bytes:
-    if type(value) is bytes:
-        return value
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    raise TypeError(f"{what} must be bytes or str, not {type(value).__name__}")
+def fill_entry(entry: Entry, replica_id: int, reply: tuple[Any, ...],
+               make_entry: Callable[[Entry, Any], None]) -> None:
+    """Fill one replica's `status()`/`snapshot()` entry from its parsed reply (any
+    wiring's `_ask_all`: only how it waits differs)."""
+    entry["reachable"] = True
+    entry["id"] = replica_id
+    if reply[0] == "ok":
+        make_entry(entry, reply[2])
+    elif reply[0] == "error":
+        entry["error"] = f"{reply[2]}: {reply[3]}"
+    else:
+        entry["error"] = f"redirected to {reply[2]}"
 
 
 def _check_size(payload: bytes, what: str) -> None:
